@@ -1,0 +1,1 @@
+"""Model backends. Policies are the only code that touches a model."""

@@ -1,0 +1,200 @@
+"""The one chat interface every model backend implements.
+
+Messages are OpenAI-style dicts: ``{"role": "user", "content": str | [part, ...]}`` where a part is
+``{"type": "text", "text": ...}``, ``{"type": "image", "image": PIL.Image | path | bytes | data-URL}`` or
+``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``. Assistant messages may carry
+``tool_calls`` and ``role="tool"`` messages are allowed; backends pass them to the chat template as they are.
+
+``chat`` is always batched: it takes a list of conversations and returns one ``ChatResult`` per conversation,
+each with ``n`` completions. Agents issue independent calls together; the transformers backend turns them into
+one padded batch and the HTTP backend sends them concurrently.
+
+White-box calls (log-likelihoods, attention maps, pixel gradients) exist only on backends that hold the weights;
+the defaults here raise ``WhiteBoxUnsupported`` so a strategy that needs them fails with a clear message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from foveate.errors import PolicyError, WhiteBoxUnsupported
+
+Message = dict[str, Any]
+Conversation = Sequence[Message]
+
+
+@dataclass
+class SamplingParams:
+    """How to decode. ``temperature == 0`` means greedy decoding (``top_p`` and ``seed`` are then unused)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PolicyError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise PolicyError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PolicyError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise PolicyError(f"n must be >= 1, got {self.n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One sampled answer. ``finish_reason`` is ``"stop"`` (end of turn or a stop string) or ``"length"``."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str = "stop"
+
+
+@dataclass
+class ChatResult:
+    """The answer(s) to one conversation, with the cost of producing them."""
+
+    completions: list[Completion]
+    prompt_tokens: int
+    latency_s: float
+    model: str = ""
+
+    @property
+    def text(self) -> str:
+        """The first completion's text (the only one when ``n == 1``)."""
+        return self.completions[0].text
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.completions)
+
+
+@dataclass
+class ImageMap:
+    """A saliency map over one input image (attention or gradient), with the geometry to place it.
+
+    ``values`` is a 2-D array over the model's token grid (rows × columns, row-major as the model reads the
+    image). ``image_size`` is the original image's (width, height); every cell covers
+    ``image_size / values.shape`` original pixels, so maps from any backend overlay the same way.
+    """
+
+    values: np.ndarray
+    image_size: tuple[int, int]
+    kind: str = "attention"
+    layer: int | list[int] | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        rows, cols = self.values.shape
+        return int(rows), int(cols)
+
+    def upsampled(self) -> np.ndarray:
+        """The map resized to the original image (height × width), nearest cell, for overlays."""
+        rows, cols = self.values.shape
+        width, height = self.image_size
+        row_index = np.minimum((np.arange(height) * rows) // height, rows - 1)
+        col_index = np.minimum((np.arange(width) * cols) // width, cols - 1)
+        return self.values[np.ix_(row_index, col_index)]
+
+
+class ChatPolicy:
+    """Base class of every backend. Subclasses implement ``chat``; white-box ones also the map calls."""
+
+    name: str = "policy"
+    supports_images: bool = True
+    white_box: bool = False
+
+    def chat(self, conversations: Sequence[Conversation], params: SamplingParams | None = None) -> list[ChatResult]:
+        raise NotImplementedError
+
+    def chat_one(self, messages: Conversation, params: SamplingParams | None = None) -> ChatResult:
+        """Convenience for a single conversation; strategies with independent calls should batch instead."""
+        return self.chat([messages], params)[0]
+
+    # ---- white-box calls -------------------------------------------------------------------------------
+    def answer_logprobs(self, conversations: Sequence[Conversation], answers: Sequence[str]) -> list[float]:
+        """Sum of log p(answer tokens | conversation) for each pair."""
+        raise WhiteBoxUnsupported(f"{self.name}: log-likelihoods need a white-box backend (--model DIR)")
+
+    def image_attention(
+        self, conversations: Sequence[Conversation], layer: int | Sequence[int], position: int = -1
+    ) -> list[list[ImageMap]]:
+        """Attention of the token at ``position`` of the prompt to each image's tokens at ``layer``."""
+        raise WhiteBoxUnsupported(f"{self.name}: attention maps need a white-box backend (--model DIR)")
+
+    def pixel_gradient(
+        self, conversations: Sequence[Conversation], answers: Sequence[str | None]
+    ) -> list[list[ImageMap]]:
+        """Gradient norm of the answer's log-likelihood with respect to each image's input pixels."""
+        raise WhiteBoxUnsupported(f"{self.name}: pixel gradients need a white-box backend (--model DIR)")
+
+    def close(self) -> None:
+        """Release network clients or worker threads; model weights are left to the garbage collector."""
+
+
+def iter_parts(message: Message) -> list[dict[str, Any]]:
+    """The content of a message as a list of parts (a plain string becomes one text part)."""
+    content = message.get("content")
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content)
+
+
+def is_image_part(part: dict[str, Any]) -> bool:
+    return part.get("type") in ("image", "image_url")
+
+
+def image_source(part: dict[str, Any]) -> Any:
+    """What an image part points at: a PIL image, bytes, path or URL string."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return part.get("image")
+
+
+def count_images(messages: Conversation) -> int:
+    return sum(1 for message in messages for part in iter_parts(message) if is_image_part(part))
+
+
+def resolve_images(messages: Conversation, max_pixels: int | None = None) -> tuple[list[Message], list[Image.Image]]:
+    """Replace every image part by ``{"type": "image"}`` and return the loaded images in order.
+
+    Loading goes through ``tools.images.load_image`` (limits, EXIF, mode conversion). Remote ``http(s)`` URLs
+    are refused: a backend never fetches from the network on a user's behalf.
+    """
+    from foveate.tools.images import load_image
+
+    resolved: list[Message] = []
+    images: list[Image.Image] = []
+    for message in messages:
+        if isinstance(message.get("content"), str) or message.get("content") is None:
+            resolved.append(dict(message))
+            continue
+        parts = []
+        for part in iter_parts(message):
+            if is_image_part(part):
+                source = image_source(part)
+                if isinstance(source, str) and source.startswith(("http://", "https://")):
+                    raise PolicyError("remote image URLs are not fetched; send the image as a data URL")
+                kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+                images.append(load_image(source, **kwargs))
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        resolved.append({**message, "content": parts})
+    return resolved, images

@@ -1,0 +1,1 @@
+"""Image tools: safe loading, the content-addressed image store, boxes, crop and zoom."""
