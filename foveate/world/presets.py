@@ -1,0 +1,101 @@
+"""Named world configurations: a plain dict name -> `WorldConfig`.
+
+=============  ==============================================================================================
+preset         what it measures
+=============  ==============================================================================================
+default        mixed: every family, splits 40/20/40 % small-detail/mid-detail/large, 30 % cluttered
+               backgrounds (the training mix and the overall benchmark)
+small-detail   every target is tiny (4-7 px at a 224 px input): zooming is necessary; scenes still carry
+               medium/large distractors; existence negatives are POPE-adversarial only (one attribute away
+               from a tiny object -- random/popular negatives rarely hinge on a tiny object)
+large          every target is medium/large: answerable at input resolution, the "zoom must not hurt" check
+highres        2048 px scenes (square, landscape, portrait), objects at 0.6x relative size, tiny targets:
+               V*-style search in a big image, needs high-resolution splitting or several zoom steps
+cluttered      like default but every background is textured (noise, stripes or random lines)
+=============  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from foveate.errors import FoveateError
+from foveate.world.questions import QuestionConfig
+from foveate.world.scenes import SceneConfig
+
+__all__ = ["PRESETS", "WorldConfig", "get_preset"]
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that defines a dataset besides the seed and the number of questions."""
+
+    name: str = "custom"  # recorded in every row as "preset"
+    scene: SceneConfig = field(default_factory=SceneConfig)  # how scenes are composed and drawn
+    questions: QuestionConfig = field(default_factory=QuestionConfig)  # which questions are asked
+    questions_per_scene: tuple[int, int] = (1, 3)  # inclusive range; the last scene may get fewer to hit n exactly
+
+
+# Mixed presets balance the regimes explicitly; left alone, tiny objects (the most numerous, and the smallest
+# member decides counting/relation/comparison) would make two thirds of the questions small-detail.
+_MIXED_QUESTIONS = QuestionConfig(split_weights=(("small-detail", 0.4), ("mid-detail", 0.2), ("large", 0.4)))
+
+_SMALL_DETAIL_QUESTIONS = QuestionConfig(
+    family_weights=(
+        ("attribute", 3.0),
+        ("text", 2.0),
+        ("existence", 2.0),
+        ("counting", 1.0),
+        ("relation", 1.0),
+        ("comparison", 1.0),
+    ),
+    splits=("small-detail",),
+    existence_subtypes=("adversarial",),
+)
+
+PRESETS: dict[str, WorldConfig] = {
+    "default": WorldConfig(name="default", questions=_MIXED_QUESTIONS),
+    "small-detail": WorldConfig(
+        name="small-detail",
+        scene=SceneConfig(
+            n_objects=(8, 14),
+            # Several tiny objects so "the tiny star" cannot be found by elimination among blobs; big distractors
+            # so the scene is not just dots.
+            min_size_counts=(("tiny", 4), ("medium", 1), ("large", 1)),
+            size_weights=(("tiny", 0.5), ("small", 0.2), ("medium", 0.2), ("large", 0.1)),
+            label_prob=0.5,
+        ),
+        questions=_SMALL_DETAIL_QUESTIONS,
+    ),
+    "large": WorldConfig(
+        name="large",
+        scene=SceneConfig(
+            min_size_counts=(("tiny", 2), ("medium", 2), ("large", 1)),
+            size_weights=(("tiny", 0.25), ("small", 0.15), ("medium", 0.4), ("large", 0.2)),
+            label_prob=0.5,
+        ),
+        questions=QuestionConfig(splits=("large",)),
+    ),
+    "highres": WorldConfig(
+        name="highres",
+        scene=SceneConfig(
+            canvas_sizes=((2048, 2048), (2048, 1536), (1536, 2048)),
+            object_scale=0.6,
+            n_objects=(10, 18),
+            min_size_counts=(("tiny", 5), ("medium", 2), ("large", 1)),
+            size_weights=(("tiny", 0.5), ("small", 0.2), ("medium", 0.2), ("large", 0.1)),
+            label_prob=0.5,
+        ),
+        questions=_SMALL_DETAIL_QUESTIONS,
+    ),
+    "cluttered": WorldConfig(name="cluttered", scene=SceneConfig(clutter_prob=1.0), questions=_MIXED_QUESTIONS),
+}
+
+
+def get_preset(preset: str | WorldConfig) -> WorldConfig:
+    """Resolve a preset name (or pass a `WorldConfig` through); unknown names raise a `FoveateError`."""
+    if isinstance(preset, WorldConfig):
+        return preset
+    if preset not in PRESETS:
+        raise FoveateError(f"unknown world preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    return PRESETS[preset]
