@@ -1,0 +1,80 @@
+"""Capture one query row of attention at chosen decoder layers, under SDPA, without `output_attentions`.
+
+The reference ViCrop code loads the model with eager attention and `output_attentions=True`, which materialises
+every layer's [heads, L, L] matrix only to read one row. Here an attention function registered with
+`transformers.AttentionInterface` wraps the stock SDPA kernel: for the text decoder layers that a capture
+context asks for, it also computes softmax(q_last · Kᵀ · scale + mask) for the last query position — a
+[heads, 1, L] row — and then delegates the real attention to SDPA, so logits are unchanged (RESEARCH.md §7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "foveate_sdpa"
+_state = threading.local()
+
+
+class CaptureBuffer:
+    """Holds the captured rows of one forward pass: layer index → tensor [batch, heads, key_len]."""
+
+    def __init__(self, layers: Sequence[int], query_offset: int = -1) -> None:
+        self.layers = set(layers)
+        self.query_offset = query_offset
+        self.rows: dict[int, torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def capture_attention(layers: Sequence[int], query_offset: int = -1) -> Iterator[CaptureBuffer]:
+    """Within the block, forwards of a model loaded with ``attn_implementation=ATTENTION_NAME`` record rows."""
+    buffer = CaptureBuffer(layers, query_offset)
+    previous = getattr(_state, "buffer", None)
+    _state.buffer = buffer
+    try:
+        yield buffer
+    finally:
+        _state.buffer = previous
+
+
+def _attention_row(module, query, key, attention_mask, scaling, query_offset):
+    """softmax over keys for one query position, all heads: [batch, heads, key_len] in float32."""
+    query_row = query[:, :, query_offset, :].unsqueeze(2).float()
+    keys = repeat_kv(key, module.num_key_value_groups).float() if hasattr(module, "num_key_value_groups") else key
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query_row, keys.float().transpose(2, 3)) * scale
+    if attention_mask is not None:
+        mask_row = attention_mask[:, :, query_offset, :].unsqueeze(2)[..., : keys.shape[-2]]
+        if mask_row.dtype == torch.bool:
+            scores = scores.masked_fill(~mask_row, float("-inf"))
+        else:
+            scores = scores + mask_row.float()
+    return torch.softmax(scores, dim=-1).squeeze(2)
+
+
+def capturing_sdpa_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA attention that additionally records the wanted row when a capture is active."""
+    buffer: CaptureBuffer | None = getattr(_state, "buffer", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    # Only causal text-decoder layers are captured; the vision tower shares this function but has no layer_idx.
+    if buffer is not None and layer_idx in buffer.layers and getattr(module, "is_causal", False):
+        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
+            buffer.rows[layer_idx] = _attention_row(module, query, key, attention_mask, scaling, buffer.query_offset)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Register the capturing attention (idempotent) and return its name for `attn_implementation`.
+
+    The mask function must be registered under the same name: transformers skips building padding masks
+    for attention implementations it has no mask function for, which would silently break left padding.
+    """
+    AttentionInterface.register(ATTENTION_NAME, capturing_sdpa_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

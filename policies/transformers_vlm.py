@@ -1,0 +1,265 @@
+"""White-box VLM backend on Hugging Face transformers (any chat VLM that the Auto classes load).
+
+Loads `AutoModelForImageTextToText` + the model's processor from a local directory or a cached Hub id
+(Qwen2-VL and Qwen2.5-VL tested through the project's tiny builder). Independent conversations are generated as
+one left-padded batch. Besides `chat`, it answers the white-box questions strategies ask: log-likelihood of a
+given answer, the attention of the last prompt token to each image's tokens at chosen layers (captured under
+SDPA by `attention_capture`, never via `output_attentions`), and the gradient of an answer's log-likelihood
+with respect to the input pixels, mapped back onto the image.
+
+Latency reported per conversation is the wall time of the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+
+from foveate.errors import ModelLoadError, PolicyError
+from foveate.policies import attention_capture
+from foveate.policies.base import (
+    ChatPolicy,
+    ChatResult,
+    Completion,
+    Conversation,
+    ImageMap,
+    SamplingParams,
+    resolve_images,
+)
+from foveate.policies.loading import load_processor, resolve_model_path
+from foveate.policies.whitebox import WhiteBoxMixin
+
+MIN_IMAGE_SIDE = 28  # one merged Qwen2-VL cell; smaller images are upscaled so the processor accepts them
+MAX_ASPECT = 150  # smart_resize refuses > 200; pad thinner images to this ratio
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else Apple MPS, else CPU — unless the caller names one."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bfloat16 on GPUs that support it, float32 elsewhere (CPU bf16 matmuls are slow and less exact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        return getattr(torch, dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def fit_for_model(image: Image.Image) -> Image.Image:
+    """Upscale images below one cell and pad extreme aspect ratios so every valid image reaches the model."""
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        scale = MIN_IMAGE_SIDE / min(width, height)
+        image = image.resize((max(MIN_IMAGE_SIDE, round(width * scale)), max(MIN_IMAGE_SIDE, round(height * scale))))
+        width, height = image.size
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        side = max(width, height) // MAX_ASPECT + 1
+        canvas = Image.new("RGB", (max(width, side), max(height, side)), "white")
+        canvas.paste(image, (0, 0))
+        image = canvas
+    return image
+
+
+class TransformersVLM(WhiteBoxMixin, ChatPolicy):
+    """Chat and white-box access to a local transformers VLM."""
+
+    white_box = True
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_batch_size: int = 16,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        self.model_path = resolve_model_path(model_path)
+        self.name = Path(self.model_path).name if Path(self.model_path).exists() else self.model_path
+        self.device = pick_device(device)
+        self.max_batch_size = max_batch_size
+        self.processor = load_processor(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                self.model_path,
+                dtype=pick_dtype(self.device, dtype),
+                attn_implementation=attention_capture.register(),
+            ).to(self.device)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: corrupt weights file
+            raise ModelLoadError(f"cannot load model from {model_path}: {error}") from error
+        self.model.eval()
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(
+            getattr(self.processor, "image_token", "<|image_pad|>")
+        )
+        self.merge_size = int(getattr(self.processor.image_processor, "merge_size", 2))
+        self.patch_size = int(getattr(self.processor.image_processor, "patch_size", 14))
+        self.size_override = self._size_override(min_pixels, max_pixels)
+        self.end_token_ids = self._end_token_ids()
+
+    # ---- preparation ----------------------------------------------------------------------------------
+    def _size_override(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, int] | None:
+        """Processor `size` for the requested resolution bounds (None keeps the checkpoint's own)."""
+        if min_pixels is None and max_pixels is None:
+            return None
+        current = self.processor.image_processor.size
+        shortest = min_pixels or getattr(current, "shortest_edge", None) or current["shortest_edge"]
+        longest = max_pixels or getattr(current, "longest_edge", None) or current["longest_edge"]
+        if shortest > longest:
+            raise PolicyError(f"min_pixels {shortest} exceeds max_pixels {longest}")
+        return {"shortest_edge": int(shortest), "longest_edge": int(longest)}
+
+    def _end_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        generation_eos = self.model.generation_config.eos_token_id
+        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        return sorted(i for i in ids if i is not None)
+
+    def render(self, messages: Conversation, *, add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
+        """The chat-template text of one conversation and its (original, loaded) images in order."""
+        resolved, images = resolve_images(messages)
+        try:
+            text = self.processor.apply_chat_template(
+                resolved, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as error:  # jinja raises its own error types for malformed messages
+            raise PolicyError(f"cannot render messages with the chat template: {error}") from error
+        return text, images
+
+    def encode(self, texts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        """Tokenize a batch (left-padded) with its images, on the model's device."""
+        kwargs: dict[str, Any] = {"text": list(texts), "padding": True, "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = [fit_for_model(image) for image in images]
+            if self.size_override:
+                kwargs["size"] = self.size_override
+        try:
+            batch = self.processor(**kwargs)
+        except ValueError as error:
+            raise PolicyError(f"the processor rejected the input: {error}") from error
+        return {key: value.to(self.device) if hasattr(value, "to") else value for key, value in batch.items()}
+
+    def prepare(self, conversations: Sequence[Conversation]) -> tuple[dict[str, torch.Tensor], list[list[Image.Image]]]:
+        texts, images_per_row = [], []
+        for messages in conversations:
+            text, images = self.render(messages)
+            texts.append(text)
+            images_per_row.append(images)
+        batch = self.encode(texts, [image for images in images_per_row for image in images])
+        return batch, images_per_row
+
+    # ---- chat -----------------------------------------------------------------------------------------
+    def chat(self, conversations: Sequence[Conversation], params: SamplingParams | None = None) -> list[ChatResult]:
+        params = params or SamplingParams()
+        results: list[ChatResult] = []
+        for start in range(0, len(conversations), self.max_batch_size):
+            results += self._chat_batch(conversations[start : start + self.max_batch_size], params)
+        return results
+
+    def _generation_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_return_sequences": params.n,
+            "eos_token_id": self.end_token_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": not params.greedy,
+        }
+        if params.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    @torch.inference_mode()
+    def _chat_batch(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[ChatResult]:
+        started = time.perf_counter()
+        batch, _ = self.prepare(conversations)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)  # generate() samples from the global generator
+        output = self.model.generate(**batch, **self._generation_kwargs(params))
+        latency = time.perf_counter() - started
+        prompt_length = batch["input_ids"].shape[1]
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        generated = output[:, prompt_length:].tolist()
+        results = []
+        for row, _messages in enumerate(conversations):
+            samples = generated[row * params.n : (row + 1) * params.n]
+            completions = [self._completion(ids, params) for ids in samples]
+            results.append(ChatResult(completions, int(prompt_tokens[row]), latency, self.name))
+        return results
+
+    def _completion(self, token_ids: list[int], params: SamplingParams) -> Completion:
+        """Cut at the first end token; apply stop strings the way OpenAI does (excluded from the text)."""
+        finish_reason = "length"
+        for index, token in enumerate(token_ids):
+            if token in self.end_token_ids:
+                token_ids, finish_reason = token_ids[:index], "stop"
+                break
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        for special in (self.tokenizer.pad_token, "<|im_end|>", "<|endoftext|>"):
+            if special:
+                text = text.replace(special, "")
+        for stop in params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish_reason = text[:cut], "stop"
+        return Completion(text=text, completion_tokens=len(token_ids), finish_reason=finish_reason)
+
+    # ---- geometry shared with the white-box calls -----------------------------------------------------
+    def image_spans(self, input_ids: torch.Tensor, grid_thw: torch.Tensor, images_per_row: Sequence[int]):
+        """For each row, the (start, end) token positions and merged grid (rows, cols) of each of its images."""
+        spans, image_index = [], 0
+        for row, count in enumerate(images_per_row):
+            positions = (input_ids[row] == self.image_token_id).nonzero().flatten().tolist()
+            row_spans, cursor = [], 0
+            for _ in range(count):
+                t, h, w = (int(v) for v in grid_thw[image_index])
+                rows, cols = h // self.merge_size, w // self.merge_size
+                length = t * rows * cols
+                row_spans.append((positions[cursor], positions[cursor + length - 1] + 1, (rows, cols)))
+                cursor += length
+                image_index += 1
+            spans.append(row_spans)
+        return spans
+
+    def to_image_maps(self, values: np.ndarray, spans, images: Sequence[Image.Image], layer: Any) -> list[ImageMap]:
+        """Split one row of per-token values into one grid-shaped map per image."""
+        maps = []
+        for (start, end, (rows, cols)), image in zip(spans, images, strict=True):
+            grid = values[start:end].reshape(-1, rows, cols).mean(axis=0)
+            maps.append(ImageMap(values=grid.astype(np.float32), image_size=image.size, kind="attention", layer=layer))
+        return maps
+
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config
+        text_config = getattr(config, "text_config", config)
+        return int(text_config.num_hidden_layers)
