@@ -119,4 +119,10 @@ def resolve_model_path(model: str | Path) -> str:
         return str(path)
     if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
         raise ModelLoadError(f"model directory not found: {model}")
-    return str(model)  # a Hub id; loading uses the local cache (no network here)
+    # A Hub id is accepted when it is already in the local Hugging Face cache: a typo must fail at once, not
+    # after minutes of download retries (and offline machines cannot download anyway).
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(str(model), "config.json"), str):
+        raise ModelLoadError(f"model not found: {model} is neither a directory nor a Hub id in the local cache")
+    return str(model)

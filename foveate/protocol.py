@@ -1,0 +1,45 @@
+"""The prompt and answer formats shared by the strategies and the demo model's training data.
+
+One module so that a strategy and the data that taught the demo model to follow it can never drift apart.
+Boxes that a model writes are in the model's own convention (the demo model and Qwen2-VL: integers 0–1000 of
+the image width/height); strategies convert them at the policy edge with ``tools.boxes``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+GENERIC_PROMPT = "Write a general description of the image."  # ViCrop's generic prompt (rel-att denominator)
+DESCRIBE_PROMPT = "Describe the image in detail."
+GROUNDING_PROMPT = "Locate the {reference}. Answer with its bounding box."
+VISRL_FOCUS_SUFFIX = "\nFirst give the focus box for the question."
+VISRL_ANSWER_PROMPT = "Here is the focus region. Answer the question."
+DEEPEYES_SUFFIX = "\nThink first. Zoom in with image_zoom_in_tool if a detail is too small, then answer."
+ZOOM_TOOL_NAME = "image_zoom_in_tool"
+
+ZOOM_TOOL_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": ZOOM_TOOL_NAME,
+        "description": "Zoom in on a region of the original image and return the crop.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "bbox_2d": {"type": "array", "items": {"type": "number"}, "description": "[x1, y1, x2, y2]"},
+                "label": {"type": "string", "description": "what is in the region"},
+            },
+            "required": ["bbox_2d"],
+        },
+    },
+}
+
+
+def box_json(box: Sequence[float]) -> str:
+    """A box answer as the demo model writes it: ``{"bbox_2d": [x1, y1, x2, y2]}`` with integers."""
+    return json.dumps({"bbox_2d": [int(round(v)) for v in box]})
+
+
+def think_answer(thought: str, answer: str) -> str:
+    """A DeepEyes-format final turn."""
+    return f"<think>{thought}</think>\n<answer>{answer}</answer>"
