@@ -168,7 +168,9 @@ def load_tasks(path: str | Path) -> list[dict[str, Any]]:
             missing = [k for k in REQUIRED_TASK_KEYS if k not in row]
             if missing:
                 raise FoveateError(f"{p}:{lineno}: missing key(s) {', '.join(missing)}")
-            if not isinstance(row["answers"], list) or not row["answers"]:
+            # Grounding rows answer with a box: their gold is in `boxes` and `answers` is empty.
+            needs_answers = row.get("family") != "grounding"
+            if not isinstance(row["answers"], list) or (needs_answers and not row["answers"]):
                 raise FoveateError(f"{p}:{lineno}: 'answers' must be a non-empty list of strings")
             image = Path(row["image"])
             row["image"] = str(image if image.is_absolute() else (p.parent / image).resolve())

@@ -89,6 +89,30 @@ PRESETS: dict[str, WorldConfig] = {
         questions=_SMALL_DETAIL_QUESTIONS,
     ),
     "cluttered": WorldConfig(name="cluttered", scene=SceneConfig(clutter_prob=1.0), questions=_MIXED_QUESTIONS),
+    # A curriculum stage for training from scratch: a few medium/large objects on plain backgrounds, so colour,
+    # shape and position can be bound to words before the cluttered, many-object scenes.
+    "simple": WorldConfig(
+        name="simple",
+        scene=SceneConfig(
+            n_objects=(1, 4),
+            size_weights=(("medium", 0.5), ("large", 0.5)),
+            min_size_counts=(("medium", 1),),
+            label_prob=0.2,
+            clutter_prob=0.0,
+        ),
+        questions=QuestionConfig(
+            family_weights=(("attribute", 4.0), ("existence", 2.0), ("counting", 1.0), ("relation", 1.0)),
+            splits=("large",),
+        ),
+    ),
+    # Grounding only ("Locate the …"), all target sizes; the eval reports IoU >= 0.5 accuracy per split.
+    "grounding": WorldConfig(
+        name="grounding",
+        questions=QuestionConfig(
+            family_weights=(("grounding", 1.0),),
+            split_weights=(("small-detail", 0.3), ("mid-detail", 0.2), ("large", 0.5)),
+        ),
+    ),
 }
 
 

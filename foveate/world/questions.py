@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from foveate.protocol import GROUNDING_PROMPT
 from foveate.world.describe import matching_objects, unique_reference
 from foveate.world.scenes import COLORS, SHAPES, SIZE_CLASSES, Scene, SceneConfig, WorldObject
 
@@ -316,6 +317,20 @@ def ask_comparison(scene: Scene, rng: random.Random, cfg: QuestionConfig, scfg: 
     return _make(scene, q, answers, "comparison", subtype, [a, b], _smallest([a, b]), ref_attrs=ref_attrs)
 
 
+def ask_grounding(scene: Scene, rng: random.Random, cfg: QuestionConfig, scfg: SceneConfig) -> dict[str, Any] | None:
+    """ "Locate the red star. Answer with its bounding box." -- answers [], the gold box is the evidence box.
+
+    Not part of any preset's default family weights (the demo model learns grounding from its own SFT format);
+    the `grounding` preset asks only these, for grounding accuracy at IoU >= 0.5.
+    """
+    cands = [(o, ref) for o in scene.objects if _ok(cfg, o.size_class) and (ref := unique_reference(scene, o))]
+    if not cands:
+        return None
+    obj, (phrase, attrs) = rng.choice(cands)
+    question = GROUNDING_PROMPT.format(reference=_strip_the(phrase))
+    return _make(scene, question, [], "grounding", "box", [obj], obj.size_class, boxes=[list(obj.box)])
+
+
 FamilyFn = Callable[[Scene, random.Random, QuestionConfig, SceneConfig], dict[str, Any] | None]
 FAMILIES: dict[str, FamilyFn] = {
     "attribute": ask_attribute,
@@ -324,6 +339,7 @@ FAMILIES: dict[str, FamilyFn] = {
     "relation": ask_relation,
     "text": ask_text,
     "comparison": ask_comparison,
+    "grounding": ask_grounding,
 }
 
 
