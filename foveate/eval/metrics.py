@@ -1,0 +1,307 @@
+"""Answer metrics: normalised exact match, VQA soft accuracy, POPE yes/no metrics and box grounding accuracy.
+
+Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.py).
+
+- `normalize_answer` follows the VQA evaluation's spirit: lower-case, drop punctuation (keeping decimal points
+  and thousands separators inside numbers), number words → digits, articles dropped. It does not expand
+  contractions or map synonyms ("colour" stays "colour"); task files list accepted synonyms as answers instead.
+- `vqa_soft_accuracy` is ``min(#matching references / 3, 1)``: full credit when at least three of the (usually
+  ten) annotators gave the answer. The official VQA script additionally averages that over the ten
+  leave-one-annotator-out subsets; ``leave_one_out=True`` reproduces it.
+- `pope_metrics` parses free-text answers into yes/no (`parse_yes_no`); an answer that is neither counts as a
+  wrong answer and never as a "yes".
+- `parse_box_answer` finds the first box in a model's answer and converts it from the model's convention into
+  original pixels; anything malformed is ``None`` (a miss for `grounding_accuracy`).
+
+`score_answer` decides per task row which of these applies; the evaluator calls only that.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from foveate.errors import BoxError
+from foveate.tools.boxes import Box, parse_box
+
+__all__ = [
+    "box_iou",
+    "exact_match",
+    "grounding_accuracy",
+    "normalize_answer",
+    "parse_box_answer",
+    "parse_yes_no",
+    "pope_metrics",
+    "score_answer",
+    "scoring_mode",
+    "vqa_soft_accuracy",
+]
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        ]
+    )
+}
+_ARTICLES = {"a", "an", "the"}
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")  # 1,000 → 1000
+_PUNCTUATION = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]|_")  # every punctuation mark except a decimal point
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of an answer for matching.
+
+    >>> normalize_answer("The Red Star.")
+    'red star'
+    >>> normalize_answer("Three")
+    '3'
+    >>> normalize_answer("  1,000 apples!  ")
+    '1000 apples'
+    >>> normalize_answer("A")  # a lone article is an answer (a label), not noise
+    'a'
+    """
+    text = str(text).lower().replace("\u2019", "'")
+    text = _THOUSANDS.sub("", text)
+    text = text.replace("'", "")  # don't → dont, so contractions stay one token
+    text = _PUNCTUATION.sub(" ", text)
+    tokens = [_NUMBER_WORDS.get(token, token) for token in text.split()]
+    # Drop articles, but never the last token: a label "A" (or an answer "the A") must not vanish.
+    tokens = [t for i, t in enumerate(tokens) if t not in _ARTICLES or i == len(tokens) - 1]
+    return " ".join(tokens)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference answer, else 0.0.
+
+    >>> exact_match("Purple.", ["purple", "violet"]), exact_match("a violet", ["purple", "violet"])
+    (1.0, 1.0)
+    >>> exact_match("", ["a"])
+    0.0
+    """
+    predicted = normalize_answer(prediction)
+    return 1.0 if any(predicted == normalize_answer(answer) for answer in answers) else 0.0
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str], *, leave_one_out: bool = False) -> float:
+    """``min(#references matching the prediction / 3, 1)`` over normalised answers.
+
+    With ``leave_one_out`` (the official VQA script), the same quantity is averaged over the ``len(answers)``
+    subsets that leave one reference out.
+
+    >>> vqa_soft_accuracy("two", ["2", "2", "3"] + ["4"] * 7)
+    0.6666666666666666
+    """
+    if not answers:
+        return 0.0
+    predicted = normalize_answer(prediction)
+    matches = [normalize_answer(answer) == predicted for answer in answers]
+    if not leave_one_out:
+        return min(sum(matches) / 3, 1.0)
+    total = sum(matches)
+    return sum(min((total - int(m)) / 3, 1.0) for m in matches) / len(matches)
+
+
+_YES_WORDS = {"yes", "yeah", "yep", "yup", "true", "correct"}
+_NO_WORDS = {"no", "nope", "not", "false", "none", "nothing", "neither", "never", "incorrect"}
+
+
+def parse_yes_no(text: str) -> str | None:
+    """``"yes"``, ``"no"`` or ``None`` from a free-text answer.
+
+    The first word decides when it is a yes/no word ("Yes, there is a star" → yes; "No." → no); otherwise the
+    answer is "no" if it contains a negation ("There is no star", "isn't") and no yes word, "yes" if it contains
+    a yes word and no negation, and ``None`` (unparseable) otherwise — including "There is a star", which this
+    parser does not guess at.
+
+    >>> parse_yes_no("Yes, there is a red star."), parse_yes_no("There isn't one"), parse_yes_no("red")
+    ('yes', 'no', None)
+    """
+    words = re.findall(r"[a-z]+(?:'t)?", str(text).lower().replace("\u2019", "'"))
+    if not words:
+        return None
+    if words[0] in _YES_WORDS:
+        return "yes"
+    if words[0] in _NO_WORDS:
+        return "no"
+    has_no = any(word in _NO_WORDS or word.endswith("n't") for word in words)
+    has_yes = any(word in _YES_WORDS for word in words)
+    if has_no and not has_yes:
+        return "no"
+    if has_yes and not has_no:
+        return "yes"
+    return None
+
+
+def pope_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, Any]:
+    """POPE's metrics with "yes" as the positive class.
+
+    Returns counts (``tp fp tn fn unparsed n``) and ``accuracy`` (correct / n), ``precision`` (tp / predicted
+    yes), ``recall`` (tp / gold yes), ``f1`` and ``yes_ratio`` (predicted yes / n). An unparseable prediction
+    is wrong: it is never a "yes", so it is a false negative on a "yes" question and not a true negative on a
+    "no" question. Ratios with a zero denominator are 0.0.
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    tp = fp = tn = fn = unparsed = 0
+    for prediction, gold in zip(predictions, golds, strict=True):
+        truth = parse_yes_no(gold)
+        if truth is None:
+            raise ValueError(f"gold answer {gold!r} is not yes/no")
+        guess = parse_yes_no(prediction)
+        if guess is None:
+            unparsed += 1
+            fn += truth == "yes"
+        elif guess == "yes":
+            tp += truth == "yes"
+            fp += truth == "no"
+        else:
+            tn += truth == "no"
+            fn += truth == "yes"
+    n = len(golds)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "unparsed": unparsed,
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+    }
+
+
+_NUM = r"([-+]?\d+(?:\.\d+)?)"
+_SEP = r"\s*,\s*"
+_BOX_PATTERNS = (
+    re.compile(r"\[\s*" + _SEP.join([_NUM] * 4) + r"\s*\]"),  # [x1, y1, x2, y2], also inside {"bbox_2d": [...]}
+    re.compile(
+        r"\(\s*" + _NUM + _SEP + _NUM + r"\s*\)\s*,?\s*\(\s*" + _NUM + _SEP + _NUM + r"\s*\)"
+    ),  # (x1,y1),(x2,y2)
+)
+_CONVENTIONS = ("thousand", "normalized", "pixels")
+
+
+def parse_box_answer(text: str, image_size: Sequence[float], convention: str = "thousand") -> Box | None:
+    """The first box in a model's answer, in original-image pixels, or ``None`` if there is none or it is bad.
+
+    Recognised: a bare ``[x1, y1, x2, y2]`` (also the value of ``{"bbox_2d": [...]}``) and Qwen-VL's
+    ``(x1,y1),(x2,y2)`` pairs, whichever comes first. ``convention`` is the model's: ``"thousand"`` (0–1000,
+    Qwen2-VL), ``"normalized"`` (0–1) or ``"pixels"`` (original-image pixels). Inverted, empty or
+    out-of-image boxes give ``None``; boxes partly outside are clamped to the image.
+
+    >>> parse_box_answer('{"bbox_2d": [100, 200, 500, 600]}', (1000, 500)).to_list()
+    [100.0, 100.0, 500.0, 300.0]
+    """
+    if convention not in _CONVENTIONS:
+        raise ValueError(f"unknown box convention {convention!r}; expected one of {', '.join(_CONVENTIONS)}")
+    found = [match for pattern in _BOX_PATTERNS if (match := pattern.search(str(text)))]
+    if not found:
+        return None
+    first = min(found, key=lambda match: match.start())
+    try:
+        return parse_box([float(v) for v in first.groups()], image_size, convention=convention, min_side=0)
+    except BoxError:
+        return None
+
+
+def box_iou(prediction: Box | None, golds: Sequence[Box | Sequence[float]]) -> float:
+    """The best IoU of ``prediction`` with any gold box (pixels); 0.0 for a missing prediction or no golds."""
+    if prediction is None:
+        return 0.0
+    best = 0.0
+    for gold in golds:
+        gold_box = gold if isinstance(gold, Box) else Box(*gold)
+        best = max(best, prediction.iou(gold_box))
+    return best
+
+
+def grounding_accuracy(
+    pred_boxes: Sequence[Box | None],
+    gold_boxes: Sequence[Box | Sequence[float] | Sequence[Sequence[float]]],
+    threshold: float = 0.5,
+) -> float:
+    """Fraction of predictions whose IoU with their gold box is at least ``threshold`` (``None`` = a miss).
+
+    Each gold entry is one box (a `Box` or ``[x1, y1, x2, y2]``) or a list of acceptable boxes (best IoU
+    counts). An empty input gives 0.0.
+    """
+    if len(pred_boxes) != len(gold_boxes):
+        raise ValueError(f"{len(pred_boxes)} predicted boxes for {len(gold_boxes)} gold boxes")
+    if not pred_boxes:
+        return 0.0
+    hits = 0
+    for prediction, gold in zip(pred_boxes, gold_boxes, strict=True):
+        golds = [gold] if isinstance(gold, Box) or (gold and not isinstance(gold[0], (list, tuple, Box))) else gold
+        hits += box_iou(prediction, golds) >= threshold
+    return hits / len(pred_boxes)
+
+
+# ---- per-row scoring ----------------------------------------------------------------------------------------
+def scoring_mode(row: dict[str, Any]) -> str:
+    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy) or ``exact``.
+
+    An explicit ``row["scoring"]`` wins. Otherwise: family ``grounding`` (or no answers but boxes) →
+    IoU ≥ 0.5; references that are all yes/no → yes/no parsing; several references on a row not made by the
+    world generator (``preset`` unset: VQA v2, TextVQA with their ten annotator answers) → VQA soft accuracy;
+    else exact match against any reference (the world lists accepted synonyms, each worth full credit).
+    """
+    if row.get("scoring"):
+        return str(row["scoring"])
+    answers = row.get("answers") or []
+    if row.get("family") == "grounding" or (not answers and row.get("boxes")):
+        return "grounding"
+    if answers and all(normalize_answer(a) in ("yes", "no") for a in answers):
+        return "yes_no"
+    if len(answers) > 1 and not row.get("preset"):
+        return "vqa"
+    return "exact"
+
+
+def score_answer(prediction: str, row: dict[str, Any], image_size: Sequence[float], box_convention: str = "thousand"):
+    """``{"score": float in [0, 1], "mode": ..., ...}`` for one prediction on one task row.
+
+    Grounding adds ``iou`` and ``box`` (the parsed box in pixels, or None); yes/no adds ``parsed``.
+    """
+    mode = scoring_mode(row)
+    answers = row.get("answers") or []
+    if mode == "grounding":
+        box = parse_box_answer(prediction, image_size, box_convention)
+        overlap = box_iou(box, row.get("boxes") or [])
+        return {"score": float(overlap >= 0.5), "mode": mode, "iou": overlap, "box": box.to_list() if box else None}
+    if mode == "yes_no":
+        parsed = parse_yes_no(prediction)
+        return {"score": float(parsed == parse_yes_no(answers[0])), "mode": mode, "parsed": parsed}
+    if mode == "vqa":
+        return {"score": vqa_soft_accuracy(prediction, answers), "mode": mode}
+    if mode == "exact":
+        return {"score": exact_match(prediction, answers), "mode": mode}
+    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa or exact)")
