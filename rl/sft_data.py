@@ -1,0 +1,187 @@
+"""Supervised examples for the demo VLM, built from the synthetic world's exact ground truth.
+
+Every example is a chat (`messages` with PIL images) whose assistant turns are the training targets. Formats,
+all with prompts from `foveate.protocol` so strategies and training agree:
+
+- ``qa``: image + question → short answer (every question family of the world).
+- ``qa_crop``: image + a crop around the evidence + question → answer. The crop is a square window like the
+  ones ViCrop and the oracle-crop strategy produce (side = a few times the evidence, at least about the model's
+  input side), jittered so the target is not always centred. This is what makes a second, zoomed image useful.
+- ``ground``: "Locate the …" → ``{"bbox_2d": [x1, y1, x2, y2]}`` in 0–1000 of the image size.
+- ``describe``: the reference dense description.
+- ``deepeyes``: ``<think>…</think>`` then a zoom tool call on the evidence window (small targets) or a direct
+  ``<answer>`` (large ones); the crop comes back as a tool turn; then ``<think>…</think><answer>…</answer>``.
+- ``visrl``: first a focus box, then (given the crop) the answer.
+
+The stream is endless and seeded; each scene yields several examples so rendering is amortised.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from foveate import protocol
+from foveate.tools.boxes import Box, to_thousand
+from foveate.tools.crop import crop
+from foveate.world import iter_scenes, render_scene, unique_reference
+from foveate.world.scenes import Scene
+
+Example = dict[str, Any]
+
+
+@dataclass
+class DataMix:
+    """Which example formats and world presets the stream draws, and how often (weights, not fractions)."""
+
+    formats: dict[str, float] = field(
+        default_factory=lambda: {
+            "qa": 3.0,
+            "qa_crop": 2.0,
+            "ground": 2.0,
+            "describe": 0.3,
+            "deepeyes": 1.5,
+            "visrl": 1.0,
+        }
+    )
+    presets: dict[str, float] = field(
+        default_factory=lambda: {"default": 0.4, "large": 0.25, "small-detail": 0.25, "cluttered": 0.1}
+    )
+    crop_scale: tuple[float, float] = (2.0, 4.0)  # crop side / evidence long side
+    crop_min_side: tuple[int, int] = (180, 320)  # crop side lower bound in original pixels (≈ model input side)
+    describe_max_chars: int = 400  # long descriptions are cut at a sentence boundary to bound sequence length
+    zoom_sizes: tuple[str, ...] = ("tiny", "small")  # DeepEyes targets of these sizes are zoomed; others answered
+
+
+def evidence_window(boxes: list[list[float]], image_size: tuple[int, int], rng: random.Random, mix: DataMix) -> Box:
+    """A jittered square window around the union of the evidence boxes, inside the image."""
+    width, height = image_size
+    x1 = min(b[0] for b in boxes)
+    y1 = min(b[1] for b in boxes)
+    x2 = max(b[2] for b in boxes)
+    y2 = max(b[3] for b in boxes)
+    long_side = max(x2 - x1, y2 - y1)
+    side = max(long_side * rng.uniform(*mix.crop_scale), rng.uniform(*mix.crop_min_side))
+    side = min(side, width, height)
+    # Place the window so the evidence stays inside it, anywhere within that freedom.
+    left = rng.uniform(max(0, x2 - side), max(0, min(x1, width - side)))
+    top = rng.uniform(max(0, y2 - side), max(0, min(y1, height - side)))
+    return Box(left, top, left + side, top + side).clamp(width, height)
+
+
+def _user(*parts: Any) -> dict[str, Any]:
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
+    return {"role": "user", "content": content}
+
+
+def _assistant(text: str, **extra: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": text, **extra}
+
+
+def _thousand(box: Box | list[float], image_size: tuple[int, int]) -> list[float]:
+    box = box if isinstance(box, Box) else Box(*box)
+    return to_thousand(box, image_size)
+
+
+def qa(image: Image.Image, row: dict[str, Any], **_: Any) -> Example:
+    return {"messages": [_user(image, row["question"]), _assistant(row["answers"][0])]}
+
+
+def qa_crop(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
+    if not row["boxes"]:
+        return None
+    window = evidence_window(row["boxes"], image.size, rng, mix)
+    zoomed, _ = crop(image, window)
+    return {"messages": [_user(image, zoomed, row["question"]), _assistant(row["answers"][0])]}
+
+
+def ground(image: Image.Image, scene: Scene, rng: random.Random, **_: Any) -> Example | None:
+    candidates = [(obj, unique_reference(scene, obj)) for obj in scene.objects]
+    candidates = [(obj, ref) for obj, ref in candidates if ref is not None]
+    if not candidates:
+        return None
+    obj, (phrase, _) = rng.choice(candidates)
+    prompt = protocol.GROUNDING_PROMPT.format(reference=phrase.removeprefix("the "))
+    answer = protocol.box_json(_thousand(obj.box, image.size))
+    return {"messages": [_user(image, prompt), _assistant(answer)]}
+
+
+def describe(image: Image.Image, scene: Scene, mix: DataMix, **_: Any) -> Example:
+    text = scene.description
+    if len(text) > mix.describe_max_chars:
+        cut = text.rfind(";", 0, mix.describe_max_chars)
+        text = text[: cut if cut > 0 else mix.describe_max_chars].rstrip() + "."
+    return {"messages": [_user(image, protocol.DESCRIBE_PROMPT), _assistant(text)]}
+
+
+def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example:
+    question = row["question"] + protocol.DEEPEYES_SUFFIX
+    answer = row["answers"][0]
+    if not row["boxes"] or row.get("target_size") not in mix.zoom_sizes:
+        final = protocol.think_answer("The answer is visible in the image.", answer)
+        return {"messages": [_user(image, question), _assistant(final)]}
+    window = evidence_window(row["boxes"], image.size, rng, mix)
+    zoomed, _ = crop(image, window)
+    call = {
+        "type": "function",
+        "function": {
+            "name": protocol.ZOOM_TOOL_NAME,
+            "arguments": {"bbox_2d": [int(v) for v in _thousand(window, image.size)]},
+        },
+    }
+    messages = [
+        _user(image, question),
+        _assistant("<think>The detail is too small to see. I will zoom in.</think>\n", tool_calls=[call]),
+        {"role": "tool", "content": [{"type": "image", "image": zoomed}]},
+        _assistant(protocol.think_answer("Now the detail is visible.", answer)),
+    ]
+    return {"messages": messages}
+
+
+def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
+    if not row["boxes"]:
+        return None
+    window = evidence_window(row["boxes"], image.size, rng, mix)
+    zoomed, _ = crop(image, window)
+    messages = [
+        _user(image, row["question"] + protocol.VISRL_FOCUS_SUFFIX),
+        _assistant(protocol.box_json(_thousand(window, image.size))),
+        _user(zoomed, protocol.VISRL_ANSWER_PROMPT),
+        _assistant(row["answers"][0]),
+    ]
+    return {"messages": messages}
+
+
+BUILDERS = {"qa": qa, "qa_crop": qa_crop, "ground": ground, "describe": describe, "deepeyes": deepeyes, "visrl": visrl}
+# Formats that need a question row; the others are built from the scene alone.
+ROW_FORMATS = {"qa", "qa_crop", "deepeyes", "visrl"}
+
+
+def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
+    """Endless seeded stream of training examples mixing formats and presets as `mix` says."""
+    mix = mix or DataMix()
+    rng = random.Random(f"foveate-sft/{seed}")
+    streams = {name: iter_scenes(seed, name) for name in mix.presets}
+    preset_names, preset_weights = zip(*mix.presets.items(), strict=True)
+    format_names, format_weights = zip(*mix.formats.items(), strict=True)
+    while True:
+        preset = rng.choices(preset_names, preset_weights)[0]
+        scene, rows = next(streams[preset])
+        image = render_scene(scene)
+        for row in rows:
+            # Two different formats per question: more supervision per rendered scene, no duplicate examples.
+            first = rng.choices(format_names, format_weights)[0]
+            others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
+            second = rng.choices([n for n, _ in others], [w for _, w in others])[0]
+            for name in (first, second):
+                kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}
+                example = BUILDERS[name](**kwargs)
+                if example is not None:
+                    example["format"] = name
+                    yield example
