@@ -11,10 +11,15 @@ one padded batch and the HTTP backend sends them concurrently.
 
 White-box calls (log-likelihoods, attention maps, pixel gradients) exist only on backends that hold the weights;
 the defaults here raise ``WhiteBoxUnsupported`` so a strategy that needs them fails with a clear message.
+
+Every policy names the coordinate convention its model reads and writes boxes in (``box_convention``, one of
+`BOX_CONVENTIONS`); strategies convert at this edge (``agents.zoom_tool``), so everything inside foveate stays
+in original-image pixels. A backend whose convention is ``"resized"`` also has ``resized_size(image_size)``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +31,45 @@ from foveate.errors import PolicyError, WhiteBoxUnsupported
 
 Message = dict[str, Any]
 Conversation = Sequence[Message]
+
+# How a model writes boxes: "thousand" = integers 0-1000 of the image width/height (Qwen2-VL, the demo model);
+# "normalized" = fractions 0-1; "pixels" = absolute pixels of the original image; "resized" = absolute pixels
+# of the model's resized input (Qwen2.5-VL), which needs the backend's ``resized_size``.
+BOX_CONVENTIONS = ("thousand", "normalized", "pixels", "resized")
+
+
+def check_box_convention(value: str) -> str:
+    """``value`` if it names a box convention, else a `PolicyError` listing the valid ones."""
+    if value not in BOX_CONVENTIONS:
+        raise PolicyError(f"unknown box convention {value!r}; expected one of {', '.join(BOX_CONVENTIONS)}")
+    return value
+
+
+def smart_resize(
+    width: int, height: int, *, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """The ``(width, height)`` Qwen2-VL/2.5-VL processors resize an image to (their ``smart_resize`` rule).
+
+    Both sides become multiples of ``factor`` (patch size x merge size), the pixel count stays within
+    ``[min_pixels, max_pixels]`` and the aspect ratio is kept as closely as that allows. Needed to map boxes
+    in the ``"resized"`` convention back to the original image.
+
+    >>> smart_resize(672, 504, min_pixels=3136, max_pixels=50176)
+    (252, 168)
+    """
+    if max(width, height) / min(width, height) > 200:
+        raise PolicyError(f"aspect ratio of {width}x{height} exceeds 200, which Qwen2-VL processors refuse")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
 
 
 @dataclass
@@ -116,6 +160,7 @@ class ChatPolicy:
     name: str = "policy"
     supports_images: bool = True
     white_box: bool = False
+    box_convention: str = "thousand"  # how the model writes boxes (see BOX_CONVENTIONS); backends set their own
 
     def chat(self, conversations: Sequence[Conversation], params: SamplingParams | None = None) -> list[ChatResult]:
         raise NotImplementedError
@@ -164,7 +209,13 @@ def image_source(part: dict[str, Any]) -> Any:
     if part.get("type") == "image_url":
         url = part.get("image_url")
         return url.get("url") if isinstance(url, dict) else url
-    return part.get("image")
+    if part.get("image") is not None:
+        return part["image"]
+    # LangChain's standard image blocks (what agent-chat-ui sends): base64 data with a MIME type, or a URL.
+    data = part.get("base64") or (part.get("data") if part.get("source_type", "base64") == "base64" else None)
+    if data:
+        return f"data:{part.get('mime_type', 'image/png')};base64,{data}"
+    return part.get("url")
 
 
 def count_images(messages: Conversation) -> int:

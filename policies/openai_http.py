@@ -29,6 +29,10 @@ How the interface maps onto the wire (``POST {endpoint}/chat/completions``, non-
   of the conversation's request(s), retries included.
 - A server that ignores ``n`` (Ollama's OpenAI API answers one choice) is topped up with further requests for
   the missing choices; with a ``seed``, each top-up request offsets it so the samples differ.
+- Boxes: the server cannot say how its model writes boxes, so ``box_convention`` is the caller's (default
+  ``"thousand"``, Qwen2-VL's). For ``"resized"`` (Qwen2.5-VL) `OpenAIChatPolicy.resized_size` assumes the
+  server resizes like the Qwen2-VL processors (28-px cells) within ``resize_pixels`` (default: Qwen2.5-VL's
+  processor bounds); pass the server's own bounds if it was started with others.
 
 Concurrency: ``chat`` sends the conversations of a batch concurrently through a thread pool of
 ``max_concurrency`` workers shared by every ``chat`` call on this policy (so the bound holds across callers)
@@ -66,9 +70,11 @@ from foveate.policies.base import (
     Conversation,
     Message,
     SamplingParams,
+    check_box_convention,
     image_source,
     is_image_part,
     iter_parts,
+    smart_resize,
 )
 
 T = TypeVar("T")
@@ -102,6 +108,11 @@ class OpenAIChatPolicy(ChatPolicy):
             (``None``: ``load_image``'s default bound).
         image_format: how images are encoded in the data URLs. ``"PNG"`` (lossless: the server sees the pixels
             the in-process backend would); ``"JPEG"`` makes photos several times smaller to upload.
+        box_convention: how the served model writes boxes (``policies.base.BOX_CONVENTIONS``): ``"thousand"``
+            (Qwen2-VL, the demo model), ``"normalized"``, ``"pixels"`` (original image) or ``"resized"``
+            (Qwen2.5-VL: pixels of the server's resized input, see ``resize_pixels``).
+        resize_pixels: ``(min_pixels, max_pixels)`` of the server's Qwen2-VL-style resize, used only by the
+            ``"resized"`` convention; the default is Qwen2.5-VL's processor's.
     """
 
     white_box = False
@@ -119,6 +130,8 @@ class OpenAIChatPolicy(ChatPolicy):
         images_in_tool_turns: bool = True,
         max_pixels: int | None = None,
         image_format: str = "PNG",
+        box_convention: str = "thousand",
+        resize_pixels: tuple[int, int] = (56 * 56, 28 * 28 * 16384),
     ) -> None:
         if timeout_s <= 0:
             raise PolicyError(f"timeout_s must be > 0, got {timeout_s}")
@@ -138,6 +151,8 @@ class OpenAIChatPolicy(ChatPolicy):
         self.images_in_tool_turns = images_in_tool_turns
         self.max_pixels = max_pixels
         self.image_format = image_format
+        self.box_convention = check_box_convention(box_convention)
+        self.resize_pixels = (int(resize_pixels[0]), int(resize_pixels[1]))
         self._client = openai.OpenAI(
             base_url=self.endpoint,
             api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
@@ -170,6 +185,14 @@ class OpenAIChatPolicy(ChatPolicy):
         encoded: dict[object, str] = {}
         prepared = self._map(lambda messages: self._prepare(messages, encoded), conversations)
         return self._map(lambda messages: self._request(messages, params), prepared)
+
+    def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
+        """The ``(width, height)`` the server's model sees an image of ``image_size`` at (Qwen2-VL resize rule,
+        28-px cells, ``resize_pixels`` bounds); what the ``"resized"`` box convention is relative to."""
+        width, height = (int(v) for v in image_size)
+        min_pixels, max_pixels = self.resize_pixels
+        resized = smart_resize(width, height, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+        return float(resized[0]), float(resized[1])
 
     def list_models(self) -> list[str]:
         """The model names the server serves (``GET {endpoint}/models``)."""

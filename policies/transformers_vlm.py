@@ -8,10 +8,17 @@ SDPA by `attention_capture`, never via `output_attentions`), and the gradient of
 with respect to the input pixels, mapped back onto the image.
 
 Latency reported per conversation is the wall time of the batch it was generated in.
+
+Box convention (how the model writes boxes, see ``policies.base.BOX_CONVENTIONS``): the ``box_convention``
+argument if given, else ``{"box_convention": ...}`` from a ``foveate_model.json`` in the model directory, else
+by ``config.model_type`` (`MODEL_BOX_CONVENTIONS`: Qwen2-VL and Qwen3-VL write 0-1000, Qwen2.5-VL absolute
+pixels of its resized input), else ``"thousand"``. `TransformersVLM.resized_size` gives the resized input
+geometry the ``"resized"`` convention needs.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,13 +38,18 @@ from foveate.policies.base import (
     Conversation,
     ImageMap,
     SamplingParams,
+    check_box_convention,
     resolve_images,
+    smart_resize,
 )
 from foveate.policies.loading import load_processor, resolve_model_path
 from foveate.policies.whitebox import WhiteBoxMixin
 
 MIN_IMAGE_SIDE = 28  # one merged Qwen2-VL cell; smaller images are upscaled so the processor accepts them
 MAX_ASPECT = 150  # smart_resize refuses > 200; pad thinner images to this ratio
+# config.model_type → how that family writes boxes; anything else reads "thousand" (override: foveate_model.json).
+MODEL_BOX_CONVENTIONS = {"qwen2_vl": "thousand", "qwen2_5_vl": "resized", "qwen3_vl": "thousand"}
+MODEL_METADATA = "foveate_model.json"  # optional file in a model directory: {"box_convention": "..."}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -60,6 +72,23 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def fitted_geometry(size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """What `fit_for_model` does to an image of ``size``: ``(content_size, canvas_size)``.
+
+    The image is scaled to ``content_size`` and pasted at the top-left corner of a ``canvas_size`` canvas (equal
+    to ``content_size`` unless the aspect ratio needed padding).
+    """
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        scale = MIN_IMAGE_SIDE / min(width, height)
+        width, height = max(MIN_IMAGE_SIDE, round(width * scale)), max(MIN_IMAGE_SIDE, round(height * scale))
+    canvas = (width, height)
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        side = max(width, height) // MAX_ASPECT + 1
+        canvas = (max(width, side), max(height, side))
+    return (width, height), canvas
 
 
 def fit_for_model(image: Image.Image) -> Image.Image:
@@ -91,6 +120,7 @@ class TransformersVLM(WhiteBoxMixin, ChatPolicy):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_batch_size: int = 16,
+        box_convention: str | None = None,
     ) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -119,6 +149,42 @@ class TransformersVLM(WhiteBoxMixin, ChatPolicy):
         self.patch_size = int(getattr(self.processor.image_processor, "patch_size", 14))
         self.size_override = self._size_override(min_pixels, max_pixels)
         self.end_token_ids = self._end_token_ids()
+        self.box_convention = check_box_convention(box_convention or self._default_box_convention())
+
+    def _default_box_convention(self) -> str:
+        """``foveate_model.json``'s ``box_convention``, else the model family's (`MODEL_BOX_CONVENTIONS`)."""
+        metadata = Path(self.model_path) / MODEL_METADATA
+        if metadata.is_file():
+            try:
+                value = json.loads(metadata.read_text()).get("box_convention")
+            except (OSError, ValueError, AttributeError) as error:
+                raise ModelLoadError(f"cannot read {metadata}: {error}") from error
+            if value:
+                return str(value)
+        return MODEL_BOX_CONVENTIONS.get(getattr(self.model.config, "model_type", ""), "thousand")
+
+    def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
+        """Where an image of ``image_size`` (width, height) lies in the model's resized input: its extent there.
+
+        The input is the image after `fit_for_model` (upscaled if tiny, padded right/bottom if extremely thin)
+        resized by the processor's ``smart_resize``; the original occupies the top-left ``(width, height)``
+        returned here (floats; the whole resized input unless padding was needed). Boxes in the ``"resized"``
+        convention divide by this to become fractions of the original image.
+        """
+        width, height = (int(v) for v in image_size)
+        (content_w, content_h), (canvas_w, canvas_h) = fitted_geometry((width, height))
+        size = self.size_override or self.processor.image_processor.size
+        read = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        min_pixels = read("shortest_edge") or read("min_pixels") or 56 * 56
+        max_pixels = read("longest_edge") or read("max_pixels") or 28 * 28 * 1280
+        resized_w, resized_h = smart_resize(
+            canvas_w,
+            canvas_h,
+            factor=self.patch_size * self.merge_size,
+            min_pixels=int(min_pixels),
+            max_pixels=int(max_pixels),
+        )
+        return content_w * resized_w / canvas_w, content_h * resized_h / canvas_h
 
     # ---- preparation ----------------------------------------------------------------------------------
     def _size_override(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, int] | None:
