@@ -1,0 +1,846 @@
+"""ViCrop: training-free zoom guided by the model's own attention or gradients.
+
+Paper: Zhang, Khayatkhoei, Chhikara, Ilievski, "MLLMs Know Where to Look: Training-free Perception of Small
+Visual Details with Multimodal LLMs", ICLR 2025. The model is asked the question once to see where it looks;
+the most sharply attended square window is cropped and fed back as a second image beside the original.
+
+Graph::
+
+    intake → look ─┬─ (gate: already sure) ──────────────→ answer_now → END
+                   └─ select (box, crop) → answer (image + crop + question) → END
+
+- ``look`` — one batched white-box pass (`TransformersVLM.attention_probe`) over the question and, for rel-att,
+  the generic prompt ("Write a general description of the image.") on the same image:
+  * ``rel-att``: attention of the last prompt token to the image tokens at one layer (mean over heads), divided
+    by the same for the generic prompt: ``A_q / (A_g + ε·mean(A_g))``;
+  * ``grad-att``: ``mean_heads(A ⊙ ReLU(∂v/∂A))`` with ``v = log p(argmax first answer token)``;
+  * ``pure-grad``: ``‖∂v/∂pixels‖₂`` for the question over the same for the generic prompt, times the
+    high-pass edge mask, mean-pooled to the 28-px token grid.
+  Images whose long side exceeds ``high_res_block`` are split into blocks, each block mapped (in the same
+  batch), and the maps tiled (`vicrop_select`).
+- ``select`` — multi-scale window search with the sharpness rule (`vicrop_select.select_box`), then the crop.
+- ``answer`` — the final user turn becomes ``[original image, crop, question]``, greedy decoding.
+
+Methods are one module with a ``method`` option; the registered names ``vicrop-rel``, ``vicrop-grad``,
+``vicrop-puregrad``, ``vicrop-carve`` and ``vicrop-rel-gate`` (rel-att with ``gate: 0.5``) map here with
+different options (``agents.STRATEGY_OPTIONS``). Options come from ``configs/vicrop.yaml`` (`ViCropConfig`),
+then the registered name, then per call:
+``graph.invoke(..., config={"configurable": {"vicrop": {"method": "grad-att", "layer": 2}}})``.
+
+The layer is configuration. Calibrate it for a model on held-out items (world seed 1001: neither training's
+seeds below 1000 nor the eval's 1000) — per layer, the share of map mass inside the ground-truth evidence boxes
+and how often the chosen crop contains all the evidence; set the best as ``layer`` in ``configs/vicrop.yaml``::
+
+    python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50 [--method grad-att]
+
+``--gate`` adds, per confidence threshold, the share of questions the gate would answer from the question pass
+and how accurate those answers are (how ``vicrop-rel-gate``'s 0.5 was chosen for the demo model).
+
+`answer_many` runs the attention methods on several questions with every model call batched (one probe
+forward, one answer batch); the graph handles one question per run, with a trace.
+
+Efficiency (the reference runs eager attention with ``output_attentions=True`` over all layers, two separate
+prefills, batch size 1):
+- only the wanted layer's last-token row is computed, under SDPA (`policies.attention_capture`); grad-att
+  backpropagates only from that layer on;
+- the question and generic rows (and all high-res blocks) go through one batched forward;
+- the generic map is cached per image in the image store (``put_array``), keyed by model, weights, resolution,
+  layer, method and block size — a second question about the same image probes only itself;
+- the question pass keeps its KV cache: the answer pass reuses it for the shared prefix (the original image
+  and everything before it), so only the crop and the question are prefilled, and with the confidence ``gate``
+  the answer is decoded straight from the question pass (rel-att and grad-att; pure-grad's gradient pass
+  keeps no cache, so its answer pass is an ordinary ``chat``).
+- white-box calls run under a `MicroBatcher`'s model lock when the policy is wrapped in one (the evaluator
+  and the server do), so they never interleave with batched generation.
+
+Deliberate deviations from the paper, and why:
+- rel-att divides by ``A_g + ε·mean(A_g)`` (the reference has no ε, so one near-zero generic cell makes the
+  ratio explode; ε is relative to the map's mean so it means the same for every model).
+- The window search runs on a finer grid than the token grid and keeps the exact ``s·r`` square (see
+  `vicrop_select`'s docstring); ties and ratio-index bookkeeping cannot go wrong as in the reference.
+- High-resolution blocks use ceil division (no zero-width block for thin images, a bug in the reference).
+- Optional confidence gate (off by default, not in the paper): if the question pass's first answer token has
+  probability ≥ ``gate``, answer from that pass without cropping — cheaper on questions the model already
+  sees well. Not available for pure-grad or blocked high-res images (their passes do not see the whole image
+  with the question as ``direct`` would).
+- ``feed: mask`` (``vicrop-carve``) is not ViCrop but the CARVE alternative ("Focusing by Contrastive
+  Attention", 2025): the contrast map fades unattended pixels toward grey and the masked image *replaces* the
+  original. CARVE builds its mask from several deeper layers; here from the configured ``layer`` (a list works).
+- In a thread, the question pass sends the whole transcript, as ``direct`` does; the generic pass is always a
+  single turn about the image (so it can be cached per image). High-res blocks are probed single-turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import sys
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from PIL import Image
+
+from foveate.agents.oracle_crop import model_input_side
+from foveate.agents.state import (
+    AgentState,
+    FoveateContext,
+    image_refs,
+    intake,
+    prompt_for_trace,
+    resolve_context,
+    to_policy_messages,
+)
+from foveate.agents.vicrop_select import (
+    RATIOS,
+    carve_image,
+    high_pass_mask,
+    pool_to_grid,
+    select_box,
+    split_blocks,
+    tile_maps,
+)
+from foveate.errors import FoveateError, PolicyError, WhiteBoxUnsupported
+from foveate.policies.base import ChatPolicy, ChatResult, Completion
+from foveate.protocol import GENERIC_PROMPT
+from foveate.tools.boxes import Box
+from foveate.tools.crop import crop as crop_image
+from foveate.tools.store import ImageStore
+from foveate.trace import answer_step, crop_step, map_step, model_call_step
+
+METHODS = ("rel-att", "grad-att", "pure-grad")
+FEEDS = ("crop", "mask")
+CONFIG_ENV = "FOVEATE_VICROP_CONFIG"
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ViCropConfig:
+    method: str = _help("rel-att | grad-att | pure-grad", "rel-att")
+    layer: int | list[int] | None = _help(
+        "decoder layer(s) the map is read at (negative counts from the end); None = middle"
+    )
+    ratios: list[float] = _help("window side / model input side", factory=lambda: list(RATIOS))
+    input_side: int | None = _help("model input side s in pixels; None = read from the backend")
+    feed: str = _help("crop = append the crop as a second image (paper); mask = CARVE-style masked image", "crop")
+    high_res_block: int | None = _help("images with a longer side are mapped in blocks; None = never split", 1024)
+    gate: float | None = _help("answer from the question pass when p(first token) >= gate; None = never")
+    rel_eps: float = _help("rel-att divides by (generic map + rel_eps × its mean)", 0.05)
+    reuse_prefix: bool = _help("reuse the question pass's KV cache for the answer pass", True)
+    cache_generic: bool = _help("cache generic-prompt maps per image in the image store", True)
+    generic_prompt: str = _help("the generic prompt of rel-att and pure-grad", GENERIC_PROMPT)
+    carve_keep: float = _help("mask feed: fraction of the image kept at full strength", 0.25)
+    carve_floor: float = _help("mask feed: weight of the least-attended pixels", 0.15)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FoveateError(f"unknown ViCrop method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.feed not in FEEDS:
+            raise FoveateError(f"unknown ViCrop feed {self.feed!r}; choose one of: {', '.join(FEEDS)}")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise FoveateError(f"ratios must be positive numbers, got {self.ratios}")
+        if self.gate is not None and not 0 < self.gate <= 1:
+            raise FoveateError(f"gate must be a probability in (0, 1], got {self.gate}")
+
+    def with_overrides(self, **overrides: Any) -> ViCropConfig:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise FoveateError(f"unknown ViCrop options: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+        return ViCropConfig(**{**asdict(self), **overrides})
+
+
+def load_vicrop_config(path: str | Path | None = None, **overrides: Any) -> ViCropConfig:
+    """``configs/vicrop.yaml`` (or ``path``, or $FOVEATE_VICROP_CONFIG) with ``overrides`` applied."""
+    path = path or os.environ.get(CONFIG_ENV)
+    source = Path(path) if path else Path(str(resources.files("foveate.configs").joinpath("vicrop.yaml")))
+    try:
+        data = _parse_options(str(source), source.stat().st_mtime_ns)
+    except (OSError, yaml.YAMLError) as error:
+        raise FoveateError(f"cannot read ViCrop config {source}: {error}") from error
+    return ViCropConfig().with_overrides(**{**data, **overrides})
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_options(source: str, stamp: int) -> dict[str, Any]:
+    """A YAML file's options, parsed once per file version (``stamp`` = its mtime)."""
+    data = yaml.safe_load(Path(source).read_text()) or {}
+    if not isinstance(data, dict):
+        raise FoveateError(f"ViCrop config {source} must be a mapping of option names to values")
+    return data
+
+
+def _options(config: RunnableConfig | None) -> ViCropConfig:
+    """File defaults ← the registered name's options (``vicrop_defaults``) ← this call's (``vicrop``)."""
+    configurable = (config or {}).get("configurable", {}) or {}
+    return load_vicrop_config(**{**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})})
+
+
+class ViCropState(AgentState, total=False):
+    heatmap: list[list[float]]  # the map the box was chosen on, over the whole image (token grid or tiled)
+    confidence: float | None  # p(argmax first answer token) in the question pass; None when not measured
+    session: str | None  # policy-side KV cache of the question pass (process-local; a miss = full prefill)
+    crop: str | None  # ref of the crop (or of the CARVE masked image); None when the image needs no zoom
+    crop_box: list[float] | None  # the region cropped, original pixels
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+class DecodedImages:
+    """The image store seen through a small in-process cache of decoded images.
+
+    A ViCrop run reads the same image in every node (and the crop it just wrote); refs are content addresses,
+    so a decoded image can be shared safely (nothing here mutates one). Everything else goes to the store.
+    The cache belongs to the store object (a weak-keyed table) and holds at most `size` images.
+    """
+
+    size = 16
+    _caches: weakref.WeakKeyDictionary[ImageStore, OrderedDict[str, Image.Image]] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        with self._lock:
+            self._images = self._caches.setdefault(store, OrderedDict())
+
+    def get(self, ref: str) -> Image.Image:
+        with self._lock:
+            if ref in self._images:
+                self._images.move_to_end(ref)
+                return self._images[ref]
+        image = self.store.get(ref)
+        self._remember(ref, image)
+        return image
+
+    def put(self, image: Image.Image) -> str:
+        ref = self.store.put(image)
+        self._remember(ref, image)
+        return ref
+
+    def _remember(self, ref: str, image: Image.Image) -> None:
+        with self._lock:
+            self._images[ref] = image
+            while len(self._images) > self.size:
+                self._images.popitem(last=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def _images(store: ImageStore) -> DecodedImages:
+    return store if isinstance(store, DecodedImages) else DecodedImages(store)
+
+
+def _require_white_box(policy: ChatPolicy) -> None:
+    if not getattr(policy, "white_box", False) or not hasattr(policy, "attention_probe"):
+        raise WhiteBoxUnsupported(
+            f"ViCrop reads attention maps and gradients, which {getattr(policy, 'name', 'this backend')} does not "
+            "expose: run it on a local model (--model DIR) instead of an HTTP endpoint"
+        )
+
+
+def _locked(policy: ChatPolicy):
+    """Hold a MicroBatcher's model lock around white-box calls it does not pass through itself."""
+    lock = getattr(policy, "_model_lock", None)  # MicroBatcher: the lock its worker holds while generating
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def resolve_layer(layer: int | list[int] | None, num_layers: int) -> int | list[int]:
+    """None → the middle decoder layer; negative indices count from the end."""
+    if layer is None:
+        return num_layers // 2
+    if isinstance(layer, (list, tuple)):
+        return [index % num_layers if index < 0 else index for index in layer]
+    return layer % num_layers if layer < 0 else layer
+
+
+def _user(*parts: Any) -> list[dict[str, Any]]:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def _model_fingerprint(policy: ChatPolicy) -> str:
+    """What a cached generic map depends on besides the image: the model files and the input resolution."""
+    inner = getattr(policy, "policy", policy)
+    path = str(getattr(inner, "model_path", getattr(inner, "name", "")))
+    stamps = []
+    for name in ("model.safetensors", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            stat = file.stat()
+            stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return f"{path}|{stamps}|{getattr(inner, 'size_override', None)}"
+
+
+def generic_cache_key(policy: ChatPolicy, options: ViCropConfig, layer: Any, layout: tuple[int, int]) -> str:
+    """Image-store array key of a generic map: method, layer and a digest of everything else it depends on."""
+    blob = f"{_model_fingerprint(policy)}|{options.generic_prompt}|{layer}|{layout}|{options.high_res_block}"
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    layer_label = "-".join(map(str, layer)) if isinstance(layer, list) else layer
+    return f"vicrop-generic-{options.method}-L{layer_label}-{digest}"
+
+
+def _probe_step(node: str, prompt: list[dict], token: str, prompt_tokens: int, latency: float, model: str, **extra):
+    result = ChatResult([Completion(token, 1)], prompt_tokens, latency, model)
+    return model_call_step(node, prompt, result, **extra)
+
+
+# ---- maps ---------------------------------------------------------------------------------------------------
+@dataclass
+class Look:
+    """What the look node measured."""
+
+    heat: np.ndarray  # the map boxes are chosen on
+    question: np.ndarray | None = None  # raw question map (rel-att), for the trace
+    generic: np.ndarray | None = None  # generic map (rel-att, pure-grad pooled), for the trace
+    confidence: float | None = None
+    session: str | None = None
+    token: str = ""
+    prompt_tokens: int = 0
+    latency_s: float = 0.0
+    rows: int = 0  # conversations in the batched pass
+    generic_cached: bool = False
+
+
+def _relative(question: np.ndarray, generic: np.ndarray, eps: float) -> np.ndarray:
+    scale = float(np.mean(generic)) if np.mean(generic) > 0 else 1.0
+    return question / (generic + eps * scale)
+
+
+def look_attention(
+    policy: Any,
+    store: ImageStore,
+    ref: str,
+    messages: list[dict],
+    options: ViCropConfig,
+    layer: int | list[int],
+    target: int,
+) -> Look:
+    """rel-att / grad-att maps for one question (image ``target`` of ``messages``); see `look_attention_many`."""
+    return look_attention_many(policy, store, [(ref, messages, target)], options, layer)[0]
+
+
+def look_attention_many(
+    policy: Any,
+    store: ImageStore,
+    requests: list[tuple[str, list[dict], int]],
+    options: ViCropConfig,
+    layer: int | list[int],
+) -> list[Look]:
+    """rel-att / grad-att maps for several questions ``(image ref, conversation, target image index)`` in ONE
+    batched forward: every question row, every high-res block row and one generic row per image whose generic
+    map is not cached yet. Blocks are tiled per question; the generic maps are stored for the next question."""
+    gradient = options.method == "grad-att"
+    conversations: list[list[dict]] = []
+    keep: list[bool] = []
+    plans, generic_rows, generic_cached = [], {}, {}
+    for ref, messages, target in requests:
+        image = store.get(ref)
+        blocks, layout = split_blocks(image.size, options.high_res_block)
+        whole = layout == (1, 1)
+        block_images = [image] if whole else [image.crop(tuple(int(v) for v in b.to_list())) for b in blocks]
+        if whole:
+            questions = [messages]
+        else:
+            question_text = _last_user_text(messages)
+            questions = [_user(block, question_text) for block in block_images]
+        first = len(conversations)
+        conversations += questions
+        keep += [whole and options.reuse_prefix] + [False] * (len(questions) - 1)
+        key = generic_cache_key(policy, options, layer, layout)
+        if not gradient and (ref, key) not in generic_rows and (ref, key) not in generic_cached:
+            cached = store.get_array(ref, key) if options.cache_generic else None
+            if cached is not None:
+                generic_cached[(ref, key)] = cached
+            else:  # the generic pass rides in the same batch as the questions
+                generic_rows[(ref, key)] = (len(conversations), layout)
+                conversations += [_user(block, options.generic_prompt) for block in block_images]
+                keep += [False] * len(block_images)
+        plans.append((ref, key, layout, whole, target, first, len(questions)))
+    results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep)
+    generics = dict(generic_cached)
+    for (ref, key), (start, layout) in generic_rows.items():
+        maps = [r.maps[0].values for r in results[start : start + layout[0] * layout[1]]]
+        generics[(ref, key)] = maps[0] if layout == (1, 1) else tile_maps(maps, layout)
+        if options.cache_generic:
+            store.put_array(ref, key, generics[(ref, key)].astype(np.float32))
+    looks = []
+    for ref, key, layout, whole, target, start, count in plans:
+        rows = results[start : start + count]
+        maps = [r.maps[target if whole else 0].values for r in rows]
+        question = maps[0] if whole else tile_maps(maps, layout)
+        generic = None if gradient else generics[(ref, key)]
+        looks.append(
+            Look(
+                heat=question if gradient else _relative(question, generic, options.rel_eps),
+                question=None if gradient else question,
+                generic=generic,
+                confidence=rows[0].prob if whole else None,
+                session=rows[0].session,
+                token=rows[0].token,
+                prompt_tokens=sum(r.prompt_tokens for r in rows),
+                latency_s=rows[0].latency_s,
+                rows=len(results),
+                generic_cached=(ref, key) in generic_cached,
+            )
+        )
+    return looks
+
+
+def look_pure_grad(
+    policy: Any, store: ImageStore, ref: str, messages: list[dict], options: ViCropConfig, target: int
+) -> Look:
+    """pure-grad: pixel-gradient ratio × high-pass mask, pooled to the token grid (blocks tiled if high-res)."""
+    image = store.get(ref)
+    blocks, layout = split_blocks(image.size, options.high_res_block)
+    whole = layout == (1, 1)
+    block_images = [image] if whole else [image.crop(tuple(int(v) for v in b.to_list())) for b in blocks]
+    question_text = _last_user_text(messages)
+    questions = [messages] if whole else [_user(block, question_text) for block in block_images]
+    key = generic_cache_key(policy, options, "pixels", layout)
+    cached = [store.get_array(ref, f"{key}-b{i}") for i in range(len(block_images))] if options.cache_generic else []
+    generic_cached = bool(cached) and all(c is not None for c in cached)
+    generics = [] if generic_cached else [_user(block, options.generic_prompt) for block in block_images]
+    maps = policy.pixel_gradient(questions + generics, [None] * (len(questions) + len(generics)))
+    question_pixels = [m[target if whole else 0].values for m in maps[: len(questions)]]
+    generic_pixels = cached if generic_cached else [m[0].values for m in maps[len(questions) :]]
+    if not generic_cached and options.cache_generic:
+        for i, values in enumerate(generic_pixels):
+            store.put_array(ref, f"{key}-b{i}", values.astype(np.float32))
+    cell = int(getattr(policy, "patch_size", 14)) * int(getattr(policy, "merge_size", 2))
+    heats, generic_grids = [], []
+    for block, q, g in zip(block_images, question_pixels, generic_pixels, strict=True):
+        height, width = q.shape
+        mask = high_pass_mask(block, (width, height))
+        grid = (max(1, round(height / cell)), max(1, round(width / cell)))
+        heats.append(pool_to_grid(_relative(q, g, options.rel_eps) * mask, grid))
+        generic_grids.append(pool_to_grid(g, grid))
+    heat = heats[0] if whole else tile_maps(heats, layout)
+    generic = generic_grids[0] if whole else tile_maps(generic_grids, layout)
+    return Look(heat=heat, generic=generic, rows=len(maps), generic_cached=generic_cached)
+
+
+def _last_user_text(messages: list[dict]) -> str:
+    parts = messages[-1]["content"]
+    return " ".join(p["text"] for p in parts if p.get("type") == "text").strip()
+
+
+def _target_index(refs: list[str], ref: str) -> int:
+    """Which image of the conversation the question is about: the last occurrence of ``ref`` (else the last)."""
+    if ref in refs:
+        return len(refs) - 1 - refs[::-1].index(ref)
+    return max(len(refs) - 1, 0)
+
+
+# ---- nodes --------------------------------------------------------------------------------------------------
+def intake_node(state: ViCropState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
+    return intake(state, resolve_context(runtime).store)
+
+
+def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
+    context, options = resolve_context(runtime), _options(config)
+    policy, store = context.policy, _images(context.store)
+    _require_white_box(policy)
+    messages = to_policy_messages(state["messages"], store)
+    refs = image_refs(state["messages"])
+    layer = resolve_layer(options.layer, policy.num_layers)
+    target = _target_index(refs, state["image"])
+    with _locked(policy):
+        if options.method == "pure-grad":
+            look = look_pure_grad(policy, store, state["image"], messages, options, target)
+        else:
+            look = look_attention(policy, store, state["image"], messages, options, layer, target)
+    steps = []
+    if look.rows and options.method != "pure-grad":
+        prompt = prompt_for_trace(messages, refs)
+        steps.append(
+            _probe_step(
+                "look",
+                prompt,
+                look.token,
+                look.prompt_tokens,
+                look.latency_s,
+                getattr(policy, "name", ""),
+                confidence=look.confidence,
+                rows=look.rows,
+                generic_cached=look.generic_cached,
+            )
+        )
+    elif look.rows:
+        steps.append(
+            _probe_step(
+                "look",
+                prompt_for_trace(messages, refs),
+                "",
+                0,
+                0.0,
+                getattr(policy, "name", ""),
+                rows=look.rows,
+                generic_cached=look.generic_cached,
+            )
+        )
+    label = layer if options.method != "pure-grad" else None
+    if look.question is not None:
+        steps.append(map_step("look", state["image"], look.question, "attention", label))
+    if look.generic is not None:
+        steps.append(map_step("look", state["image"], look.generic, "generic", label))
+    steps.append(map_step("look", state["image"], look.heat, options.method, label))
+    return {
+        "heatmap": np.asarray(look.heat, dtype=float).tolist(),
+        "confidence": look.confidence,
+        "session": look.session,
+        "steps": steps,
+    }
+
+
+def route_after_look(state: ViCropState, config: RunnableConfig) -> str:
+    """Skip the zoom when the gate is on and the question pass was already sure of its first token."""
+    options = _options(config)
+    confidence = state.get("confidence")
+    if options.gate is not None and confidence is not None and confidence >= options.gate:
+        return "answer_now"
+    return "select"
+
+
+def select_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
+    context, options = resolve_context(runtime), _options(config)
+    store = _images(context.store)
+    image = store.get(state["image"])
+    heat = np.asarray(state["heatmap"], dtype=np.float64)
+    if options.feed == "mask":
+        masked = carve_image(image, heat, keep=options.carve_keep, floor=options.carve_floor)
+        ref = store.put(masked)
+        whole = [0.0, 0.0, float(image.width), float(image.height)]
+        reason = f"attention-masked image (CARVE feed, keep {options.carve_keep:g})"
+        return {"crop": ref, "crop_box": whole, "steps": [crop_step("select", state["image"], whole, ref, reason)]}
+    side = options.input_side or model_input_side(context.policy)
+    selection = select_box(heat, image.size, side, options.ratios)
+    if selection.box is None:
+        return {"crop": None, "crop_box": None, "steps": []}
+    region, used = crop_image(image, selection.box)
+    ref = store.put(region)
+    reason = f"{options.method} window: ratio {selection.ratio:g} × {side}px, sharpness {selection.sharpness:.3g}"
+    return {
+        "crop": ref,
+        "crop_box": used.to_list(),
+        "steps": [crop_step("select", state["image"], used.to_list(), ref, reason)],
+    }
+
+
+def _answer(
+    policy: Any, messages: list[dict], session: str | None, options: ViCropConfig, params, *, same: bool = False
+) -> ChatResult:
+    """Answer ``messages``, reusing the question pass's cache when it is still there (then drop it).
+
+    ``same``: ``messages`` is exactly the probed conversation, so decoding continues from the cache directly.
+    """
+    if session is not None and options.reuse_prefix and hasattr(policy, "chat_with_prefix"):
+        with _locked(policy):
+            try:
+                if same and params.greedy and params.n == 1:
+                    return policy.continue_probe([session], params)[0]
+                return policy.chat_with_prefix([messages], [session], params)[0]
+            except PolicyError:  # the session was evicted meanwhile: answer the ordinary way
+                pass
+            finally:
+                policy.release_sessions([session])
+    return policy.chat_one(messages, params)
+
+
+def answer_now_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
+    """The gate fired: the answer to the question pass itself, decoded from its cache when it is still there."""
+    context = resolve_context(runtime)
+    messages = to_policy_messages(state["messages"], _images(context.store))
+    params = context.sampling()
+    result = _answer(context.policy, messages, state.get("session"), _options(config), params, same=True)
+    answer = result.text.strip()
+    prompt = prompt_for_trace(messages, image_refs(state["messages"]))
+    return {
+        "answer": answer,
+        "session": None,
+        "messages": [AIMessage(content=answer)],
+        "steps": [model_call_step("answer", prompt, result, gated=True), answer_step("answer", answer)],
+    }
+
+
+def answer_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
+    context, options = resolve_context(runtime), _options(config)
+    store = _images(context.store)
+    messages = to_policy_messages(state["messages"], store)
+    refs = image_refs(state["messages"])
+    crop_ref = state.get("crop")
+    if crop_ref is not None:
+        last = messages[-1]
+        earlier_refs = refs[: len(refs) - sum(1 for part in last["content"] if part["type"] == "image")]
+        texts = [part for part in last["content"] if part["type"] == "text"]
+        # CARVE: the masked image replaces the original; ViCrop: the original first, then the crop
+        shown = [crop_ref] if options.feed == "mask" else [state["image"], crop_ref]
+        images = [{"type": "image", "image": store.get(r)} for r in shown]
+        messages[-1] = {"role": last["role"], "content": images + texts}
+        refs = [*earlier_refs, *shown]
+    result = _answer(context.policy, messages, state.get("session"), options, context.sampling())
+    answer = result.text.strip()
+    return {
+        "answer": answer,
+        "session": None,
+        "messages": [AIMessage(content=answer)],
+        "steps": [model_call_step("answer", prompt_for_trace(messages, refs), result), answer_step("answer", answer)],
+    }
+
+
+# ---- wiring -------------------------------------------------------------------------------------------------
+def build(checkpointer: Any = None, **options: Any):
+    """The compiled ViCrop graph; ``options`` are `ViCropConfig` fields (e.g. ``method="grad-att"``)."""
+    load_vicrop_config(**options)  # unknown or invalid options fail here, not mid-run
+    builder = StateGraph(ViCropState, context_schema=FoveateContext)
+    builder.add_node("intake", intake_node)
+    builder.add_node("look", look_node)
+    builder.add_node("answer_now", answer_now_node)
+    builder.add_node("select", select_node)
+    builder.add_node("answer", answer_node)
+    builder.add_edge(START, "intake")  # every run starts by normalising its input
+    builder.add_edge("intake", "look")  # ask the question once to see where the model looks
+    # already confident (optional gate) → answer from that pass; otherwise zoom where it looked
+    builder.add_conditional_edges("look", route_after_look, {"answer_now": "answer_now", "select": "select"})
+    builder.add_edge("select", "answer")  # answer from the original plus the crop (or the masked image)
+    builder.add_edge("answer", END)
+    builder.add_edge("answer_now", END)
+    method = options.get("method", "rel-att")
+    name = "vicrop-carve" if options.get("feed") == "mask" else f"vicrop-{method}"
+    graph = builder.compile(checkpointer=checkpointer, name=name)
+    return graph.with_config({"configurable": {"vicrop_defaults": options}}) if options else graph
+
+
+graph = build()
+
+
+# ---- several questions at once ------------------------------------------------------------------------------
+def answer_many(
+    policy: Any,
+    store: ImageStore,
+    items: list[tuple[Any, str]],
+    options: ViCropConfig | None = None,
+    max_new_tokens: int = 128,
+) -> list[dict[str, Any]]:
+    """ViCrop (rel-att or grad-att) on several single-turn ``(image, question)`` items, every model call batched:
+    one probe forward for all questions (+ generic rows), one continuation batch for gated items and one
+    answer batch (reusing each question's cache) for the rest. Returns ``answer``, ``box`` and ``confidence``
+    per item. The graph does the same for one question with a trace; this is for bulk use and the benchmark."""
+    from foveate.tools.images import load_image
+
+    options = options or load_vicrop_config()
+    if options.method == "pure-grad":
+        raise FoveateError("answer_many batches the attention methods; run pure-grad through the graph")
+    _require_white_box(policy)
+    store = _images(store)
+    params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
+    refs = [image if str(image).startswith("sha256:") else store.put(load_image(image)) for image, _ in items]
+    requests = [(ref, _user(store.get(ref), question), 0) for ref, (_, question) in zip(refs, items, strict=True)]
+    side = options.input_side or model_input_side(policy)
+    with _locked(policy):
+        looks = look_attention_many(policy, store, requests, options, resolve_layer(options.layer, policy.num_layers))
+        gated, answered, out = [], [], []
+        for index, ((ref, messages, _), look) in enumerate(zip(requests, looks, strict=True)):
+            out.append({"confidence": look.confidence, "box": None, "answer": ""})
+            if options.gate is not None and look.confidence is not None and look.confidence >= options.gate:
+                gated.append((index, look.session))
+                continue
+            image = store.get(ref)
+            box = select_box(look.heat, image.size, side, options.ratios).box
+            if box is not None and options.feed == "crop":
+                region, used = crop_image(image, box)
+                messages = _user(image, region, items[index][1])
+                out[index]["box"] = used.to_list()
+            elif options.feed == "mask":
+                messages = _user(
+                    carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
+                )
+            answered.append((index, messages, look.session))
+        sessions = [s for _, s in gated if s is not None]
+        if len(sessions) == len(gated) and gated:
+            for (index, _), result in zip(gated, policy.continue_probe(sessions, params), strict=True):
+                out[index]["answer"] = result.text.strip()
+        else:  # no caches kept (reuse off, or a model without sessions): ask again
+            answered += [(index, requests[index][1], None) for index, _ in gated]
+        if answered:
+            conversations = [messages for _, messages, _ in answered]
+            sessions = [session if options.reuse_prefix else None for *_, session in answered]
+            for (index, *_), result in zip(
+                answered, policy.chat_with_prefix(conversations, sessions, params), strict=True
+            ):
+                out[index]["answer"] = result.text.strip()
+        if hasattr(policy, "release_sessions"):
+            policy.release_sessions([look.session for look in looks])
+    return out
+
+
+# ---- calibration --------------------------------------------------------------------------------------------
+def evidence_mass(values: np.ndarray, image_size: tuple[int, int], boxes: list[list[float]]) -> float:
+    """Fraction of a map's (non-negative) mass that falls inside the union of ``boxes`` (original pixels)."""
+    grid = np.clip(np.asarray(values, dtype=np.float64), 0, None)
+    rows, cols = grid.shape
+    width, height = image_size
+    inside = np.zeros((rows, cols))
+    ys, xs = np.linspace(0, height, rows + 1), np.linspace(0, width, cols + 1)
+    for x1, y1, x2, y2 in boxes:
+        overlap_y = np.clip(np.minimum(ys[1:], y2) - np.maximum(ys[:-1], y1), 0, None) / np.diff(ys)
+        overlap_x = np.clip(np.minimum(xs[1:], x2) - np.maximum(xs[:-1], x1), 0, None) / np.diff(xs)
+        inside = np.maximum(inside, np.outer(overlap_y, overlap_x))
+    total = grid.sum()
+    return float((grid * inside).sum() / total) if total > 0 else 0.0
+
+
+def calibrate(
+    policy: Any,
+    rows: list[dict[str, Any]],
+    method: str = "rel-att",
+    layers: list[int] | None = None,
+    store: ImageStore | None = None,
+) -> list[dict[str, Any]]:
+    """Per layer: mean fraction of map mass inside the evidence boxes, and how often the chosen crop contains
+    all of the evidence, over task ``rows`` (held-out items with ``boxes``). The best layer is the one whose crops
+    contain the evidence most often (ties: the most mass inside the evidence)."""
+    from foveate.tools.images import load_image
+
+    store = store or ImageStore()
+    layers = list(range(policy.num_layers)) if layers is None else layers
+    rows = [row for row in rows if row.get("boxes")]
+    side = model_input_side(policy)
+    report = []
+    for layer in layers:
+        options = load_vicrop_config(method=method, layer=layer, cache_generic=False, reuse_prefix=False)
+        masses, hits = [], []
+        for row in rows:
+            image = load_image(row["image"])
+            ref = store.put(image)
+            messages = _user(image, row["question"])
+            if method == "pure-grad":
+                look = look_pure_grad(policy, store, ref, messages, options, 0)
+            else:
+                look = look_attention(policy, store, ref, messages, options, layer, 0)
+            masses.append(evidence_mass(look.heat, image.size, row["boxes"]))
+            chosen = select_box(look.heat, image.size, side, options.ratios).box or Box(0, 0, *image.size)
+            evidence = np.asarray(row["boxes"], dtype=float)
+            union = Box(*evidence[:, :2].min(axis=0), *evidence[:, 2:].max(axis=0))
+            inside = chosen.intersection(union)
+            hits.append(inside is not None and inside.area >= union.area * (1 - 1e-6))
+        report.append(
+            {
+                "layer": layer,
+                "evidence_mass": float(np.mean(masses)),
+                "crop_hit": float(np.mean(hits)),
+                "n": len(masses),
+            }
+        )
+    return report
+
+
+def gate_report(
+    policy: Any,
+    rows: list[dict[str, Any]],
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    max_new_tokens: int = 16,
+    batch: int = 16,
+) -> list[dict[str, Any]]:
+    """For each gate threshold: the share of ``rows`` the gate would answer from the question pass, and the
+    accuracy of those answers and of the rest (direct answers, decoded from the probe's cache)."""
+    from foveate.eval.metrics import score_answer
+    from foveate.tools.images import load_image
+
+    params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
+    layer = resolve_layer(None, policy.num_layers)
+    probs, scores = [], []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        images = [load_image(row["image"]) for row in chunk]
+        conversations = [_user(image, row["question"]) for image, row in zip(images, chunk, strict=True)]
+        probes = policy.attention_probe(conversations, layer, keep=[True] * len(chunk))
+        answers = policy.continue_probe([probe.session for probe in probes], params)
+        policy.release_sessions([probe.session for probe in probes])
+        for probe, answer, row, image in zip(probes, answers, chunk, images, strict=True):
+            probs.append(probe.prob)
+            scores.append(score_answer(answer.text.strip(), row, image.size)["score"])
+    probs_array, scores_array = np.asarray(probs), np.asarray(scores)
+    report = []
+    for threshold in thresholds:
+        gated = probs_array >= threshold
+        report.append(
+            {
+                "threshold": threshold,
+                "gated": float(gated.mean()) if len(gated) else 0.0,
+                "accuracy_gated": float(scores_array[gated].mean()) if gated.any() else None,
+                "accuracy_rest": float(scores_array[~gated].mean()) if (~gated).any() else None,
+            }
+        )
+    return report
+
+
+def _calibrate_main(argv: list[str]) -> None:
+    """``python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50``"""
+    import argparse
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from foveate.eval.runner import resolve_tasks
+
+    parser = argparse.ArgumentParser(prog="python -m foveate.agents.vicrop calibrate", description=calibrate.__doc__)
+    parser.add_argument("--model", default=None, help="model directory (default: the demo VLM)")
+    parser.add_argument("--task", default="world:small-detail", help="world:<preset> or a tasks.jsonl with boxes")
+    parser.add_argument("--n", type=int, default=50, help="items to measure on")
+    parser.add_argument(
+        "--seed", type=int, default=1001, help="world seed: held out from training (<1000) and eval (1000)"
+    )
+    parser.add_argument("--method", default="rel-att", choices=METHODS)
+    parser.add_argument("--max-pixels", type=int, default=None, help="model input pixel budget")
+    parser.add_argument("--gate", action="store_true", help="also tabulate confidence-gate thresholds")
+    args = parser.parse_args(argv)
+
+    from foveate.api import make_policy
+    from foveate.config import load_config
+
+    config = load_config().with_overrides(max_pixels=args.max_pixels)
+    policy = make_policy(args.model, config=config)
+    tasks = resolve_tasks(args.task, n=args.n, seed=args.seed, home=config.home_dir)
+    report = calibrate(policy, tasks.rows, method=args.method, store=ImageStore(config.home_dir / "images"))
+    table = Table(title=f"ViCrop {args.method} layer calibration on {len(tasks.rows)} items of {args.task}")
+    for column in ("layer", "evidence mass", "crop contains evidence", "items"):
+        table.add_column(column, justify="right")
+    for entry in report:
+        table.add_row(str(entry["layer"]), f"{entry['evidence_mass']:.3f}", f"{entry['crop_hit']:.3f}", str(entry["n"]))
+    console = Console()
+    console.print(table)
+    best = max(report, key=lambda e: (e["crop_hit"], e["evidence_mass"]))  # what ViCrop needs: the right crop
+    console.print(f"best layer: {best['layer']}  (set `layer: {best['layer']}` in configs/vicrop.yaml)")
+    if args.gate:
+        gate = Table(title="confidence gate: questions answered from the question pass (direct answers)")
+        for column in ("p(first token) ≥", "share gated", "accuracy gated", "accuracy rest"):
+            gate.add_column(column, justify="right")
+        for entry in gate_report(policy, tasks.rows):
+            shown = [f"{entry[k]:.3f}" if entry[k] is not None else "–" for k in ("accuracy_gated", "accuracy_rest")]
+            gate.add_row(f"{entry['threshold']:g}", f"{entry['gated']:.2f}", *shown)
+        console.print(gate)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "calibrate":
+        raise SystemExit(
+            "usage: python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50"
+        )
+    _calibrate_main(sys.argv[2:])

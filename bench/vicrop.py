@@ -1,0 +1,320 @@
+"""What ViCrop costs: wall time against ``direct`` and time/memory against a reference-style implementation.
+
+    python bench/vicrop.py                                    # demo model, 40 small-detail + 40 large items
+    python bench/vicrop.py --model DIR --n 60 --tasks world:small-detail,world:large
+
+In one run, on the same model and the same items (the eval's held-out world items), every variant answers every
+item one at a time (batch size 1, greedy, one-word answers), each in a fresh worker process so peak memory is
+its own:
+
+- ``direct``: the direct strategy (one generate call);
+- ``vicrop-rel``: the strategy as shipped (SDPA capture of one row, question + generic in one batch, generic
+  map cached per image, the answer pass reusing the question pass's KV cache);
+- ``vicrop-rel (no reuse)``: the same without prefix reuse and without the generic cache (what they save);
+- ``vicrop-rel-gate``: with the confidence gate (``gate: 0.9``) that answers from the question pass;
+- ``reference-style``: the baseline the paper's code follows, kept only here: eager attention with
+  ``output_attentions=True`` over all layers, two separate batch-1 prefills (question, generic), a Python
+  double loop over window positions, then ``generate`` on image + crop;
+- ``direct (batch 8)`` / ``vicrop-rel (batch 8)``: 8 questions at a time (``policy.chat`` and
+  `foveate.agents.vicrop.answer_many`: one probe forward, one answer batch), seconds per item.
+
+Reported per task: seconds per item, the ratio to ``direct`` and (for ``vicrop-rel``) to the reference, peak
+memory growth over the loaded model (Linux ``VmHWM`` after the model is loaded, reset with ``clear_refs``),
+and accuracy on those items (the gate's effect on accuracy). Goals from the issue: ``vicrop-rel`` ≤ 2.0×
+direct on small-detail, ``vicrop-rel-gate`` ≤ 1.3× direct on large, reference-style ≥ 3× direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "direct": ("direct", {}),
+    "vicrop-rel": ("vicrop-rel", {}),
+    "vicrop-rel (no reuse)": ("vicrop-rel", {"reuse_prefix": False, "cache_generic": False}),
+    "vicrop-rel-gate": ("vicrop-rel-gate", {}),
+    "reference-style": (None, {}),
+    "direct (batch 8)": ("direct", {"batch": 8}),
+    "vicrop-rel (batch 8)": ("vicrop-rel", {"batch": 8}),
+}
+WARMUP = 2
+
+
+# ---- memory -------------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> int:
+    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in kB."""
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then counts from process start
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+# ---- the reference-style baseline (only here) ---------------------------------------------------------------
+class ReferenceViCrop:
+    """rel-att the way the reference code does it: eager attention, all layers' attentions, batch size 1."""
+
+    def __init__(self, policy, layer: int, input_side: int, max_new_tokens: int) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        self.policy = policy  # its processor and tokenizer only; the model below is a separate eager copy
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            policy.model_path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.layer, self.input_side, self.max_new_tokens = layer, input_side, max_new_tokens
+
+    def _map(self, image, prompt: str):
+        import torch
+
+        batch, _ = self.policy.prepare([_user(image, prompt)])
+        with torch.no_grad():
+            output = self.model(**batch, output_attentions=True, use_cache=False)
+        row = output.attentions[self.layer][0, :, -1].mean(dim=0)
+        start, end, grid = self.policy.image_spans(batch["input_ids"], batch["image_grid_thw"], [1])[0][0]
+        return row[start:end].reshape(grid).numpy()
+
+    def answer(self, image, question: str) -> str:
+        import torch
+
+        from foveate.protocol import GENERIC_PROMPT
+        from foveate.tools.boxes import Box
+        from foveate.tools.crop import crop
+
+        relative = self._map(image, question) / (self._map(image, GENERIC_PROMPT) + 1e-12)
+        x1, y1, x2, y2 = reference_box(relative, image.size, self.input_side)
+        region, _ = crop(image, Box(x1, y1, x2, y2))
+        batch, _ = self.policy.prepare([_user(image, region, question)])
+        with torch.no_grad():
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.policy.end_token_ids,
+                pad_token_id=self.policy.tokenizer.pad_token_id,
+            )
+        tokens = output[0, batch["input_ids"].shape[1] :].tolist()
+        return self.policy._completion(tokens, _greedy(self.max_new_tokens)).text.strip()
+
+
+def reference_box(att_map, image_size, input_side, ratios=(1, 1.2, 1.4, 1.6, 1.8, 2)):
+    """The reference's adaptive window search: whole map cells, a Python double loop per ratio."""
+    import numpy as np
+
+    width, height = image_size
+    rows, cols = att_map.shape
+    cell_w, cell_h = width / cols, height / rows
+    best = None
+    for ratio in ratios:
+        kw = min(int(input_side * ratio / cell_w), cols)
+        kh = min(int(input_side * ratio / cell_h), rows)
+        if cols - kw < 1 and rows - kh < 1:
+            if ratio == 1:
+                return 0, 0, width, height
+            continue
+        kw, kh = max(kw, 1), max(kh, 1)
+        sums = np.zeros((rows - kh + 1, cols - kw + 1))
+        top, where = -np.inf, (0, 0)
+        for x in range(cols - kw + 1):
+            for y in range(rows - kh + 1):
+                sums[y, x] = att_map[y : y + kh, x : x + kw].sum()
+                if sums[y, x] > top:
+                    top, where = sums[y, x], (x, y)
+        x, y = where
+        near = [sums[y, x - 1]] if x > 0 else []
+        near += [sums[y, x + 1]] if x < sums.shape[1] - 1 else []
+        near += [sums[y - 1, x]] if y > 0 else []
+        near += [sums[y + 1, x]] if y < sums.shape[0] - 1 else []
+        sharp = (top - np.mean(near)) / (kw * kh) if near else 0.0
+        if best is None or sharp > best[0]:
+            best = (sharp, ratio, x, y, kw, kh)
+    _, ratio, x, y, kw, kh = best
+    side = input_side * ratio
+    cx, cy = (x + kw / 2) * cell_w, (y + kh / 2) * cell_h
+    x1, y1 = max(0.0, min(cx - side / 2, width - side)), max(0.0, min(cy - side / 2, height - side))
+    return x1, y1, min(width, x1 + side), min(height, y1 + side)
+
+
+def _user(*parts):
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def _greedy(max_new_tokens: int):
+    from foveate.policies.base import SamplingParams
+
+    return SamplingParams(max_new_tokens=max_new_tokens)
+
+
+# ---- one variant in its own process ------------------------------------------------------------------------
+def worker(variant: str, model: str | None, task: str, n: int, max_new_tokens: int) -> dict:
+    import torch
+
+    from foveate.agents import get_builder
+    from foveate.agents.oracle_crop import model_input_side
+    from foveate.agents.vicrop import load_vicrop_config, resolve_layer
+    from foveate.api import make_policy, run_strategy
+    from foveate.eval.metrics import score_answer
+    from foveate.eval.runner import resolve_tasks
+    from foveate.tools.images import load_image
+    from foveate.tools.store import ImageStore
+
+    torch.manual_seed(0)
+    rows = resolve_tasks(task, n=n).rows
+    images = [load_image(row["image"]) for row in rows]
+    policy = make_policy(model)
+    strategy, options = VARIANTS[variant]
+    store = ImageStore(tempfile.mkdtemp(prefix="vicrop-bench-"))  # cold generic-map cache
+    if strategy is None:
+        layer = resolve_layer(load_vicrop_config().layer, policy.num_layers)
+        reference = ReferenceViCrop(policy, layer, model_input_side(policy), max_new_tokens)
+
+        def answer(image, question):
+            return reference.answer(image, question)
+    elif "batch" in options:
+        from foveate.agents.vicrop import answer_many
+
+        queue: list = []
+
+        def answer(image, question):  # answers arrive for a whole chunk of `batch` items at once
+            queue.append((image, question))
+            return None
+
+        def flush():
+            chunk = list(queue)
+            queue.clear()
+            if strategy == "direct":
+                results = policy.chat([_user(image, q) for image, q in chunk], _greedy(max_new_tokens))
+                return [r.text.strip() for r in results]
+            return [r["answer"] for r in answer_many(policy, store, chunk, max_new_tokens=max_new_tokens)]
+    else:
+        graph = get_builder(strategy)()
+        config = {"configurable": {"vicrop": options}} if options else None
+
+        def answer(image, question):
+            inputs = {"image": store.put(image), "question": question}
+            if config is None:
+                return run_strategy(
+                    graph, inputs, strategy=strategy, policy=policy, store=store, max_new_tokens=max_new_tokens
+                ).answer
+            from foveate.agents.state import FoveateContext
+
+            context = FoveateContext(policy=policy, store=store, max_new_tokens=max_new_tokens)
+            return graph.invoke(inputs, config=config, context=context)["answer"]
+
+    convention = getattr(policy, "box_convention", "thousand")
+    baseline_kb = reset_peak()
+    warm = [(images[i % len(images)].transpose(0), "What is in the image?") for i in range(WARMUP)]
+    for image, question in warm:  # untimed: lazy initialisation, allocator warm-up (different pixels: no cache)
+        answer(image, question)
+    if "batch" in options:
+        flush()
+    times, scores = [], []
+    if "batch" in options:
+        size = options["batch"]
+        for start in range(0, len(rows), size):
+            chunk = list(zip(rows[start : start + size], images[start : start + size], strict=True))
+            began = time.perf_counter()
+            for row, image in chunk:
+                answer(image, row["question"])
+            predictions = flush()
+            times += [(time.perf_counter() - began) / len(chunk)] * len(chunk)
+            for prediction, (row, image) in zip(predictions, chunk, strict=True):
+                scores.append(score_answer(prediction, row, image.size, convention)["score"])
+    else:
+        for row, image in zip(rows, images, strict=True):
+            started = time.perf_counter()
+            prediction = answer(image, row["question"])
+            times.append(time.perf_counter() - started)
+            scores.append(score_answer(prediction, row, image.size, convention)["score"])
+    peak_kb = _status_kb("VmHWM")
+    return {
+        "variant": variant,
+        "task": task,
+        "n": len(rows),
+        "seconds": sum(times),
+        "median_s": statistics.median(times),
+        "peak_growth_mb": max(0, peak_kb - baseline_kb) / 1024,
+        "accuracy": sum(scores) / len(scores),
+    }
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the demo VLM)")
+    parser.add_argument("--tasks", default="world:small-detail,world:large", help="comma-separated task sets")
+    parser.add_argument("--n", type=int, default=40, help="items per task")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--task", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, args.task, args.n, args.max_new_tokens)))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    results: dict[tuple[str, str], dict] = {}
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        for variant in variants:
+            command = [sys.executable, __file__, "--worker", variant, "--task", task, "--n", str(args.n)]
+            command += ["--max-new-tokens", str(args.max_new_tokens)] + (["--model", args.model] if args.model else [])
+            console.print(f"[dim]{task} · {variant} …[/dim]")
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False)
+            if done.returncode != 0:
+                console.print(done.stderr[-3000:])
+                raise SystemExit(f"worker {variant} on {task} failed")
+            results[(task, variant)] = json.loads(done.stdout.strip().splitlines()[-1])
+        direct = results.get((task, "direct"))
+        reference = results.get((task, "reference-style"))
+        title = f"ViCrop cost on {task} ({args.n} items, batch size 1, at most {args.max_new_tokens} new tokens)"
+        table = Table(title=title)
+        for column in ("variant", "s / item", "× direct", "× reference", "peak growth MB", "accuracy"):
+            table.add_column(column, justify="right" if column != "variant" else "left")
+        for variant in variants:
+            r = results[(task, variant)]
+            vs_direct = f"{r['seconds'] / direct['seconds']:.2f}" if direct else "–"
+            vs_reference = f"{r['seconds'] / reference['seconds']:.2f}" if reference else "–"
+            table.add_row(
+                variant,
+                f"{r['seconds'] / r['n']:.4f}",
+                vs_direct,
+                vs_reference,
+                f"{r['peak_growth_mb']:.1f}",
+                f"{r['accuracy']:.3f}",
+            )
+        console.print(table)
+        if reference and "vicrop-rel" in variants:
+            ours = results[(task, "vicrop-rel")]
+            growth = reference["peak_growth_mb"]
+            memory = f"{ours['peak_growth_mb'] / growth:.2f}" if growth > 0 else "n/a (no growth measured)"
+            console.print(
+                f"vicrop-rel vs reference-style: time × {ours['seconds'] / reference['seconds']:.2f}, "
+                f"peak memory growth × {memory}"
+            )
+
+
+if __name__ == "__main__":
+    main()
