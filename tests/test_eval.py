@@ -255,7 +255,7 @@ def test_cli(tiny_model_dir, world_tasks, tmp_path, capsys):
     main(argv)
     document = json.loads(out.read_text())
     assert document["n"] == 3 and document["strategies"] == ["direct", "oracle-crop"]
-    assert document["model"] == str(tiny_model_dir)
+    assert document["model"].startswith(f"{tiny_model_dir}@")  # the path plus a fingerprint of the weights
     assert {(r["strategy"], r["n"]) for r in document["rows"] if r["family"] == "all" and r["split"] == "all"} == {
         ("direct", 3),
         ("oracle-crop", 3),

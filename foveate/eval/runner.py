@@ -232,6 +232,12 @@ def model_identity(policy: ChatPolicy) -> str:
     """What identifies a backend in items files: the model directory, or endpoint + served name."""
     inner = getattr(policy, "policy", policy)  # look through a MicroBatcher
     if getattr(inner, "model_path", None):
+        # A model retrained in place keeps its path; the weights' size and mtime tell the versions apart, so a
+        # rerun never resumes from another model's answers.
+        weights = sorted(Path(inner.model_path).glob("*.safetensors")) if Path(inner.model_path).is_dir() else []
+        stamp = ",".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+        if stamp:
+            return f"{inner.model_path}@{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
         return str(inner.model_path)
     if getattr(inner, "endpoint", None):
         return f"{inner.endpoint}#{getattr(inner, 'model', inner.name)}"

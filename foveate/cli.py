@@ -1,0 +1,235 @@
+"""The ``foveate`` command line.
+
+    foveate ask IMAGE QUESTION [--strategy direct] [--model DIR_OR_ID | --endpoint URL --model NAME]
+                               [--trace out.html] [--json]
+    foveate model init-tiny OUT_DIR [--seed 0]
+    foveate world generate --out DIR --n N --seed S --preset NAME
+    foveate eval --task world:small-detail --strategies direct,oracle-crop [--n N] [--out results.json]
+    foveate serve [--host 127.0.0.1] [--port 8000] [--model DIR_OR_ID | --endpoint URL --model NAME]
+    foveate chat IMAGE [--thread ID] [--strategy direct] [--model …] [--json]
+
+Errors a user can cause (missing files, unreadable images, unknown strategies, unloadable models, unreachable
+endpoints) print one line on stderr and exit with status 2; anything else prints one line and exits 1
+(set FOVEATE_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from foveate.errors import FoveateError
+
+app = typer.Typer(help="Make vision-language models look harder before they answer.", no_args_is_help=True)
+model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+err = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line however narrow the terminal
+
+
+def _mount_optional(name: str, module: str, attribute: str) -> None:
+    """Mount a sub-command group whose module may depend on optional parts of a checkout."""
+    try:
+        sub_app = getattr(__import__(module, fromlist=[attribute]), attribute)
+    except ImportError:
+        return
+    app.add_typer(sub_app, name=name)
+
+
+train_app = typer.Typer(help="Train policies (SFT; GRPO and DPO recipes as they land).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+_mount_optional("world", "foveate.world.cli", "world_app")
+
+try:  # `foveate eval --task … --strategies …` is a single command, so it is mounted with app.command
+    from foveate.eval.cli import eval_command
+except ImportError:
+    pass
+else:
+    app.command("eval")(eval_command)
+
+
+@app.command()
+def ask(
+    image: str = typer.Argument(..., help="image file (PNG, JPEG, GIF, WebP, …)"),
+    question: str = typer.Argument(..., help="the question about the image"),
+    strategy: str = typer.Option(None, "--strategy", "-s", help="strategy name (default from config: direct)"),
+    model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
+    endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
+    trace: Path = typer.Option(None, "--trace", help="write the trace here (.html page or .json)"),
+    as_json: bool = typer.Option(False, "--json", help="print the answer and trace as JSON"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
+) -> None:
+    """Answer a question about an image and optionally save the trace."""
+    from foveate.agents import get_builder
+    from foveate.api import ask as ask_api
+    from foveate.config import load_config
+    from foveate.tools.store import ImageStore
+
+    config = load_config()
+    strategy = strategy or config.strategy
+    get_builder(strategy)  # unknown strategies fail before any model loads
+    if not Path(image).exists():
+        raise FoveateError(f"image file not found: {image}")
+    result = ask_api(image, question, strategy=strategy, model=model, endpoint=endpoint, max_new_tokens=max_new_tokens)
+    if trace:
+        written = result.trace.save(trace, ImageStore(config.home_dir / "images"))
+        err.print(f"trace written to {written}")
+    if as_json:
+        typer.echo(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
+    else:
+        typer.echo(result.answer)
+
+
+@model_app.command("init-tiny")
+def init_tiny(
+    out_dir: Path = typer.Argument(..., help="directory to create"),
+    seed: int = typer.Option(0, help="weight initialisation seed"),
+    max_pixels: int = typer.Option(224 * 224, help="processor upper bound on input pixels"),
+) -> None:
+    """Create a tiny random Qwen2-VL model (tokenizer, processor, chat template) for tests and experiments."""
+    from foveate.policies.tiny import TinyConfig, build_tiny_model
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FoveateError(f"{out_dir} exists and is not empty")
+    path = build_tiny_model(out_dir, TinyConfig(seed=seed, max_pixels=max_pixels))
+    typer.echo(f"tiny Qwen2-VL model written to {path}")
+
+
+@train_app.command("sft")
+def train_sft(
+    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="recipe YAML (model / data / train)"),
+    output_dir: Path = typer.Option(None, "--output-dir", help="override the recipe's output_dir"),
+    max_steps: int = typer.Option(None, "--max-steps", help="override train.max_steps (e.g. a quick smoke run)"),
+    start_stage: int = typer.Option(1, "--start-stage", help="resume at this stage (earlier ones saved in .work)"),
+) -> None:
+    """Supervised fine-tuning on world data (the recipe that builds the demo model)."""
+    from foveate.rl.sft import load_recipe
+    from foveate.rl.sft import train_sft as run
+
+    recipe = load_recipe(config)
+    if output_dir:
+        recipe.output_dir = str(output_dir)
+    if max_steps:
+        for stage in recipe.all_stages():
+            stage.train.max_steps = max_steps
+    typer.echo(f"model written to {run(recipe, start_stage=start_stage)}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
+    endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of the underlying VLM"),
+    strategies: str = typer.Option(None, "--strategies", help="comma-separated strategies to serve (default: all)"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="per model call, when a request sets none"),
+    max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="largest request body, in MiB (413 above)"),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", help="largest image, width × height (413)"),
+    max_images: int = typer.Option(8, "--max-images", help="most images in one request"),
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="seconds before a request gets 504"),
+    allow_remote_images: bool = typer.Option(
+        False, "--allow-remote-images", help="fetch http(s) image URLs (off: only data: URLs are accepted)"
+    ),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="merge concurrent model calls"),
+    max_batch: int = typer.Option(16, "--max-batch", help="most conversations in one batched model call"),
+) -> None:
+    """Serve every strategy as an OpenAI-compatible model (foveate-<strategy>) plus a chat page at /."""
+    import uvicorn
+
+    from foveate.api import make_policy
+    from foveate.config import load_config
+    from foveate.serve.app import create_app
+    from foveate.serve.limits import ServeLimits
+    from foveate.tools.store import ImageStore
+
+    config = load_config()
+    limits = ServeLimits(
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_image_pixels=max_image_pixels or config.max_image_pixels,
+        max_images=max_images,
+        request_timeout_s=request_timeout,
+        max_new_tokens=max_new_tokens or config.max_new_tokens,
+        allow_remote_images=allow_remote_images,
+    )
+    names = [name.strip() for name in strategies.split(",") if name.strip()] if strategies else None
+    policy = make_policy(model, endpoint, config=config)
+    app_ = create_app(
+        policy,
+        store=ImageStore(config.home_dir / "images"),
+        limits=limits,
+        batching=batching,
+        max_batch=max_batch,
+        strategies=names,
+    )
+    served = ", ".join(f"foveate-{name}" for name in sorted(app_.state.server.graphs))
+    err.print(f"serving {served} over {policy.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+@app.command()
+def chat(
+    image: str = typer.Argument(..., help="image file to talk about"),
+    thread: str = typer.Option(None, "--thread", "-t", help="thread id to resume (default: a new thread)"),
+    strategy: str = typer.Option(None, "--strategy", "-s", help="strategy name (default from config: direct)"),
+    model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
+    endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (answer and trace) per turn"),
+) -> None:
+    """Chat about an image; threads persist in $FOVEATE_HOME/threads.sqlite and resume with --thread."""
+    from foveate.chat import run_chat
+
+    run_chat(
+        image,
+        thread=thread,
+        strategy=strategy,
+        model=model,
+        endpoint=endpoint,
+        max_new_tokens=max_new_tokens,
+        as_json=as_json,
+    )
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and info logs from transformers would bury the one line a user wants."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn errors into one line."""
+    _quiet_libraries()
+    try:
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except FoveateError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 — the CLI promises one line, never a traceback
+        # Usage errors of typer's click (which may be a vendored copy, hence duck typing) print themselves.
+        if hasattr(error, "show") and hasattr(error, "exit_code"):
+            if type(error).__name__ != "NoArgsIsHelpError":  # help was already printed for bare `foveate`
+                error.show()
+            sys.exit(error.exit_code)
+        if os.environ.get("FOVEATE_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/red] {type(error).__name__}: {error} (FOVEATE_DEBUG=1 shows the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
