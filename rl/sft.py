@@ -82,7 +82,10 @@ def load_recipe(path: str | Path) -> SFTRecipe:
     try:
         # A stage's `data` / `train` keys override the top-level ones (so a stage lists only what changes).
         stages = [
-            Stage(_data_mix({**raw.get("data", {}), **stage.get("data", {})}), TrainConfig(**{**raw.get("train", {}), **stage.get("train", {})}))
+            Stage(
+                _data_mix({**raw.get("data", {}), **stage.get("data", {})}),
+                TrainConfig(**{**raw.get("train", {}), **stage.get("train", {})}),
+            )
             for stage in raw.get("stages", [])
         ]
         return SFTRecipe(
