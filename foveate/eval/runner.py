@@ -57,17 +57,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_SEED = 1000  # held-out world seed; training uses seeds below it
 DEFAULT_WORLD_N = 200  # questions generated for `world:<preset>` when no n is given
-REQUIRED_KEYS = ("id", "image", "question", "answers")
-_ROW_DEFAULTS: dict[str, Any] = {
-    "family": "unknown",
-    "subtype": None,
-    "split": "unknown",
-    "clutter": "unknown",
-    "boxes": [],
-    "image_size": None,
-    "preset": None,
-}
-
 ProgressFn = Callable[[str, int, int], None]  # (strategy, items done, items total)
 
 
@@ -84,46 +73,25 @@ class TaskSet:
 
 
 def load_eval_tasks(path: str | Path) -> list[dict[str, Any]]:
-    """Read a tasks.jsonl (or a folder holding one): images resolved against the file, optional keys defaulted.
+    """Read a tasks.jsonl (or a folder holding one) with `foveate.world.load_tasks` (JSON, required keys,
+    defaults, image paths), then check what scoring needs: a grounding row without answers has a gold box, and
+    ids are unique (results are keyed by id)."""
+    from foveate.world import load_tasks
 
-    Like `foveate.world.load_tasks`, but a ``grounding`` row may have ``answers: []`` (its gold box is in
-    ``boxes``), and duplicate ids are refused (results are keyed by id).
-    """
     file = Path(path)
     if file.is_dir():
         file = file / "tasks.jsonl"
     if not file.is_file():
         raise FoveateError(f"task file not found: {file} (pass a tasks.jsonl, its folder, or world:<preset>)")
-    rows: list[dict[str, Any]] = []
+    rows = load_tasks(file)
     seen: set[str] = set()
-    with open(file, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FoveateError(f"{file}:{lineno}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise FoveateError(f"{file}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [key for key in REQUIRED_KEYS if key not in row]
-            if missing:
-                raise FoveateError(f"{file}:{lineno}: missing key(s) {', '.join(missing)}")
-            for key, default in _ROW_DEFAULTS.items():
-                row.setdefault(key, list(default) if isinstance(default, list) else default)
-            answers = row["answers"]
-            grounding = row["family"] == "grounding"
-            if not isinstance(answers, list) or not (answers or (grounding and row["boxes"])):
-                raise FoveateError(
-                    f"{file}:{lineno}: 'answers' must be a non-empty list (or [] on a grounding row with 'boxes')"
-                )
-            row["id"] = str(row["id"])
-            if row["id"] in seen:
-                raise FoveateError(f"{file}:{lineno}: duplicate id {row['id']!r}")
-            seen.add(row["id"])
-            image = Path(row["image"])
-            row["image"] = str(image if image.is_absolute() else (file.parent / image).resolve())
-            rows.append(row)
+    for lineno, row in enumerate(rows, 1):
+        if not row["answers"] and not row["boxes"]:
+            raise FoveateError(f"{file}: row {lineno}: a grounding row with 'answers: []' needs its gold 'boxes'")
+        row["id"] = str(row["id"])
+        if row["id"] in seen:
+            raise FoveateError(f"{file}: row {lineno}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
     return rows
 
 
