@@ -75,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -190,7 +191,18 @@ def _parse_options(source: str, stamp: int) -> dict[str, Any]:
 def _options(config: RunnableConfig | None) -> ViCropConfig:
     """File defaults ← the registered name's options (``vicrop_defaults``) ← this call's (``vicrop``)."""
     configurable = (config or {}).get("configurable", {}) or {}
-    return load_vicrop_config(**{**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})})
+    overrides = {**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})}
+    path = os.environ.get(CONFIG_ENV, "")
+    try:  # every node reads the options: parse and validate each combination once per config file version
+        stamp = Path(path).stat().st_mtime_ns if path else 0
+        return _cached_options(path, stamp, json.dumps(overrides, sort_keys=True))
+    except (TypeError, OSError):  # unhashable/unserialisable overrides or an unreadable file: no cache
+        return load_vicrop_config(**overrides)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_options(path: str, stamp: int, overrides: str) -> ViCropConfig:
+    return load_vicrop_config(path or None, **json.loads(overrides))
 
 
 class ViCropState(AgentState, total=False):
@@ -343,13 +355,20 @@ def look_attention_many(
     options: ViCropConfig,
     layer: int | list[int],
 ) -> list[Look]:
-    """rel-att / grad-att maps for several questions ``(image ref, conversation, target image index)`` in ONE
-    batched forward: every question row, every high-res block row and one generic row per image whose generic
-    map is not cached yet. Blocks are tiled per question; the generic maps are stored for the next question."""
+    """rel-att / grad-att maps for several questions ``(image ref, conversation, target image index)``.
+
+    One batched forward over every question row (and every high-res block row) keeps each whole-image question's
+    KV cache; the generic rows for images whose generic map is not cached yet then reuse those caches, so they
+    cost only the generic prompt's tokens (no second pass over the image). Without prefix reuse (option off, or
+    a model without sessions) the generic rows simply join the first batch. Blocks are tiled per question;
+    generic maps are stored for the next question about the same image."""
     gradient = options.method == "grad-att"
+    sessions_work = options.reuse_prefix and getattr(policy, "supports_prefix_reuse", False)
     conversations: list[list[dict]] = []
     keep: list[bool] = []
-    plans, generic_rows, generic_cached = [], {}, {}
+    plans, generic_cached = [], {}
+    batched_generics: dict[tuple[str, str], tuple[int, tuple[int, int]]] = {}
+    session_generics: dict[tuple[str, str], tuple[int, list[dict]]] = {}  # → (question row, generic conversation)
     for ref, messages, target in requests:
         image = store.get(ref)
         blocks, layout = split_blocks(image.size, options.high_res_block)
@@ -362,42 +381,55 @@ def look_attention_many(
             questions = [_user(block, question_text) for block in block_images]
         first = len(conversations)
         conversations += questions
-        keep += [whole and options.reuse_prefix] + [False] * (len(questions) - 1)
-        key = generic_cache_key(policy, options, layer, layout)
-        if not gradient and (ref, key) not in generic_rows and (ref, key) not in generic_cached:
-            cached = store.get_array(ref, key) if options.cache_generic else None
+        keep += [whole and sessions_work] + [False] * (len(questions) - 1)
+        key = (ref, generic_cache_key(policy, options, layer, layout))
+        if not gradient and key not in batched_generics and key not in session_generics and key not in generic_cached:
+            cached = store.get_array(ref, key[1]) if options.cache_generic else None
             if cached is not None:
-                generic_cached[(ref, key)] = cached
+                generic_cached[key] = cached
+            elif whole and sessions_work:  # after the batch, reusing this question's cache of the image
+                session_generics[key] = (first, _user(image, options.generic_prompt))
             else:  # the generic pass rides in the same batch as the questions
-                generic_rows[(ref, key)] = (len(conversations), layout)
+                batched_generics[key] = (len(conversations), layout)
                 conversations += [_user(block, options.generic_prompt) for block in block_images]
                 keep += [False] * len(block_images)
-        plans.append((ref, key, layout, whole, target, first, len(questions)))
+        plans.append((key, layout, whole, target, first, len(questions)))
     results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep)
     generics = dict(generic_cached)
-    for (ref, key), (start, layout) in generic_rows.items():
+    for key, (start, layout) in batched_generics.items():
         maps = [r.maps[0].values for r in results[start : start + layout[0] * layout[1]]]
-        generics[(ref, key)] = maps[0] if layout == (1, 1) else tile_maps(maps, layout)
-        if options.cache_generic:
-            store.put_array(ref, key, generics[(ref, key)].astype(np.float32))
+        generics[key] = maps[0] if layout == (1, 1) else tile_maps(maps, layout)
+    if options.gate is not None:  # questions the gate will answer straight away need no generic map
+        needed = {plan[0] for plan in plans if plan[2] and results[plan[4]].prob < options.gate}
+        session_generics = {key: value for key, value in session_generics.items() if key in needed}
+    if session_generics:
+        rows = list(session_generics.values())
+        probes = policy.attention_probe(
+            [conversation for _, conversation in rows], layer, sessions=[results[row].session for row, _ in rows]
+        )
+        for key, probe in zip(session_generics, probes, strict=True):
+            generics[key] = probe.maps[0].values
+    if options.cache_generic:
+        for key in [*batched_generics, *session_generics]:
+            store.put_array(key[0], key[1], generics[key].astype(np.float32))
     looks = []
-    for ref, key, layout, whole, target, start, count in plans:
+    for key, layout, whole, target, start, count in plans:
         rows = results[start : start + count]
         maps = [r.maps[target if whole else 0].values for r in rows]
         question = maps[0] if whole else tile_maps(maps, layout)
-        generic = None if gradient else generics[(ref, key)]
+        generic = None if gradient else generics.get(key)  # None: gated before a generic map was needed
         looks.append(
             Look(
-                heat=question if gradient else _relative(question, generic, options.rel_eps),
-                question=None if gradient else question,
+                heat=question if generic is None else _relative(question, generic, options.rel_eps),
+                question=None if generic is None else question,
                 generic=generic,
                 confidence=rows[0].prob if whole else None,
                 session=rows[0].session,
                 token=rows[0].token,
                 prompt_tokens=sum(r.prompt_tokens for r in rows),
                 latency_s=rows[0].latency_s,
-                rows=len(results),
-                generic_cached=(ref, key) in generic_cached,
+                rows=len(results) + len(session_generics),
+                generic_cached=key in generic_cached,
             )
         )
     return looks
@@ -500,7 +532,8 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
         steps.append(map_step("look", state["image"], look.question, "attention", label))
     if look.generic is not None:
         steps.append(map_step("look", state["image"], look.generic, "generic", label))
-    steps.append(map_step("look", state["image"], look.heat, options.method, label))
+    gated_early = options.method == "rel-att" and look.generic is None  # the gate fired before the generic pass
+    steps.append(map_step("look", state["image"], look.heat, "attention" if gated_early else options.method, label))
     return {
         "heatmap": np.asarray(look.heat, dtype=float).tolist(),
         "confidence": look.confidence,

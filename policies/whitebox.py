@@ -27,7 +27,6 @@ Kept apart from generation so each file reads on its own; `TransformersVLM` mixe
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import threading
 import time
@@ -35,6 +34,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from foveate.policies.base import ChatResult, Conversation, ImageMap, SamplingPa
 MAX_SESSIONS = 32  # probe caches kept per policy (least recently used dropped first)
 GRAD_ATTENTION_NAME = "foveate_sdpa_grad"  # the text decoder's attention while a grad-att probe runs
 PREFIX_REUSE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # mrope models whose get_rope_index we call
+VISION_END = "<|vision_end|>"  # the Qwen2-VL chat template closes every image with it (a special token)
 _grad_local = threading.local()
 _SESSIONS_INIT_LOCK = threading.Lock()
 
@@ -68,14 +69,17 @@ class ProbeResult:
 
 @dataclass
 class _Session:
-    """One probed row: its tokens, mrope positions, per-layer keys/values and next-token logits (detached)."""
+    """One probed row: its text, tokens, positions, per-layer keys/values and next-token logits (detached)."""
 
+    text: str  # the rendered chat text the row was built from
     ids: torch.Tensor  # [L] token ids without padding
-    positions: torch.Tensor  # [3, L] mrope position ids
+    types: torch.Tensor  # [L] mm_token_type_ids (0 text, 1 image)
     keys: list[torch.Tensor]  # per decoder layer [kv_heads, L, head_dim]
     values: list[torch.Tensor]
     logits: torch.Tensor  # [vocab] next-token logits after the last prompt token
-    images: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, pixel digest) per image
+    next_position: int  # mrope text position of the first answer token
+    # per image, in order: (first token, end token, the PIL image as given, its image_grid_thw row)
+    images: list[tuple[int, int, Any, torch.Tensor]] = field(default_factory=list)
 
 
 class _GradProbe:
@@ -237,6 +241,7 @@ class WhiteBoxMixin:
         *,
         gradient: bool = False,
         keep: Sequence[bool] | None = None,
+        sessions: Sequence[str | None] | None = None,
     ) -> list[ProbeResult]:
         """One batched forward: each conversation's image maps at ``layer`` and its next-token argmax/probability.
 
@@ -244,13 +249,28 @@ class WhiteBoxMixin:
         when several are given) — or, with ``gradient=True``, grad-att maps ``A ⊙ ReLU(∂v/∂A)`` where
         ``v = log p(argmax next token)``. Rows with ``keep[i]`` true keep their KV cache as a session (when
         `supports_prefix_reuse`); release them with `release_sessions` once done (an LRU bounds them anyway).
+        With ``sessions`` (attention maps only), each row reuses its session's cache for the prefix it shares
+        with it, as `chat_with_prefix` does: e.g. the generic prompt on an image probed with a question costs
+        only the generic prompt's tokens.
         """
         layers = self._check_layers(layer)
         keep = [False] * len(conversations) if keep is None else list(keep)
         if len(keep) != len(conversations):
             raise PolicyError("keep needs one flag per conversation")
+        if sessions is not None and len(sessions) != len(conversations):
+            raise PolicyError("sessions needs one session (or None) per conversation")
+        reuse = sessions is not None and any(s is not None for s in sessions) and self.supports_prefix_reuse
+        if reuse and (gradient or any(keep)):
+            raise PolicyError("a probe that reuses sessions computes attention maps and keeps no session")
         started = time.perf_counter()
-        batch, images_per_row = self.prepare(conversations)
+        if reuse:
+            return self._probe_with_prefix(conversations, sessions, layers, started)
+        texts, images_per_row = [], []
+        for messages in conversations:
+            text, images = self.render(messages)
+            texts.append(text)
+            images_per_row.append(images)
+        batch = self.encode(texts, [image for images in images_per_row for image in images])
         use_cache = any(keep) and self.supports_prefix_reuse
         if gradient:
             rows, logits, cache = self._grad_attention_rows(batch, layers, use_cache)
@@ -259,16 +279,19 @@ class WhiteBoxMixin:
                 output = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
             rows = torch.stack([captured.rows[index] for index in layers]).mean(dim=(0, 2))
             logits, cache = output.logits[:, -1].float(), _output_cache(output)
-        probs = torch.softmax(logits, dim=-1)
-        top_prob, top_id = probs.max(dim=-1)
         latency = time.perf_counter() - started
         spans = self.image_spans(batch["input_ids"], batch["image_grid_thw"], [len(i) for i in images_per_row])
+        kept = self._keep_sessions(batch, texts, images_per_row, logits, cache, keep) if use_cache else {}
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        return self._probe_results(rows, logits, spans, images_per_row, layers, gradient, prompt_tokens, latency, kept)
+
+    def _probe_results(self, rows, logits, spans, images_per_row, layers, gradient, prompt_tokens, latency, kept):
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_prob, top_id = probs.max(dim=-1)
         per_token = rows.detach().float().cpu().numpy()
         layer_label = layers[0] if len(layers) == 1 else layers
-        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        sessions = self._keep_sessions(batch, images_per_row, logits, cache, keep) if use_cache else {}
         results = []
-        for row in range(len(conversations)):
+        for row in range(len(images_per_row)):
             maps = self.to_image_maps(per_token[row], spans[row], images_per_row[row], layer_label)
             for image_map in maps:
                 image_map.kind = "grad_attention" if gradient else "attention"
@@ -281,10 +304,20 @@ class WhiteBoxMixin:
                     prob=float(top_prob[row]),
                     prompt_tokens=int(prompt_tokens[row]),
                     latency_s=latency,
-                    session=sessions.get(row),
+                    session=kept.get(row),
                 )
             )
         return results
+
+    def _probe_with_prefix(self, conversations, sessions, layers: list[int], started: float) -> list[ProbeResult]:
+        """Attention probe whose rows reuse their sessions' caches (see `attention_probe`)."""
+        with capture_attention(layers) as captured, torch.no_grad():
+            logits, _state, prompt_tokens, layout = self._prefill_with_prefix(conversations, sessions)
+        rows = torch.stack([captured.rows[index] for index in layers]).mean(dim=(0, 2))
+        latency = time.perf_counter() - started
+        spans = [row_layout["spans"] for row_layout in layout]  # already in key (cache + suffix) coordinates
+        images_per_row = [row_layout["images"] for row_layout in layout]
+        return self._probe_results(rows, logits, spans, images_per_row, layers, False, prompt_tokens, latency, {})
 
     def _text_attention_config(self):
         """The config object the text decoder's attention layers read their implementation from."""
@@ -351,52 +384,35 @@ class WhiteBoxMixin:
         )
         return positions
 
-    def _image_digests(self, batch) -> list[tuple[torch.Tensor, str]]:
-        """Per image of the batch (in order): its rows of ``pixel_values`` and a digest of them."""
-        if "pixel_values" not in batch:
-            return []
-        out, start = [], 0
-        for t, h, w in batch["image_grid_thw"].tolist():
-            rows = batch["pixel_values"][start : start + t * h * w]
-            start += t * h * w
-            digest = hashlib.blake2b(rows.detach().float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-            out.append((rows, digest))
-        return out
-
-    def _row_images(self, batch, images_per_row) -> list[list[tuple[int, int, int]]]:
-        """Per row: (start, end, batch image index) of each image's tokens, positions counted without padding."""
-        spans = self.image_spans(batch["input_ids"], batch["image_grid_thw"], [len(i) for i in images_per_row])
-        pads = (batch["attention_mask"] == 0).sum(dim=1).tolist()
-        out, index = [], 0
-        for row, row_spans in enumerate(spans):
-            row_out = []
-            for start, end, _grid in row_spans:
-                row_out.append((start - pads[row], end - pads[row], index))
-                index += 1
-            out.append(row_out)
-        return out
-
-    def _keep_sessions(self, batch, images_per_row, logits, cache, keep) -> dict[int, str]:
+    def _keep_sessions(self, batch, texts, images_per_row, logits, cache, keep) -> dict[int, str]:
         if cache is None:
             return {}
         positions = self._rope_positions(batch)
-        digests = self._image_digests(batch)
-        row_images = self._row_images(batch, images_per_row)
+        spans = self.image_spans(batch["input_ids"], batch["image_grid_thw"], [len(i) for i in images_per_row])
+        grids = batch.get("image_grid_thw")
         mask = batch["attention_mask"].bool()
+        pads = (~mask).sum(dim=1).tolist()
         layers = _cache_layers(cache)
         store, lock = self._session_store()
-        kept = {}
+        kept, image_index = {}, 0
         for row, wanted in enumerate(keep):
+            first_image, image_index = image_index, image_index + len(images_per_row[row])
             if not wanted:
                 continue
             where = mask[row]
+            images = [
+                (start - pads[row], end - pads[row], image, grids[first_image + i])
+                for i, ((start, end, _grid), image) in enumerate(zip(spans[row], images_per_row[row], strict=True))
+            ]
             session = _Session(
+                text=texts[row],
                 ids=batch["input_ids"][row][where].clone(),
-                positions=positions[:, row][:, where].clone(),
+                types=batch["mm_token_type_ids"][row][where].clone(),
                 keys=[k[row][:, where].detach().clone() for k, _ in layers],
                 values=[v[row][:, where].detach().clone() for _, v in layers],
                 logits=logits[row].detach().clone(),
-                images=[(start, end, digests[index][1]) for start, end, index in row_images[row]],
+                next_position=int(positions[:, row][:, where].max()) + 1,
+                images=images,
             )
             name = uuid.uuid4().hex
             with lock:
@@ -424,7 +440,7 @@ class WhiteBoxMixin:
         mask = torch.zeros((len(found), length), dtype=torch.long, device=self.device)
         for row, session in enumerate(found):
             mask[row, length - len(session.ids) :] = 1
-        next_positions = torch.stack([s.positions.max() + 1 for s in found]).to(self.device)
+        next_positions = torch.tensor([s.next_position for s in found], device=self.device)
         logits = torch.stack([s.logits for s in found])
         with torch.no_grad():
             generated = self._greedy(cache, mask, next_positions, logits, params.max_new_tokens)
@@ -460,7 +476,7 @@ class WhiteBoxMixin:
     def _chat_with_prefix_batch(self, conversations, sessions, params: SamplingParams) -> list[ChatResult]:
         started = time.perf_counter()
         with torch.no_grad():
-            logits, state, prompt_tokens = self._prefill_with_prefix(conversations, sessions)
+            logits, state, prompt_tokens, _layout = self._prefill_with_prefix(conversations, sessions)
             generated = self._greedy(*state, logits, params.max_new_tokens)
         latency = time.perf_counter() - started
         return [
@@ -469,41 +485,83 @@ class WhiteBoxMixin:
         ]
 
     def _prefill_with_prefix(self, conversations, sessions):
-        """Prefill only what each row does not share with its session: next-token logits and decode state."""
-        batch, images_per_row = self.prepare(conversations)
-        positions = self._rope_positions(batch)
-        digests = self._image_digests(batch)
-        row_images = self._row_images(batch, images_per_row)
-        mask = batch["attention_mask"].bool()
-        rows = []
-        for row, session_id in enumerate(sessions):
-            ids = batch["input_ids"][row][mask[row]]
+        """Prefill only what each row does not share with its session.
+
+        Each conversation is rendered; the leading images it shares with its session (the same image object, or
+        equal pixels) and the template text up to the last shared image's end token are taken from the session's
+        cache; only the rest of the text (and its images) goes through the processor and the model. mrope
+        positions come from ``get_rope_index`` over the whole row (session tokens + new tokens), sliced.
+        Returns the next-token logits, the decode state, prompt token counts and, per row, its images with their
+        token spans in key coordinates (cache positions, then suffix positions).
+        """
+        rows, suffix_texts, suffix_images = [], [], []
+        for messages, session_id in zip(conversations, sessions, strict=True):
+            text, images = self.render(messages)
             session = self._get_session(session_id)
-            shared = _shared_prefix(session, ids, [(s, e, digests[i][1]) for s, e, i in row_images[row]])
-            shared = min(shared, len(ids) - 1)  # at least one new token, whose logits start the answer
-            suffix_images = [index for start, _end, index in row_images[row] if start >= shared]
-            rows.append((session, shared, ids[shared:], positions[:, row][:, mask[row]][:, shared:], suffix_images))
-        prefix_len = max(shared for _, shared, *_ in rows)
-        suffix_len = max(len(ids) for _, _, ids, *_ in rows)
+            shared, cut = _shared_images(session, text, images)
+            prefix = session.images[shared - 1][1] + 1 if shared else 0  # through the shared image's end token
+            rows.append({"session": session, "shared": shared, "prefix": prefix, "images": images})
+            suffix_texts.append(text[cut:])
+            suffix_images += images[shared:]
+        batch = self.encode(suffix_texts, suffix_images)
+        mask = batch["attention_mask"].bool()
+        grids = batch.get("image_grid_thw")
+        image_index = 0
+        for row, info in enumerate(rows):
+            count = len(info["images"]) - info["shared"]
+            suffix_ids, suffix_types = batch["input_ids"][row][mask[row]], batch["mm_token_type_ids"][row][mask[row]]
+            row_grids = [grids[image_index + i] for i in range(count)]
+            image_index += count
+            session, prefix = info["session"], info["prefix"]
+            if prefix:
+                suffix_ids = suffix_ids.to(session.ids.device)
+                ids = torch.cat([session.ids[:prefix], suffix_ids])
+                types = torch.cat([session.types[:prefix], suffix_types.to(session.types.device)])
+                row_grids = [grid for *_, grid in session.images[: info["shared"]]] + row_grids
+            else:
+                ids, types = suffix_ids, suffix_types
+            stacked = torch.stack(row_grids) if row_grids else None
+            positions, _ = self.model.model.get_rope_index(
+                ids[None], mm_token_type_ids=types[None], image_grid_thw=stacked
+            )
+            info.update(ids=ids, suffix=ids[prefix:], positions=positions[:, 0, prefix:], grids=row_grids)
+        prefix_len = max(info["prefix"] for info in rows)
+        suffix_len = max(len(info["suffix"]) for info in rows)
         count = len(rows)
         input_ids = torch.full((count, suffix_len), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         suffix_positions = torch.zeros((3, count, suffix_len), dtype=torch.long, device=self.device)
         attention = torch.zeros((count, prefix_len + suffix_len), dtype=torch.long, device=self.device)
-        for row, (_session, shared, ids, pos, _images) in enumerate(rows):
-            input_ids[row, suffix_len - len(ids) :] = ids
-            suffix_positions[:, row, suffix_len - len(ids) :] = pos
-            attention[row, prefix_len - shared : prefix_len] = 1
-            attention[row, prefix_len + suffix_len - len(ids) :] = 1
-        cache = self._padded_cache([(session, shared) for session, shared, *_ in rows], prefix_len)
+        layout = []
+        for row, info in enumerate(rows):
+            prefix, suffix = info["prefix"], info["suffix"]
+            input_ids[row, suffix_len - len(suffix) :] = suffix
+            suffix_positions[:, row, suffix_len - len(suffix) :] = info["positions"]
+            attention[row, prefix_len - prefix : prefix_len] = 1
+            attention[row, prefix_len + suffix_len - len(suffix) :] = 1
+            layout.append({"images": info["images"], "spans": self._key_spans(info, prefix_len, suffix_len)})
+        cache = self._padded_cache([(info["session"], info["prefix"]) for info in rows], prefix_len)
         inputs = {"input_ids": input_ids, "attention_mask": attention, "position_ids": suffix_positions}
-        images = [index for *_, row_suffix_images in rows for index in row_suffix_images]
-        if images:
-            inputs["pixel_values"] = torch.cat([digests[index][0] for index in images])
-            inputs["image_grid_thw"] = batch["image_grid_thw"][images]
+        if suffix_images:
+            inputs["pixel_values"], inputs["image_grid_thw"] = batch["pixel_values"], grids
         output = self.model(**inputs, **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1)
-        next_positions = torch.stack([pos.max() + 1 for *_, pos, _ in rows])
-        prompt_tokens = [shared + len(ids) for _, shared, ids, *_ in rows]
-        return output.logits[:, -1].float(), (_output_cache(output), attention, next_positions), prompt_tokens
+        next_positions = torch.stack([info["positions"].max() + 1 for info in rows])
+        prompt_tokens = [len(info["ids"]) for info in rows]
+        state = (_output_cache(output), attention, next_positions)
+        return output.logits[:, -1].float(), state, prompt_tokens, layout
+
+    def _key_spans(self, info, prefix_len: int, suffix_len: int) -> list[tuple[int, int, tuple[int, int]]]:
+        """A row's image spans (start, end, merged grid) in key coordinates of the padded cache + suffix layout."""
+        positions = (info["ids"] == self.image_token_id).nonzero().flatten().tolist()
+        length, prefix = len(info["ids"]), info["prefix"]
+        spans, cursor = [], 0
+        for t, h, w in (tuple(int(v) for v in grid) for grid in info["grids"]):
+            rows, cols = h // self.merge_size, w // self.merge_size
+            start, end = positions[cursor], positions[cursor + t * rows * cols - 1] + 1
+            cursor += t * rows * cols
+            # prefix tokens sit right-aligned in the cache; suffix tokens right-aligned after it
+            shift = prefix_len - prefix if start < prefix else prefix_len + suffix_len - length
+            spans.append((start + shift, end + shift, (rows, cols)))
+        return spans
 
     @property
     def _cache_argument(self) -> str:
@@ -593,15 +651,32 @@ def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
 
 
-def _shared_prefix(session: _Session | None, ids: torch.Tensor, images: list[tuple[int, int, str]]) -> int:
-    """How many leading tokens of ``ids`` can reuse ``session``'s cache (see `chat_with_prefix`)."""
+def _shared_images(session: _Session | None, text: str, images: list) -> tuple[int, int]:
+    """How many leading images a rendered conversation shares with ``session`` (same object or equal pixels,
+    and the same template text up to the last of them), and where its text continues after that image."""
     if session is None:
-        return 0
-    length = min(len(session.ids), len(ids))
-    differs = (session.ids[:length] != ids[:length]).nonzero()
-    shared = int(differs[0]) if len(differs) else length
-    known = {(start, end): digest for start, end, digest in session.images}
-    for start, end, digest in images:
-        if start < shared and known.get((start, end)) != digest:
-            shared = start  # the image differs (or is cut): re-encode it and everything after it
-    return shared
+        return 0, 0
+    shared = 0
+    for image, (_start, _end, known, _grid) in zip(images, session.images, strict=False):
+        same = image is known or (
+            image.size == known.size and image.mode == known.mode and image.tobytes() == known.tobytes()
+        )
+        if not same:
+            break
+        shared += 1
+    while shared:
+        cut = _after_nth(text, VISION_END, shared)
+        if cut is not None and session.text[:cut] == text[:cut]:
+            return shared, cut
+        shared -= 1
+    return 0, 0
+
+
+def _after_nth(text: str, marker: str, n: int) -> int | None:
+    """The index just after the ``n``-th occurrence of ``marker`` in ``text`` (None if there are fewer)."""
+    index = -len(marker)
+    for _ in range(n):
+        index = text.find(marker, index + len(marker))
+        if index < 0:
+            return None
+    return index + len(marker)

@@ -131,13 +131,20 @@ def test_sessions_reuse_the_prefix_exactly(tiny_policy):
     with torch.no_grad():
         batch, _ = tiny_policy.prepare([answer])
         fresh = tiny_policy.model(**batch, use_cache=False).logits[:, -1].float()
-        reused, _, prompt_tokens = tiny_policy._prefill_with_prefix([answer], [session])
+        reused, _, prompt_tokens, _ = tiny_policy._prefill_with_prefix([answer], [session])
     torch.testing.assert_close(reused, fresh, rtol=1e-4, atol=1e-4)
     assert prompt_tokens == [batch["input_ids"].shape[1]]
     # decoding from the session equals ordinary greedy chat, alone and in a batch with rows without a session
     expected = [r.text for r in tiny_policy.chat([answer, question], GREEDY)]
     assert [r.text for r in tiny_policy.chat_with_prefix([answer, question], [session, None], GREEDY)] == expected
     assert tiny_policy.continue_probe([session], GREEDY)[0].text == expected[1]
+    # a probe can reuse the session too: the generic prompt's map without a second pass over the image
+    generic = user(image, "Write a general description of the image.")
+    reusing = tiny_policy.attention_probe([generic, question], [0, 1], sessions=[session, None])
+    fresh_probe = tiny_policy.attention_probe([generic, question], [0, 1])
+    for got, want in zip(reusing, fresh_probe, strict=True):
+        np.testing.assert_allclose(got.maps[0].values, want.maps[0].values, rtol=1e-4, atol=1e-7)
+        assert got.token_id == want.token_id and got.prob == pytest.approx(want.prob, abs=1e-5)
     # a different image at the same place is re-encoded, not reused
     other = user(scene(dot=(100, 500)), QUESTION)
     assert tiny_policy.chat_with_prefix([other], [session], GREEDY)[0].text == tiny_policy.chat([other], GREEDY)[0].text
@@ -210,6 +217,7 @@ def test_gate_answers_from_the_question_pass(tiny_policy, store):
     state = build().invoke(inputs, config=config, context=_context(tiny_policy, store))
     kinds = [s["kind"] for s in state["steps"]]
     assert "crop" not in kinds and state["steps"][-2].get("gated") is True
+    assert not [s for s in state["steps"] if s.get("map_kind") == "generic"]  # gated before the generic pass
     assert state["answer"] == direct.answer  # decoded from the probe's cache: the same greedy answer
     never = build().invoke(
         inputs, config={"configurable": {"vicrop": {"gate": 1.0}}}, context=_context(tiny_policy, store)
