@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.messages import AIMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
 from foveate.agents.state import (
     AgentState,
     FoveateContext,
+    answer_update,
     image_refs,
     intake,
     prompt_for_trace,
     resolve_context,
     to_policy_messages,
 )
-from foveate.trace import answer_step, model_call_step
 
 
 def intake_node(state: AgentState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
@@ -32,13 +31,7 @@ def answer_node(state: AgentState, runtime: Runtime[FoveateContext]) -> dict[str
     context = resolve_context(runtime)
     messages = to_policy_messages(state["messages"], context.store)
     result = context.policy.chat_one(messages, context.sampling())
-    answer = result.text.strip()
-    prompt = prompt_for_trace(messages, image_refs(state["messages"]))
-    return {
-        "answer": answer,
-        "messages": [AIMessage(content=answer)],
-        "steps": [model_call_step("answer", prompt, result), answer_step("answer", answer)],
-    }
+    return answer_update("answer", prompt_for_trace(messages, image_refs(state["messages"])), result)
 
 
 def build(checkpointer: Any = None):

@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from langchain_core.messages import AIMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
 from foveate.agents.state import (
     AgentState,
     FoveateContext,
+    answer_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -46,7 +46,7 @@ from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy
 from foveate.tools.boxes import Box, parse_box
 from foveate.tools.crop import crop as crop_image
-from foveate.trace import answer_step, crop_step, model_call_step
+from foveate.trace import crop_step
 
 DEFAULT_INPUT_SIDE = 448  # pixels; used when a backend does not reveal its input resolution (e.g. HTTP)
 REQUIRES_EVIDENCE = True  # the evaluator skips task rows without evidence boxes for this strategy
@@ -158,13 +158,7 @@ def answer_node(state: OracleCropState, runtime: Runtime[FoveateContext]) -> dic
     ]
     messages[-1] = {"role": last["role"], "content": images + texts}  # original first, then the crop
     result = context.policy.chat_one(messages, context.sampling())
-    answer = result.text.strip()
-    prompt = prompt_for_trace(messages, [*earlier_refs, state["image"], state["crop"]])
-    return {
-        "answer": answer,
-        "messages": [AIMessage(content=answer)],
-        "steps": [model_call_step("answer", prompt, result), answer_step("answer", answer)],
-    }
+    return answer_update("answer", prompt_for_trace(messages, [*earlier_refs, state["image"], state["crop"]]), result)
 
 
 def build(checkpointer: Any = None):

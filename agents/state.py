@@ -16,7 +16,7 @@ import operator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.messages import AnyMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 
@@ -24,6 +24,7 @@ from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy, SamplingParams, image_source, is_image_part
 from foveate.tools.images import load_image
 from foveate.tools.store import ImageStore
+from foveate.trace import answer_step, model_call_step
 
 
 class AgentState(TypedDict, total=False):
@@ -163,3 +164,14 @@ def image_refs(messages: list[AnyMessage]) -> list[str]:
         for part in _parts(message)
         if isinstance(part, dict) and part.get("type") == "image" and "ref" in part
     ]
+
+
+def answer_update(node: str, prompt: list[dict[str, Any]], result: Any, **call_extra: Any) -> dict[str, Any]:
+    """The state update every strategy ends with: the stripped answer, its AI message, and the trace of the
+    final model call (``call_extra`` goes into that step) followed by the answer step."""
+    answer = result.text.strip()
+    return {
+        "answer": answer,
+        "messages": [AIMessage(content=answer)],
+        "steps": [model_call_step(node, prompt, result, **call_extra), answer_step(node, answer)],
+    }

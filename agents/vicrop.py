@@ -88,7 +88,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
@@ -98,6 +97,7 @@ from foveate.agents.oracle_crop import model_input_side
 from foveate.agents.state import (
     AgentState,
     FoveateContext,
+    answer_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -119,7 +119,7 @@ from foveate.protocol import GENERIC_PROMPT
 from foveate.tools.boxes import Box
 from foveate.tools.crop import crop as crop_image
 from foveate.tools.store import ImageStore
-from foveate.trace import answer_step, crop_step, map_step, model_call_step
+from foveate.trace import crop_step, map_step, model_call_step
 
 METHODS = ("rel-att", "grad-att", "pure-grad")
 FEEDS = ("crop", "mask")
@@ -602,14 +602,8 @@ def answer_now_node(state: ViCropState, runtime: Runtime[FoveateContext], config
     messages = to_policy_messages(state["messages"], _images(context.store))
     params = context.sampling()
     result = _answer(context.policy, messages, state.get("session"), _options(config), params, same=True)
-    answer = result.text.strip()
     prompt = prompt_for_trace(messages, image_refs(state["messages"]))
-    return {
-        "answer": answer,
-        "session": None,
-        "messages": [AIMessage(content=answer)],
-        "steps": [model_call_step("answer", prompt, result, gated=True), answer_step("answer", answer)],
-    }
+    return {**answer_update("answer", prompt, result, gated=True), "session": None}
 
 
 def answer_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
@@ -628,13 +622,7 @@ def answer_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Ru
         messages[-1] = {"role": last["role"], "content": images + texts}
         refs = [*earlier_refs, *shown]
     result = _answer(context.policy, messages, state.get("session"), options, context.sampling())
-    answer = result.text.strip()
-    return {
-        "answer": answer,
-        "session": None,
-        "messages": [AIMessage(content=answer)],
-        "steps": [model_call_step("answer", prompt_for_trace(messages, refs), result), answer_step("answer", answer)],
-    }
+    return {**answer_update("answer", prompt_for_trace(messages, refs), result), "session": None}
 
 
 # ---- wiring -------------------------------------------------------------------------------------------------

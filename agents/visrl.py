@@ -38,7 +38,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from langchain_core.messages import AIMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
@@ -46,6 +45,7 @@ from foveate.agents.oracle_crop import model_input_side
 from foveate.agents.state import (
     AgentState,
     FoveateContext,
+    answer_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -58,7 +58,7 @@ from foveate.policies.base import ChatPolicy
 from foveate.protocol import VISRL_ANSWER_PROMPT, VISRL_FOCUS_SUFFIX
 from foveate.tools.boxes import Box
 from foveate.tools.crop import crop as crop_image
-from foveate.trace import answer_step, crop_step, model_call_step
+from foveate.trace import crop_step, model_call_step
 
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 
@@ -166,12 +166,7 @@ def answer_node(state: VisRLState, runtime: Runtime[FoveateContext]) -> dict[str
     }
     messages, prompt = _dialogue(state, context, _question_turn(state), focus_reply, crop_turn)
     result = context.policy.chat_one(messages, context.sampling())
-    answer = result.text.strip()
-    return {
-        "answer": answer,
-        "messages": [AIMessage(content=answer)],
-        "steps": [model_call_step("answer", prompt, result), answer_step("answer", answer)],
-    }
+    return answer_update("answer", prompt, result)
 
 
 def answer_full_node(state: VisRLState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
@@ -179,16 +174,8 @@ def answer_full_node(state: VisRLState, runtime: Runtime[FoveateContext]) -> dic
     context = resolve_context(runtime)
     messages, prompt = _dialogue(state, context, _question_turn(state, suffix=""))
     result = context.policy.chat_one(messages, context.sampling())
-    answer = result.text.strip()
     fallback = f"no usable focus box ({state['focus_error']}); answered from the full image alone"
-    return {
-        "answer": answer,
-        "messages": [AIMessage(content=answer)],
-        "steps": [
-            model_call_step("answer_full", prompt, result, fallback=fallback),
-            answer_step("answer_full", answer),
-        ],
-    }
+    return answer_update("answer_full", prompt, result, fallback=fallback)
 
 
 def build(checkpointer: Any = None):
