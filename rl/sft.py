@@ -47,6 +47,7 @@ class TrainConfig:
     dataloader_workers: int = 1  # processes rendering scenes while the main process trains
     max_minutes: float | None = None  # safety stop: end training (and save) after this wall time
     vision_lr_scale: float = 1.0  # the vision tower's learning rate = learning_rate × this
+    aux_weight: float = 0.0  # weight of the per-cell colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
 
 
 @dataclass
@@ -124,8 +125,9 @@ class WorldChats(torch.utils.data.IterableDataset):
 class ChatCollator:
     """Chats → padded model inputs with labels on assistant spans only."""
 
-    def __init__(self, processor: Any, max_length: int) -> None:
+    def __init__(self, processor: Any, max_length: int, aux_targets: bool = False) -> None:
         self.processor = processor
+        self.aux_targets = aux_targets  # add rl.vision_aux per-cell targets for each example's scene image
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.start_id = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -148,9 +150,10 @@ class ChatCollator:
         return labels
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        texts, images = [], []
+        texts, images, scene_image_index = [], [], []
         for example in examples:
             texts.append(self.processor.apply_chat_template(example["messages"], tokenize=False))
+            scene_image_index.append(len(images))  # every format's first image is the full scene
             for message in example["messages"]:
                 content = message["content"]
                 if not isinstance(content, str):
@@ -160,12 +163,43 @@ class ChatCollator:
         batch = dict(batch)
         batch["labels"] = self.assistant_labels(batch["input_ids"])
         batch["labels"][batch["attention_mask"] == 0] = IGNORE
+        if self.aux_targets and "image_grid_thw" in batch:
+            from foveate.rl.vision_aux import batch_targets
+
+            merge = self.processor.image_processor.merge_size
+            batch |= batch_targets(examples, scene_image_index, batch["image_grid_thw"], merge)
         if batch["input_ids"].shape[1] > self.max_length:
             # Truncation keeps every image token (they come first in every format) and cuts answer text only.
             for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
                 if key in batch:
                     batch[key] = batch[key][:, : self.max_length]
         return batch
+
+
+def aux_trainer_class():
+    """`Trainer` that adds `aux_weight` × the vision aux loss (rl.vision_aux) and logs it as `aux_loss`."""
+    from transformers import Trainer
+
+    class AuxTrainer(Trainer):
+        aux_weight = 0.0  # set by run_stage
+        _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_shape")}
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            aux = model.foveate_aux.loss(**targets)
+            self._aux_losses = (*self._aux_losses, aux.item())
+            if return_outputs:
+                return result[0] + self.aux_weight * aux, result[1]
+            return result + self.aux_weight * aux
+
+        def log(self, logs, *args, **kwargs):
+            if self._aux_losses and "loss" in logs:
+                logs["aux_loss"] = round(sum(self._aux_losses) / len(self._aux_losses), 4)
+                self._aux_losses = ()
+            super().log(logs, *args, **kwargs)
+
+    return AuxTrainer
 
 
 class TimeLimit:
@@ -244,6 +278,10 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     torch.set_num_threads(train.torch_threads)
     set_seed(train.seed)
     model, processor, source = build_model(recipe, workdir, init_from)
+    if train.aux_weight:
+        from foveate.rl import vision_aux
+
+        vision_aux.attach(model)
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,
@@ -267,8 +305,9 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     )
     dataset = WorldChats(train.seed, stage.data)
     callbacks = [TimeLimit(train.max_minutes)] if train.max_minutes else []
-    collator = ChatCollator(processor, train.max_length)
-    trainer = Trainer(
+    collator = ChatCollator(processor, train.max_length, aux_targets=bool(train.aux_weight))
+    trainer_class = aux_trainer_class() if train.aux_weight else Trainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -277,7 +316,10 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         # With no vision multiplier, Trainer's own AdamW (no decay on biases and norms) is used unchanged.
         optimizers=(make_optimizer(model, train) if train.vision_lr_scale != 1.0 else None, None),
     )
+    trainer.aux_weight = train.aux_weight
     trainer.train()
+    if train.aux_weight:
+        vision_aux.detach(model)
     save_model(model, source, output, recipe, trainer.state.log_history)
 
 

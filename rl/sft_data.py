@@ -178,10 +178,13 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
             # Two different formats per question: more supervision per rendered scene, no duplicate examples.
             first = rng.choices(format_names, format_weights)[0]
             others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
-            second = rng.choices([n for n, _ in others], [w for _, w in others])[0]
-            for name in (first, second):
+            names = [first]
+            if others:  # a one-format mix gives one example per question
+                names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
+            for name in names:
                 kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}
                 example = BUILDERS[name](**kwargs)
                 if example is not None:
                     example["format"] = name
+                    example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
                     yield example

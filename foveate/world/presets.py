@@ -89,6 +89,23 @@ PRESETS: dict[str, WorldConfig] = {
         questions=_SMALL_DETAIL_QUESTIONS,
     ),
     "cluttered": WorldConfig(name="cluttered", scene=SceneConfig(clutter_prob=1.0), questions=_MIXED_QUESTIONS),
+    # The first curriculum stage for training from scratch: one medium/large object, so the vision tower learns
+    # colour, shape and position features before any question needs binding one object's words to another's.
+    "single": WorldConfig(
+        name="single",
+        scene=SceneConfig(
+            n_objects=(1, 1),
+            size_weights=(("medium", 0.5), ("large", 0.5)),
+            min_size_counts=(("medium", 1),),
+            label_prob=0.0,
+            clutter_prob=0.0,
+        ),
+        questions=QuestionConfig(
+            family_weights=(("attribute", 4.0), ("existence", 2.0)),
+            splits=("large",),
+        ),
+        questions_per_scene=(1, 2),
+    ),
     # A curriculum stage for training from scratch: a few medium/large objects on plain backgrounds, so colour,
     # shape and position can be bound to words before the cluttered, many-object scenes.
     "simple": WorldConfig(
