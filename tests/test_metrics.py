@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 
 import pytest
 
@@ -175,7 +176,20 @@ def test_parse_box_answer_malformed_is_none(text):
 
 def test_parse_box_answer_unknown_convention():
     with pytest.raises(ValueError):
-        parse_box_answer("[0, 0, 1, 1]", SIZE, "resized")
+        parse_box_answer("[0, 0, 1, 1]", SIZE, "inches")
+    with pytest.raises(ValueError, match="resized_size"):
+        parse_box_answer("[0, 0, 1, 1]", SIZE, "resized")  # the resized convention needs the input size
+
+
+def test_parse_box_answer_resized_convention():
+    # Qwen2.5-VL writes pixels of its resized input: an 800×400 image seen at 400×200 halves every coordinate.
+    resized = [value / 2 for value in EXPECTED]
+    box = parse_box_answer(json.dumps({"bbox_2d": resized}), SIZE, "resized", resized_size=(400, 200))
+    assert box.to_list() == pytest.approx(EXPECTED)
+    scored = score_answer(
+        json.dumps(resized), {"family": "grounding", "answers": [], "boxes": [EXPECTED]}, SIZE, "resized", (400, 200)
+    )
+    assert scored["score"] == 1.0
 
 
 def test_box_iou_and_grounding_accuracy():

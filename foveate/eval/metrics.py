@@ -207,15 +207,21 @@ _BOX_PATTERNS = (
         r"\(\s*" + _NUM + _SEP + _NUM + r"\s*\)\s*,?\s*\(\s*" + _NUM + _SEP + _NUM + r"\s*\)"
     ),  # (x1,y1),(x2,y2)
 )
-_CONVENTIONS = ("thousand", "normalized", "pixels")
+_CONVENTIONS = ("thousand", "normalized", "pixels", "resized")
 
 
-def parse_box_answer(text: str, image_size: Sequence[float], convention: str = "thousand") -> Box | None:
+def parse_box_answer(
+    text: str,
+    image_size: Sequence[float],
+    convention: str = "thousand",
+    resized_size: Sequence[float] | None = None,
+) -> Box | None:
     """The first box in a model's answer, in original-image pixels, or ``None`` if there is none or it is bad.
 
     Recognised: a bare ``[x1, y1, x2, y2]`` (also the value of ``{"bbox_2d": [...]}``) and Qwen-VL's
     ``(x1,y1),(x2,y2)`` pairs, whichever comes first. ``convention`` is the model's: ``"thousand"`` (0–1000,
-    Qwen2-VL), ``"normalized"`` (0–1) or ``"pixels"`` (original-image pixels). Inverted, empty or
+    Qwen2-VL), ``"normalized"`` (0–1), ``"pixels"`` (original-image pixels) or ``"resized"`` (pixels of the
+    model's resized input, Qwen2.5-VL; pass that input's ``resized_size``). Inverted, empty or
     out-of-image boxes give ``None``; boxes partly outside are clamped to the image.
 
     >>> parse_box_answer('{"bbox_2d": [100, 200, 500, 600]}', (1000, 500)).to_list()
@@ -223,12 +229,19 @@ def parse_box_answer(text: str, image_size: Sequence[float], convention: str = "
     """
     if convention not in _CONVENTIONS:
         raise ValueError(f"unknown box convention {convention!r}; expected one of {', '.join(_CONVENTIONS)}")
+    if convention == "resized" and not resized_size:
+        raise ValueError("box convention 'resized' needs the model's resized input size (resized_size)")
     found = [match for pattern in _BOX_PATTERNS if (match := pattern.search(str(text)))]
     if not found:
         return None
     first = min(found, key=lambda match: match.start())
+    values = [float(v) for v in first.groups()]
+    if convention == "resized":  # resized-input pixels -> original pixels
+        scale_x, scale_y = image_size[0] / resized_size[0], image_size[1] / resized_size[1]
+        values = [values[0] * scale_x, values[1] * scale_y, values[2] * scale_x, values[3] * scale_y]
+        convention = "pixels"
     try:
-        return parse_box([float(v) for v in first.groups()], image_size, convention=convention, min_side=0)
+        return parse_box(values, image_size, convention=convention, min_side=0)
     except BoxError:
         return None
 
@@ -286,15 +299,22 @@ def scoring_mode(row: dict[str, Any]) -> str:
     return "exact"
 
 
-def score_answer(prediction: str, row: dict[str, Any], image_size: Sequence[float], box_convention: str = "thousand"):
+def score_answer(
+    prediction: str,
+    row: dict[str, Any],
+    image_size: Sequence[float],
+    box_convention: str = "thousand",
+    resized_size: Sequence[float] | None = None,
+):
     """``{"score": float in [0, 1], "mode": ..., ...}`` for one prediction on one task row.
 
+    ``resized_size`` is the model's input size for ``box_convention="resized"`` (see `parse_box_answer`).
     Grounding adds ``iou`` and ``box`` (the parsed box in pixels, or None); yes/no adds ``parsed``.
     """
     mode = scoring_mode(row)
     answers = row.get("answers") or []
     if mode == "grounding":
-        box = parse_box_answer(prediction, image_size, box_convention)
+        box = parse_box_answer(prediction, image_size, box_convention, resized_size)
         overlap = box_iou(box, row.get("boxes") or [])
         return {"score": float(overlap >= 0.5), "mode": mode, "iou": overlap, "box": box.to_list() if box else None}
     if mode == "yes_no":

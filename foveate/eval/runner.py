@@ -258,7 +258,8 @@ def run_item(
         result = run_strategy(
             graph, inputs, strategy=strategy, policy=policy, store=store, max_new_tokens=max_new_tokens
         )
-        scored = score_answer(result.answer, row, image.size, box_convention)
+        resized = policy.resized_size(image.size) if box_convention == "resized" else None
+        scored = score_answer(result.answer, row, image.size, box_convention, resized)
     except Exception as error:  # noqa: BLE001 — one bad item must not stop a benchmark
         log.warning("%s failed on %s: %s", strategy, row["id"], error)
         record.update(score=0.0, error=f"{type(error).__name__}: {error}")
@@ -290,11 +291,13 @@ def run_eval(
     max_batch: int = 16,
     concurrency: int = 16,
     progress: ProgressFn | None = None,
+    strategy_options: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every strategy on every row (resuming from ``items_path``); return one record per (strategy, row).
 
     Records come back in (strategy, row) order, cached and new alike, so the report is the same whether a
-    run computed everything or nothing.
+    run computed everything or nothing. ``strategy_options`` are build options per strategy name (the
+    config's); they are part of what a cached record must match to be reused.
     """
     from foveate.agents import get_builder
     from foveate.policies.batching import MicroBatcher
@@ -302,7 +305,8 @@ def run_eval(
 
     if not strategies:
         raise FoveateError("no strategies given")
-    builders = {name: get_builder(name) for name in strategies}  # unknown names fail before any work
+    options = {name: dict((strategy_options or {}).get(name) or {}) for name in strategies}
+    builders = {name: get_builder(name, options[name]) for name in strategies}  # bad names fail before any work
     if concurrency < 1:
         raise FoveateError(f"concurrency must be at least 1, got {concurrency}")
     store = store or ImageStore(_home() / "images")
@@ -311,7 +315,8 @@ def run_eval(
     items = ItemsFile(items_path)
     done: dict[tuple[str, str], dict[str, Any]] = {}
     for record in items.load():
-        if all(record.get(key) == value for key, value in identity.items()) and "error" not in record:
+        same_options = record.get("options", {}) == options.get(record.get("strategy"))
+        if all(record.get(key) == value for key, value in identity.items()) and same_options and "error" not in record:
             done[(record["strategy"], str(record["id"]))] = record
     box_convention = getattr(policy, "box_convention", "thousand")
     batcher: MicroBatcher | None = None
@@ -345,7 +350,7 @@ def run_eval(
                     for row in todo
                 ]
                 for future in as_completed(futures):
-                    record = {**future.result(), **identity}
+                    record = {**future.result(), **identity, "options": options[strategy]}
                     items.append(record)  # written as soon as it is done: a killed run loses only items in flight
                     results[(strategy, record["id"])] = record
                     finished += 1
