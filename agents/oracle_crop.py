@@ -39,6 +39,7 @@ from foveate.agents.state import (
     image_refs,
     intake,
     prompt_for_trace,
+    reshow_last_turn,
     resolve_context,
     to_policy_messages,
 )
@@ -148,17 +149,10 @@ def crop_node(state: OracleCropState, runtime: Runtime[FoveateContext]) -> dict[
 def answer_node(state: OracleCropState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
     context = resolve_context(runtime)
     messages = to_policy_messages(state["messages"], context.store)
-    refs = image_refs(state["messages"])
-    last = messages[-1]
-    earlier_refs = refs[: len(refs) - sum(1 for part in last["content"] if part["type"] == "image")]
-    texts = [part for part in last["content"] if part["type"] == "text"]
-    images = [
-        {"type": "image", "image": context.store.get(state["image"])},
-        {"type": "image", "image": context.store.get(state["crop"])},
-    ]
-    messages[-1] = {"role": last["role"], "content": images + texts}  # original first, then the crop
+    shown = [state["image"], state["crop"]]  # original first, then the crop
+    messages, refs = reshow_last_turn(messages, image_refs(state["messages"]), shown, context.store)
     result = context.policy.chat_one(messages, context.sampling())
-    return answer_update("answer", prompt_for_trace(messages, [*earlier_refs, state["image"], state["crop"]]), result)
+    return answer_update("answer", prompt_for_trace(messages, refs), result)
 
 
 def build(checkpointer: Any = None):

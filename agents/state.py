@@ -166,6 +166,21 @@ def image_refs(messages: list[AnyMessage]) -> list[str]:
     ]
 
 
+def reshow_last_turn(
+    messages: list[dict[str, Any]], refs: list[str], shown: list[str], store: Any
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The policy messages with the last user turn's images replaced by ``shown`` (refs, e.g. the original
+    then a crop), its text kept after them; and the image refs of the whole prompt in order, for the trace.
+
+    ``messages``/``refs`` are `to_policy_messages` output and `image_refs` of the state's messages.
+    """
+    last = messages[-1]
+    earlier_refs = refs[: len(refs) - sum(1 for part in last["content"] if part["type"] == "image")]
+    texts = [part for part in last["content"] if part["type"] == "text"]
+    images = [{"type": "image", "image": store.get(ref)} for ref in shown]
+    return [*messages[:-1], {"role": last["role"], "content": images + texts}], [*earlier_refs, *shown]
+
+
 def answer_update(node: str, prompt: list[dict[str, Any]], result: Any, **call_extra: Any) -> dict[str, Any]:
     """The state update every strategy ends with: the stripped answer, its AI message, and the trace of the
     final model call (``call_extra`` goes into that step) followed by the answer step."""

@@ -101,6 +101,7 @@ from foveate.agents.state import (
     image_refs,
     intake,
     prompt_for_trace,
+    reshow_last_turn,
     resolve_context,
     to_policy_messages,
 )
@@ -121,6 +122,7 @@ from foveate.tools.crop import crop as crop_image
 from foveate.tools.store import ImageStore
 from foveate.trace import crop_step, map_step, model_call_step
 
+REQUIRES_WHITE_BOX = True  # attention maps and gradients: not servable over an OpenAI-compatible endpoint
 METHODS = ("rel-att", "grad-att", "pure-grad")
 FEEDS = ("crop", "mask")
 CONFIG_ENV = "FOVEATE_VICROP_CONFIG"
@@ -269,8 +271,8 @@ def _require_white_box(policy: ChatPolicy) -> None:
 
 def _locked(policy: ChatPolicy):
     """Hold a MicroBatcher's model lock around white-box calls it does not pass through itself."""
-    lock = getattr(policy, "_model_lock", None)  # MicroBatcher: the lock its worker holds while generating
-    return lock if lock is not None else contextlib.nullcontext()
+    exclusive = getattr(type(policy), "exclusive", None)  # MicroBatcher's; a plain policy has none
+    return exclusive(policy) if exclusive is not None else contextlib.nullcontext()
 
 
 def resolve_layer(layer: int | list[int] | None, num_layers: int) -> int | list[int]:
@@ -613,14 +615,9 @@ def answer_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Ru
     refs = image_refs(state["messages"])
     crop_ref = state.get("crop")
     if crop_ref is not None:
-        last = messages[-1]
-        earlier_refs = refs[: len(refs) - sum(1 for part in last["content"] if part["type"] == "image")]
-        texts = [part for part in last["content"] if part["type"] == "text"]
         # CARVE: the masked image replaces the original; ViCrop: the original first, then the crop
         shown = [crop_ref] if options.feed == "mask" else [state["image"], crop_ref]
-        images = [{"type": "image", "image": store.get(r)} for r in shown]
-        messages[-1] = {"role": last["role"], "content": images + texts}
-        refs = [*earlier_refs, *shown]
+        messages, refs = reshow_last_turn(messages, refs, shown, store)
     result = _answer(context.policy, messages, state.get("session"), options, context.sampling())
     return {**answer_update("answer", prompt_for_trace(messages, refs), result), "session": None}
 

@@ -133,16 +133,18 @@ def ask(
     policy: ChatPolicy | None = None,
     store: ImageStore | None = None,
     max_new_tokens: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> AskResult:
     """Answer ``question`` about ``image`` (path, bytes, data URL, base64 or PIL) with one strategy.
 
     ``model`` is a model directory or cached Hub id (default: the demo VLM); with ``endpoint`` (an
     OpenAI-compatible base URL) ``model`` is the served model's name. Pass ``policy`` to reuse a backend.
+    ``options`` are the strategy's build options on top of the config's ``strategy_options``.
     """
     from foveate.agents import get_builder
 
     config = load_config()
-    graph = get_builder(strategy)()
+    graph = get_builder(strategy, {**config.options_for(strategy), **(options or {})})()
     loaded = load_image(image, max_pixels=config.max_image_pixels)
     policy = policy or make_policy(model, endpoint, config=config)
     store = store or ImageStore(config.home_dir / "images")

@@ -105,7 +105,7 @@ def run_chat(
 
     config = load_config()
     strategy = strategy or config.strategy
-    builder = get_builder(strategy)  # unknown strategies fail before anything loads
+    builder = get_builder(strategy, config.options_for(strategy))  # unknown strategies fail before anything loads
     module = import_module(f"foveate.agents.{STRATEGY_MODULES[strategy]}")
     if getattr(module, "REQUIRES_EVIDENCE", False):
         raise FoveateError(f"strategy {strategy!r} needs ground-truth evidence boxes; it runs in `foveate eval` only")

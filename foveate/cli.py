@@ -19,8 +19,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from foveate.errors import FoveateError
@@ -62,6 +64,7 @@ def ask(
     trace: Path = typer.Option(None, "--trace", help="write the trace here (.html page or .json)"),
     as_json: bool = typer.Option(False, "--json", help="print the answer and trace as JSON"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
+    option: list[str] = typer.Option(None, "--option", "-o", help="strategy build option KEY=VALUE (repeatable)"),
 ) -> None:
     """Answer a question about an image and optionally save the trace."""
     from foveate.agents import get_builder
@@ -74,14 +77,44 @@ def ask(
     get_builder(strategy)  # unknown strategies fail before any model loads
     if not Path(image).exists():
         raise FoveateError(f"image file not found: {image}")
-    result = ask_api(image, question, strategy=strategy, model=model, endpoint=endpoint, max_new_tokens=max_new_tokens)
+    options = parse_options(option)
+    get_builder(strategy, {**config.options_for(strategy), **options})()  # bad options fail before a model loads
+    result = ask_api(
+        image,
+        question,
+        strategy=strategy,
+        model=model,
+        endpoint=endpoint,
+        max_new_tokens=max_new_tokens,
+        options=options,
+    )
     if trace:
         written = result.trace.save(trace, ImageStore(config.home_dir / "images"))
         err.print(f"trace written to {written}")
     if as_json:
         typer.echo(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
-    else:
+    elif result.answer:
         typer.echo(result.answer)
+    else:
+        # A strategy that ends without an answer (e.g. DeepEyes at its turn limit) says why, and the exit code
+        # tells scripts there is nothing on stdout to read.
+        outcomes = [step["outcome"] for step in result.trace.steps if step.get("outcome")]
+        err.print(outcomes[-1] if outcomes else "no answer: the model wrote an empty answer", markup=False)
+        raise typer.Exit(1)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["max_turns=3", "gate=0.7"]`` → ``{"max_turns": 3, "gate": 0.7}`` (values read as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FoveateError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise FoveateError(f"option {pair!r}: cannot read the value: {error}") from error
+    return options
 
 
 @model_app.command("init-tiny")

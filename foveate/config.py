@@ -33,6 +33,17 @@ class FoveateConfig:
     max_pixels: int | None = _help("upper bound on model-input pixels (None = checkpoint's own)")
     device: str | None = _help("torch device for local models (None = cuda if present, else cpu)")
     home: str | None = _help("data folder (image store, threads); None = $FOVEATE_HOME or ~/.cache/foveate")
+    strategy_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "keyword arguments for a strategy's build(), per strategy name (e.g. deepeyes max_turns)"},
+    )
+
+    def options_for(self, strategy: str) -> dict[str, Any]:
+        """This config's build options for ``strategy`` (empty if none)."""
+        options = (self.strategy_options or {}).get(strategy) or {}
+        if not isinstance(options, dict):
+            raise FoveateError(f"strategy_options.{strategy} must be a mapping of option names to values")
+        return dict(options)
 
     @property
     def home_dir(self) -> Path:

@@ -87,6 +87,12 @@ class MicroBatcher(ChatPolicy):
             raise AttributeError(name)
         return getattr(self.policy, name)
 
+    def exclusive(self) -> threading.RLock:
+        """The lock held while the wrapped policy computes: hold it (``with batcher.exclusive():``) around calls
+        to the wrapped policy that the batcher does not pass through itself (e.g. a strategy's prefix-reuse
+        white-box calls), so they never run concurrently with a batch."""
+        return self._model_lock
+
     def __repr__(self) -> str:
         return f"MicroBatcher({self.policy!r}, max_batch={self.max_batch}, max_wait_ms={self.max_wait_s * 1000:g})"
 

@@ -183,3 +183,16 @@ def test_init_tiny_then_ask_with_html_trace_and_json(concurrent_runs, cli_env, w
     # The image store lives under FOVEATE_HOME, not ~/.cache.
     digest = trace["image"].split(":", 1)[1]
     assert (Path(cli_env["FOVEATE_HOME"]) / "images" / digest[:2] / f"{digest}.png").exists()
+
+
+def test_ask_without_an_answer_says_why_on_stderr_and_exits_1(tiny_model_dir, images, cli_env, capsys, monkeypatch):
+    """The random tiny model never writes DeepEyes' tags, so the loop ends at its turn limit with no answer."""
+    from foveate.cli import main
+
+    monkeypatch.setenv("FOVEATE_HOME", cli_env["FOVEATE_HOME"])
+    args = ["ask", str(images["good"]), "What color is the square?", "--model", str(tiny_model_dir)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--strategy", "deepeyes", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and captured.out == ""
+    assert captured.err.startswith("no answer: ") and "Traceback" not in captured.err

@@ -54,8 +54,9 @@ def eval_command(
     names = list(dict.fromkeys(s.strip() for s in strategies.split(",") if s.strip()))
     if not names:
         raise FoveateError("--strategies is empty; name at least one strategy")
+    options = {name: config.options_for(name) for name in names}  # the config's strategy_options
     for name in names:
-        get_builder(name)  # unknown strategies fail before a dataset is generated or a model loads
+        get_builder(name, options[name])  # unknown strategies/options fail before any data or model loads
     tasks = resolve_tasks(task, n=n, seed=seed, home=config.home_dir)
     if not tasks.rows:
         raise FoveateError(f"no task rows in {tasks.path}")
@@ -91,6 +92,7 @@ def eval_command(
             max_batch=batch_size,
             concurrency=concurrency,
             progress=on_progress,
+            strategy_options=options,
         )
     rows = aggregate(records, names)
     # Piped output is not squeezed into 80 columns: tables stay readable in logs and files.

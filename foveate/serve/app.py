@@ -63,15 +63,19 @@ _MAX_REMEMBERED_REFS = 200_000
 
 
 # ---- strategies ---------------------------------------------------------------------------------------------
-def servable_strategies(names: list[str] | None = None) -> dict[str, Any]:
+def servable_strategies(names: list[str] | None = None, white_box: bool = True) -> dict[str, Any]:
     """name → compiled graph for every registered strategy that needs no ground truth.
 
     Strategies whose module sets ``REQUIRES_EVIDENCE = True`` (oracle-crop) need answer boxes a user does not
-    have, so they are not served. A strategy whose module fails to import is skipped with a warning rather
+    have, so they are not served; those with ``REQUIRES_WHITE_BOX = True`` (ViCrop) are served only when
+    ``white_box`` (the backend exposes attention and gradients, i.e. not an HTTP endpoint). Build options come
+    from the config's ``strategy_options``. A strategy whose module fails to import is skipped with a warning rather
     than taking the whole server down.
     """
     from foveate.agents import STRATEGY_MODULES, get_builder, strategy_names
+    from foveate.config import load_config
 
+    config = load_config()
     graphs: dict[str, Any] = {}
     for name in names or strategy_names():
         if name not in STRATEGY_MODULES:
@@ -80,7 +84,9 @@ def servable_strategies(names: list[str] | None = None) -> dict[str, Any]:
             module = import_module(f"foveate.agents.{STRATEGY_MODULES[name]}")
             if getattr(module, "REQUIRES_EVIDENCE", False):
                 continue
-            graphs[name] = get_builder(name)()  # with the name's registered options (vicrop-grad, …)
+            if getattr(module, "REQUIRES_WHITE_BOX", False) and not white_box:
+                continue
+            graphs[name] = get_builder(name, config.options_for(name))()  # + registered options (vicrop-grad, …)
         except Exception as error:  # noqa: BLE001 — one broken strategy must not stop the others being served
             log.warning("not serving strategy %s: %s: %s", name, type(error).__name__, error)
     return graphs
@@ -129,7 +135,7 @@ class StrategyServer:
         self.backend = policy
         # batching off = one conversation per model call, still serialised (backends need not be thread-safe)
         self.policy = MicroBatcher(policy, max_batch=max_batch if batching else 1, max_wait_ms=max_wait_ms)
-        self.graphs = servable_strategies(strategies)
+        self.graphs = servable_strategies(strategies, white_box=policy.white_box)
         self.summaries = {name: _summary(name) for name in self.graphs}
         self.executor = ThreadPoolExecutor(self.limits.max_concurrency, thread_name_prefix="foveate-serve")
         self._refs: OrderedDict[str, None] = OrderedDict()
