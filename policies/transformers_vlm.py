@@ -19,6 +19,7 @@ geometry the ``"resized"`` convention needs.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ from foveate.policies.base import (
 )
 from foveate.policies.loading import load_processor, resolve_model_path
 from foveate.policies.whitebox import WhiteBoxMixin
+
+_CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>")  # Qwen-style control tokens: <|im_start|>, <|image_pad|>, …
 
 MIN_IMAGE_SIDE = 28  # one merged Qwen2-VL cell; smaller images are upscaled so the processor accepts them
 MAX_ASPECT = 150  # smart_resize refuses > 200; pad thinner images to this ratio
@@ -210,6 +213,7 @@ class TransformersVLM(WhiteBoxMixin, ChatPolicy):
     def render(self, messages: Conversation, *, add_generation_prompt: bool = True) -> tuple[str, list[Image.Image]]:
         """The chat-template text of one conversation and its (original, loaded) images in order."""
         resolved, images = resolve_images(messages)
+        resolved = [self._defuse_control_tokens(message) for message in resolved]
         try:
             text = self.processor.apply_chat_template(
                 resolved, add_generation_prompt=add_generation_prompt, tokenize=False
@@ -217,6 +221,27 @@ class TransformersVLM(WhiteBoxMixin, ChatPolicy):
         except Exception as error:  # jinja raises its own error types for malformed messages
             raise PolicyError(f"cannot render messages with the chat template: {error}") from error
         return text, images
+
+    def _defuse_control_tokens(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Break ``<|…|>`` control tokens (``<|image_pad|>``, ``<|im_end|>``) written inside non-assistant text.
+
+        A user who types ``<|image_pad|>`` would otherwise add an image slot the processor cannot fill (an
+        error) or close their turn early (a prompt injection). A zero-width space after ``<`` keeps the text
+        readable and tokenizes it as plain characters. Assistant turns are the model's own and pass unchanged.
+        """
+        if message.get("role") == "assistant":
+            return message
+
+        def defuse(text: str) -> str:
+            return _CONTROL_TOKEN.sub(lambda match: "<\u200b" + match.group(0)[1:], text)
+
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": defuse(content)}
+        if isinstance(content, list):
+            parts = [{**p, "text": defuse(p["text"])} if p.get("type") == "text" else p for p in content]
+            return {**message, "content": parts}
+        return message
 
     def encode(self, texts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Tokenize a batch (left-padded) with its images, on the model's device."""
