@@ -172,7 +172,10 @@ def check_geometry(scene: Scene, cfg: SceneConfig) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), preset=st.sampled_from(["default", "small-detail", "large", "cluttered"]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    preset=st.sampled_from(["default", "small-detail", "large", "cluttered", "single", "simple"]),
+)
 def test_random_scenes_are_valid_and_questions_correct(seed: int, preset: str) -> None:
     cfg = PRESETS[preset]
     rng = random.Random(seed)

@@ -12,6 +12,9 @@ large          every target is medium/large: answerable at input resolution, the
 highres        2048 px scenes (square, landscape, portrait), objects at 0.6x relative size, tiny targets:
                V*-style search in a big image, needs high-resolution splitting or several zoom steps
 cluttered      like default but every background is textured (noise, stripes or random lines)
+single         training curriculum: one medium/large object on a plain background (colour/shape/existence)
+simple         training curriculum: 1-4 medium/large objects on plain backgrounds
+grounding      "Locate the ..." only, all target sizes (IoU >= 0.5 accuracy per split)
 =============  ==============================================================================================
 """
 
