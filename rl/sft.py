@@ -48,6 +48,7 @@ class TrainConfig:
     max_minutes: float | None = None  # safety stop: end training (and save) after this wall time
     vision_lr_scale: float = 1.0  # the vision tower's learning rate = learning_rate × this
     aux_weight: float = 0.0  # weight of the per-cell colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
+    aux_background_weight: float | None = None  # None: aux loss = mean over all cells; w: objects + w × background
 
 
 @dataclass
@@ -182,12 +183,13 @@ def aux_trainer_class():
 
     class AuxTrainer(Trainer):
         aux_weight = 0.0  # set by run_stage
+        aux_background_weight: float | None = None
         _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = {key: inputs.pop(key) for key in ("aux_color", "aux_shape")}
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            aux = model.foveate_aux.loss(**targets)
+            aux = model.foveate_aux.loss(**targets, background_weight=self.aux_background_weight)
             self._aux_losses = (*self._aux_losses, aux.item())
             if return_outputs:
                 return result[0] + self.aux_weight * aux, result[1]
@@ -317,6 +319,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         optimizers=(make_optimizer(model, train) if train.vision_lr_scale != 1.0 else None, None),
     )
     trainer.aux_weight = train.aux_weight
+    trainer.aux_background_weight = train.aux_background_weight
     trainer.train()
     if train.aux_weight:
         vision_aux.detach(model)

@@ -99,14 +99,30 @@ class VisionAuxHeads(nn.Module):
         self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES))
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
 
-    def loss(self, aux_color: torch.Tensor, aux_shape: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, aux_color: torch.Tensor, aux_shape: torch.Tensor, background_weight: float | None = None
+    ) -> torch.Tensor:
+        """Colour + shape cross-entropy. ``background_weight=None``: the mean over every labelled cell;
+        a number w: the mean over object cells + w × the mean over background cells (about 60 of a scene's 64
+        cells are background, so the plain mean is mostly background and says little about the objects)."""
         if self.merged is None or self.merged.shape[0] != aux_color.shape[0]:
             raise RuntimeError("vision aux targets do not match the merged tokens of the forward pass")
         features, self.merged = self.merged, None
-        color = nn.functional.cross_entropy(self.color(features), aux_color.to(features.device), ignore_index=IGNORE)
-        shape = nn.functional.cross_entropy(self.shape(features), aux_shape.to(features.device), ignore_index=IGNORE)
-        # A batch whose images are all unlabelled gives NaN (mean over nothing); it contributes nothing instead.
-        return torch.nan_to_num(color) + torch.nan_to_num(shape)
+        total = features.new_zeros(())
+        for head, targets in ((self.color, aux_color), (self.shape, aux_shape)):
+            targets = targets.to(features.device)
+            per_cell = nn.functional.cross_entropy(head(features), targets, ignore_index=IGNORE, reduction="none")
+            labelled, objects = targets != IGNORE, targets > 0
+            if background_weight is None:
+                total = total + _mean(per_cell, labelled)
+            else:
+                total = total + _mean(per_cell, objects) + background_weight * _mean(per_cell, labelled & ~objects)
+        return total
+
+
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask``; zero (not NaN) when nothing is selected."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def attach(model: Any) -> VisionAuxHeads:

@@ -125,3 +125,27 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1")
     before = initial.model.visual.patch_embed.proj.weight
     assert not torch.equal(before, trained.model.visual.patch_embed.proj.weight)
+
+
+def test_aux_loss_balances_object_and_background_cells() -> None:
+    heads = vision_aux.VisionAuxHeads(hidden_size=4)
+    torch.manual_seed(0)
+    features = torch.randn(5, 4)
+    colors = torch.tensor([0, 0, 0, 3, IGNORE])  # three background cells, one object cell, one ignored
+    shapes = torch.tensor([0, 0, 0, 2, IGNORE])
+    per_cell = [
+        torch.nn.functional.cross_entropy(head(features[:4]), targets[:4], reduction="none")
+        for head, targets in ((heads.color, colors), (heads.shape, shapes))
+    ]
+    heads.merged = features
+    plain = heads.loss(colors, shapes)
+    assert plain.item() == pytest.approx(sum(cells.mean().item() for cells in per_cell), rel=1e-5)
+    heads.merged = features
+    balanced = heads.loss(colors, shapes, background_weight=0.25)
+    expected = sum(cells[3].item() + 0.25 * cells[:3].mean().item() for cells in per_cell)
+    assert balanced.item() == pytest.approx(expected, rel=1e-5)
+    heads.merged = features
+    nothing = torch.full((5,), IGNORE)
+    assert heads.loss(nothing, nothing, background_weight=0.25).item() == 0.0  # no NaN from an empty mean
+    with pytest.raises(RuntimeError, match="do not match"):
+        heads.loss(colors, shapes)  # the merged tokens are consumed by each loss
