@@ -18,7 +18,7 @@ from foveate.tools.store import ImageStore
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 IMAGE = ROOT / "examples" / "world" / "images" / "large-7-000002.png"
-QUESTION = "What shape is the large red object?"
+QUESTION = "What color is the medium-sized square?"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
