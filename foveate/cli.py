@@ -77,8 +77,7 @@ def ask(
     get_builder(strategy)  # unknown strategies fail before any model loads
     if not Path(image).exists():
         raise FoveateError(f"image file not found: {image}")
-    options = parse_options(option)
-    get_builder(strategy, {**config.options_for(strategy), **options})()  # bad options fail before a model loads
+    options = parse_options(option)  # the API checks them (building the graph) before it loads the model
     result = ask_api(
         image,
         question,

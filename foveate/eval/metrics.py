@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from foveate.errors import BoxError
-from foveate.tools.boxes import Box, parse_box
+from foveate.tools.boxes import Box, from_resized, parse_box
 
 __all__ = [
     "box_iou",
@@ -236,11 +236,9 @@ def parse_box_answer(
         return None
     first = min(found, key=lambda match: match.start())
     values = [float(v) for v in first.groups()]
-    if convention == "resized":  # resized-input pixels -> original pixels
-        scale_x, scale_y = image_size[0] / resized_size[0], image_size[1] / resized_size[1]
-        values = [values[0] * scale_x, values[1] * scale_y, values[2] * scale_x, values[3] * scale_y]
-        convention = "pixels"
     try:
+        if convention == "resized":  # resized-input pixels -> original pixels
+            values, convention = from_resized(values, image_size, resized_size).to_list(), "pixels"
         return parse_box(values, image_size, convention=convention, min_side=0)
     except BoxError:
         return None
