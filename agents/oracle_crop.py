@@ -36,6 +36,7 @@ from foveate.agents.state import (
     AgentState,
     FoveateContext,
     answer_update,
+    crop_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -46,8 +47,6 @@ from foveate.agents.state import (
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy
 from foveate.tools.boxes import Box, parse_box
-from foveate.tools.crop import crop as crop_image
-from foveate.trace import crop_step
 
 DEFAULT_INPUT_SIDE = 448  # pixels; used when a backend does not reveal its input resolution (e.g. HTTP)
 REQUIRES_EVIDENCE = True  # the evaluator skips task rows without evidence boxes for this strategy
@@ -136,14 +135,8 @@ def crop_node(state: OracleCropState, runtime: Runtime[FoveateContext]) -> dict[
     image = context.store.get(state["image"])
     evidence = evidence_union(state.get("evidence_boxes"), image.size)
     window = oracle_window(evidence, image.size, model_input_side(context.policy))
-    region, used = crop_image(image, window)
-    ref = context.store.put(region)
     reason = f"ground-truth evidence {[round(v, 1) for v in evidence.to_list()]}"
-    return {
-        "crop": ref,
-        "crop_box": used.to_list(),
-        "steps": [crop_step("crop", state["image"], used.to_list(), ref, reason=reason)],
-    }
+    return crop_update("crop", state["image"], image, window, context.store, reason)
 
 
 def answer_node(state: OracleCropState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:

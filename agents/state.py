@@ -22,9 +22,11 @@ from langgraph.runtime import Runtime
 
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy, SamplingParams, image_source, is_image_part
+from foveate.tools.boxes import Box
+from foveate.tools.crop import crop as crop_image
 from foveate.tools.images import load_image
 from foveate.tools.store import ImageStore
-from foveate.trace import answer_step, model_call_step
+from foveate.trace import answer_step, crop_step, model_call_step
 
 
 class AgentState(TypedDict, total=False):
@@ -164,6 +166,15 @@ def image_refs(messages: list[AnyMessage]) -> list[str]:
         for part in _parts(message)
         if isinstance(part, dict) and part.get("type") == "image" and "ref" in part
     ]
+
+
+def crop_update(node: str, image_ref: str, image: Any, window: Box, store: Any, reason: str) -> dict[str, Any]:
+    """The state update of a node that crops ``window`` out of the image: the stored crop's ref, the region
+    actually cropped (original pixels) and its trace step."""
+    region, used = crop_image(image, window)
+    ref = store.put(region)
+    box = used.to_list()
+    return {"crop": ref, "crop_box": box, "steps": [crop_step(node, image_ref, box, ref, reason=reason)]}
 
 
 def reshow_last_turn(

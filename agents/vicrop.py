@@ -98,6 +98,7 @@ from foveate.agents.state import (
     AgentState,
     FoveateContext,
     answer_update,
+    crop_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -271,8 +272,8 @@ def _require_white_box(policy: ChatPolicy) -> None:
 
 def _locked(policy: ChatPolicy):
     """Hold a MicroBatcher's model lock around white-box calls it does not pass through itself."""
-    exclusive = getattr(type(policy), "exclusive", None)  # MicroBatcher's; a plain policy has none
-    return exclusive(policy) if exclusive is not None else contextlib.nullcontext()
+    exclusive = getattr(policy, "exclusive", None)  # MicroBatcher's; a plain policy has none
+    return exclusive() if exclusive is not None else contextlib.nullcontext()
 
 
 def resolve_layer(layer: int | list[int] | None, num_layers: int) -> int | list[int]:
@@ -568,14 +569,8 @@ def select_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Ru
     selection = select_box(heat, image.size, side, options.ratios)
     if selection.box is None:
         return {"crop": None, "crop_box": None, "steps": []}
-    region, used = crop_image(image, selection.box)
-    ref = store.put(region)
     reason = f"{options.method} window: ratio {selection.ratio:g} × {side}px, sharpness {selection.sharpness:.3g}"
-    return {
-        "crop": ref,
-        "crop_box": used.to_list(),
-        "steps": [crop_step("select", state["image"], used.to_list(), ref, reason)],
-    }
+    return crop_update("select", state["image"], image, selection.box, store, reason)
 
 
 def _answer(

@@ -46,6 +46,7 @@ from foveate.agents.state import (
     AgentState,
     FoveateContext,
     answer_update,
+    crop_update,
     image_refs,
     intake,
     prompt_for_trace,
@@ -57,8 +58,7 @@ from foveate.errors import BoxError
 from foveate.policies.base import ChatPolicy
 from foveate.protocol import VISRL_ANSWER_PROMPT, VISRL_FOCUS_SUFFIX
 from foveate.tools.boxes import Box
-from foveate.tools.crop import crop as crop_image
-from foveate.trace import crop_step, model_call_step
+from foveate.trace import model_call_step
 
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 
@@ -146,14 +146,8 @@ def crop_node(state: VisRLState, runtime: Runtime[FoveateContext]) -> dict[str, 
     context = resolve_context(runtime)
     image = context.store.get(state["image"])
     window = focus_window(Box(*state["focus_box"]), image.size, model_input_side(context.policy))
-    region, used = crop_image(image, window)
-    ref = context.store.put(region)
     reason = f"model focus box {[round(v, 1) for v in state['focus_box']]}"
-    return {
-        "crop": ref,
-        "crop_box": used.to_list(),
-        "steps": [crop_step("crop", state["image"], used.to_list(), ref, reason=reason)],
-    }
+    return crop_update("crop", state["image"], image, window, context.store, reason)
 
 
 def answer_node(state: VisRLState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
