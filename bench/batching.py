@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
+from timing import timed  # bench/timing.py
 
 from foveate.policies.base import SamplingParams
 from foveate.policies.tiny import TinyConfig, build_tiny_model
@@ -52,13 +52,6 @@ def conversations() -> list[list[dict]]:
         content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
         items.append([{"role": "user", "content": content}])
     return items
-
-
-def timed(function) -> tuple[float, float, object]:
-    """(wall seconds, process CPU seconds, result) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def main() -> None:

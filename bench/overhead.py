@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
+from timing import timed  # bench/timing.py
 
 REPEATS = 5
 MAX_NEW_TOKENS = 16
@@ -33,13 +33,6 @@ def scene() -> Image.Image:
     draw.rectangle((80, 60, 300, 260), fill="red")
     draw.ellipse((360, 240, 560, 440), fill="blue")
     return image
-
-
-def timed(function) -> tuple[float, float, object]:
-    """(wall seconds, process CPU seconds, result) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function()
-    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def main() -> None:
