@@ -17,9 +17,11 @@ import random
 import shutil
 
 import pytest
+import scripted
 from langgraph.checkpoint.sqlite import SqliteSaver
 from openai_server import make_app, serve_in_thread
 from PIL import Image, ImageDraw
+from scripted import Convention
 
 import foveate
 from foveate.agents import get_builder, strategy_names
@@ -56,32 +58,10 @@ def call_text(bbox, name: str = ZOOM_TOOL_NAME, **extra) -> str:
 ANSWER = "<think>Now the detail is visible.</think>\n<answer>red</answer>"
 
 
-class Convention(ChatPolicy):
-    """A policy that only declares a box convention (for the pure conversion and tool tests)."""
+class Scripted(scripted.Scripted):
+    """Once its script is used up it keeps writing untagged text, so loops run into their turn limit."""
 
-    def __init__(self, convention: str = "thousand", resized: tuple[float, float] | None = None) -> None:
-        self.box_convention = convention
-        if resized is not None:
-            self.resized_size = lambda size: resized
-
-
-class Scripted(ChatPolicy):
-    """Replays ``replies`` in order (loop-control tests ONLY) and records every conversation it is sent."""
-
-    name = "scripted"
-
-    def __init__(self, replies: list[str], convention: str = "thousand") -> None:
-        self.replies = list(replies)
-        self.box_convention = convention
-        self.seen: list[list[dict]] = []
-
-    def chat(self, conversations, params=None):
-        results = []
-        for conversation in conversations:
-            self.seen.append(list(conversation))
-            text = self.replies.pop(0) if self.replies else "no tags at all"
-            results.append(ChatResult([Completion(text, len(text.split()))], prompt_tokens=0, latency_s=0.0))
-        return results
+    exhausted_reply = "no tags at all"
 
 
 class FirstReplyScripted(ChatPolicy):

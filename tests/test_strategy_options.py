@@ -8,26 +8,21 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from scripted import Scripted
 
 from foveate.agents import get_builder
 from foveate.cli import parse_options
 from foveate.config import load_config
 from foveate.errors import FoveateError
-from foveate.policies.base import ChatPolicy, ChatResult, Completion
 
 
-class Rambling(ChatPolicy):
-    """Never writes DeepEyes' tags, so the tool loop runs until its turn limit; counts the calls."""
+class Rambling(Scripted):
+    """Never writes DeepEyes' tags, so the tool loop runs until its turn limit; ``seen`` counts the calls."""
 
-    name = "rambling"
+    exhausted_reply = "I am not sure what to do."
 
     def __init__(self) -> None:
-        self.calls = 0
-
-    def chat(self, conversations, params=None):
-        self.calls += len(conversations)
-        reply = Completion("I am not sure what to do.", completion_tokens=7)
-        return [ChatResult([reply], prompt_tokens=10, latency_s=0.0) for _ in conversations]
+        super().__init__([])
 
 
 @pytest.fixture
@@ -62,11 +57,11 @@ def test_config_max_turns_bounds_deepeyes_calls(tmp_path, image_path, monkeypatc
     assert load_config().options_for("deepeyes") == {"max_turns": max_turns}
     policy = Rambling()
     result = ask(image_path, "What is it?", strategy="deepeyes", policy=policy)
-    assert result.answer == "" and policy.calls == max_turns + 1
+    assert result.answer == "" and len(policy.seen) == max_turns + 1
     # An explicit option beats the config's.
     policy = Rambling()
     ask(image_path, "What is it?", strategy="deepeyes", policy=policy, options={"max_turns": 1})
-    assert policy.calls == 2
+    assert len(policy.seen) == 2
 
 
 def test_packaged_config_sets_deepeyes_turns() -> None:

@@ -11,45 +11,18 @@ import random
 
 import pytest
 from PIL import Image, ImageDraw
+from scripted import Convention, Scripted
 
 from foveate.agents import get_builder
 from foveate.agents.visrl import build, focus_window, parse_focus_box
 from foveate.api import run_strategy
 from foveate.errors import BoxError
-from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.protocol import VISRL_ANSWER_PROMPT, VISRL_FOCUS_SUFFIX
 from foveate.tools.boxes import Box
 from foveate.tools.store import ImageStore
 
 SIZE = (672, 504)
 QUESTION = "What color is the small circle?"
-
-
-class Convention(ChatPolicy):
-    def __init__(self, convention: str = "thousand", resized: tuple[float, float] | None = None) -> None:
-        self.box_convention = convention
-        if resized is not None:
-            self.resized_size = lambda size: resized
-
-
-class Scripted(ChatPolicy):
-    """Replays ``replies`` in order (control-flow tests ONLY) and records every conversation it is sent."""
-
-    name = "scripted"
-    input_side = 224  # what model_input_side reads (the demo model's)
-
-    def __init__(self, replies: list[str], convention: str = "thousand") -> None:
-        self.replies = list(replies)
-        self.box_convention = convention
-        self.seen: list[list[dict]] = []
-
-    def chat(self, conversations, params=None):
-        results = []
-        for conversation in conversations:
-            self.seen.append(list(conversation))
-            text = self.replies.pop(0)
-            results.append(ChatResult([Completion(text, len(text.split()))], prompt_tokens=0, latency_s=0.0))
-        return results
 
 
 @pytest.fixture()
