@@ -1,0 +1,70 @@
+"""First-token accuracy of a model on held-out world questions, per question kind — a 40-second probe of what
+a training stage taught, before the full `foveate eval`.
+
+    python bench/first_token.py foveate/assets/models/demo.work/stage1 --presets single,simple
+
+Teacher-forced: each question of the preset's `qa` stream (seed 777, never a training seed) is rendered with
+the model's chat template and the answer's first token is compared with the model's most likely next token.
+Kinds: color / shape (attribute), exist, count, other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from foveate.rl.sft import IGNORE, ChatCollator
+from foveate.rl.sft_data import DataMix, example_stream
+
+KINDS = (("What color", "color"), ("What shape", "shape"), ("Is there", "exist"), ("How many", "count"))
+
+
+def kind_of(question: str) -> str:
+    return next((kind for prefix, kind in KINDS if question.startswith(prefix)), "other")
+
+
+def first_token_accuracy(model, collator: ChatCollator, preset: str, n: int, seed: int) -> dict[str, list[bool]]:
+    examples = list(itertools.islice(example_stream(seed, DataMix(formats={"qa": 1.0}, presets={preset: 1.0})), n))
+    hits: dict[str, list[bool]] = collections.defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(examples), 25):
+            chunk = examples[start : start + 25]
+            batch = collator(chunk)
+            logits = model(**batch).logits
+            for row, example in enumerate(chunk):
+                first = (batch["labels"][row] != IGNORE).nonzero()[0].item()
+                hit = logits[row, first - 1].argmax().item() == batch["labels"][row, first].item()
+                hits[kind_of(example["messages"][0]["content"][-1]["text"])].append(hit)
+    return hits
+
+
+def main() -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="model directory")
+    parser.add_argument("--presets", default="single,simple", help="comma-separated world presets")
+    parser.add_argument("--n", type=int, default=300, help="questions per preset")
+    parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-2)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    collator = ChatCollator(load_processor(args.model), max_length=512)
+    table = Table(title=f"first-token accuracy of {args.model}")
+    for column in ("preset", "kind", "accuracy", "n"):
+        table.add_column(column, justify="right")
+    for preset in args.presets.split(","):
+        for kind, hits in sorted(first_token_accuracy(model, collator, preset, args.n, args.seed).items()):
+            table.add_row(preset, kind, f"{sum(hits) / len(hits):.2f}", str(len(hits)))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
