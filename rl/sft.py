@@ -47,8 +47,9 @@ class TrainConfig:
     dataloader_workers: int = 1  # processes rendering scenes while the main process trains
     max_minutes: float | None = None  # safety stop: end training (and save) after this wall time
     vision_lr_scale: float = 1.0  # the vision tower's learning rate = learning_rate × this
-    aux_weight: float = 0.0  # weight of the per-cell colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
-    aux_background_weight: float | None = None  # None: aux loss = mean over all cells; w: objects + w × background
+    aux_weight: float = 0.0  # weight of the colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
+    aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
+    vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
 
 
 @dataclass
@@ -184,11 +185,16 @@ def aux_trainer_class():
     class AuxTrainer(Trainer):
         aux_weight = 0.0  # set by run_stage
         aux_background_weight: float | None = None
+        vision_only = False  # the aux loss alone: only the vision tower runs (rl.vision_aux, "vision pretraining")
         _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_shape")}
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_members", "aux_shape")}
+            if self.vision_only:
+                model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])  # feeds the aux hook
+                result = (torch.zeros(()), None) if return_outputs else torch.zeros(())
+            else:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             aux = model.foveate_aux.loss(**targets, background_weight=self.aux_background_weight)
             self._aux_losses = (*self._aux_losses, aux.item())
             if return_outputs:
@@ -248,6 +254,9 @@ def train_sft(recipe: SFTRecipe, workdir: str | Path | None = None, start_stage:
     stages = recipe.all_stages()
     if not 1 <= start_stage <= len(stages):
         raise FoveateError(f"start_stage must be in 1..{len(stages)}")
+    for number, stage in enumerate(stages, 1):
+        if stage.train.vision_only and not stage.train.aux_weight:
+            raise FoveateError(f"stage {number}: vision_only trains on the aux loss alone, so it needs aux_weight > 0")
     source = workdir / f"stage{start_stage - 1}" if start_stage > 1 else None
     if source is not None and not (source / "config.json").exists():
         raise FoveateError(f"cannot start at stage {start_stage}: {source} holds no finished stage")
@@ -320,6 +329,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     )
     trainer.aux_weight = train.aux_weight
     trainer.aux_background_weight = train.aux_background_weight
+    trainer.vision_only = train.vision_only
     trainer.train()
     if train.aux_weight:
         vision_aux.detach(model)

@@ -54,6 +54,7 @@ class DataMix:
     crop_scale: tuple[float, float] = (2.0, 4.0)  # crop side / evidence long side
     crop_min_side: tuple[int, int] = (180, 320)  # crop side lower bound in original pixels (≈ model input side)
     describe_max_chars: int = 400  # long descriptions are cut at a sentence boundary to bound sequence length
+    one_per_scene: bool = False  # only a scene's first example (vision pretraining: no image twice in a batch)
     zoom_sizes: tuple[str, ...] = ("tiny", "small")  # DeepEyes targets of these sizes are zoomed; others answered
 
 
@@ -174,12 +175,12 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
         preset = rng.choices(preset_names, preset_weights)[0]
         scene, rows = next(streams[preset])
         image = render_scene(scene)
-        for row in rows:
+        for row in rows[:1] if mix.one_per_scene else rows:
             # Two different formats per question: more supervision per rendered scene, no duplicate examples.
             first = rng.choices(format_names, format_weights)[0]
             others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
             names = [first]
-            if others:  # a one-format mix gives one example per question
+            if others and not mix.one_per_scene:  # a one-format mix gives one example per question
                 names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
             for name in names:
                 kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}

@@ -1,20 +1,27 @@
-"""An auxiliary dense objective that makes a from-scratch vision tower informative before the decoder needs it.
+"""An auxiliary objective that makes a from-scratch vision tower informative before the decoder needs it.
 
 Measured on the demo model (configs/demo.yaml): trained on question answering alone, a randomly initialised
 Qwen2-VL learns the world's answer priors long before its vision tower carries colour or shape, and then stays
 there — its direct accuracy was the same with and without the right crop. Pretrained VLMs never face this
-because their vision encoder comes from CLIP-style pretraining; this module stands in for that pretraining.
+because their vision encoder comes from CLIP-style pretraining; this module stands in for that pretraining
+(and `TrainConfig.vision_only` runs it alone, as a vision pretraining stage).
 
-Every merged vision token (one cell of the image's merge grid, 28×28 input pixels in Qwen2-VL) is labelled
-from the world's exact ground truth with the colour and the shape of the object that covers it, or
-"background", and two linear heads on the merger's output are trained with cross-entropy beside the language
-loss. Linear heads on purpose: they ask the tokens the decoder reads to carry these attributes linearly.
-The heads exist only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
+Two linear heads on the merger's output (the tokens the decoder reads), trained with cross-entropy beside the
+language loss. Linear on purpose: they ask those tokens to carry the attributes linearly.
 
-Cell labels (`cell_targets`): the object that covers at least `min_cover` of the cell (the one drawn last
-wins where objects overlap); "background" only where the cell shows no object pixel at all; every other cell
-(an object edge, a tiny object that covers a sliver) is ignored rather than called background.
-Only the full scene image of an example is labelled; crops and tool-returned images are ignored.
+- Colour, per cell (`cell_targets`): every merged vision token (one cell of the merge grid, 28×28 input pixels
+  in Qwen2-VL) is labelled with the colour of the object covering at least `min_cover` of it (the one drawn last
+  wins where objects overlap), "background" only where the cell shows no object pixel at all, and every other
+  cell (an object edge, a tiny object covering a sliver) is ignored rather than called background.
+- Shape, per object (`object_members`): the max over the cells an object touches, then one classification per
+  object. Shape is not a property of a cell: an interior cell shows only fill, an edge cell a piece of outline.
+  Measured with the tower alone (1e-3, batch 16, 300 steps, held-out one-object scenes, 7 shapes): a per-cell
+  shape label never left the prior (loss ≈ ln 7); per-object mean pooling reached 0.21, max pooling 0.34, and max
+  pooling over every medium/large object of multi-object `large` scenes 0.74 (0.85 after 500 steps), because one
+  scene then labels about five objects instead of one.
+
+Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
+only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from foveate.world.scenes import COLORS, SHAPES, Scene, object_mask
 
 IGNORE = -100
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
-SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)
+SHAPE_CLASSES: tuple[str, ...] = SHAPES
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -42,51 +49,76 @@ def object_index_map(scene: Scene) -> np.ndarray:
     return index
 
 
-def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Colour and shape class ids (or IGNORE) for each cell of a grid_h × grid_w grid, in raster order."""
+def cell_coverage(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
+    """coverage[k, i, j]: the fraction of cell (i, j) showing object k; k = len(scene.objects) is background."""
     index = object_index_map(scene)
     rows = np.linspace(0, scene.height, grid_h + 1).round().astype(int)
     cols = np.linspace(0, scene.width, grid_w + 1).round().astype(int)
+    one_hot = np.stack([index == k for k in range(len(scene.objects))] + [index == -1]).astype(np.int32)
+    # reduceat sums each row span, then each column span: pixel counts per cell.
+    pixels = np.add.reduceat(np.add.reduceat(one_hot, rows[:-1], axis=1), cols[:-1], axis=2)
+    return pixels / np.outer(np.diff(rows), np.diff(cols))
+
+
+def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3) -> np.ndarray:
+    """Colour class ids (or IGNORE) for each cell of a grid_h × grid_w grid, in raster order."""
+    coverage = cell_coverage(scene, grid_h, grid_w)
     n_objects = len(scene.objects)
-    # coverage[k, i, j] = pixels of object k (k = n_objects: background) in cell (i, j); reduceat sums each span.
-    one_hot = np.stack([index == k for k in range(n_objects)] + [index == -1]).astype(np.int32)
-    coverage = np.add.reduceat(np.add.reduceat(one_hot, rows[:-1], axis=1), cols[:-1], axis=2)
-    cell_area = np.outer(np.diff(rows), np.diff(cols))
     best = coverage[:n_objects].argmax(axis=0) if n_objects else np.zeros((grid_h, grid_w), dtype=int)
-    best_cover = coverage[:n_objects].max(axis=0) / cell_area if n_objects else np.zeros((grid_h, grid_w))
+    best_cover = coverage[:n_objects].max(axis=0) if n_objects else np.zeros((grid_h, grid_w))
     colors = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
-    shapes = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
-    empty = coverage[n_objects] == cell_area
-    colors[empty] = shapes[empty] = 0
+    colors[coverage[n_objects] == 1.0] = 0
     for number, obj in enumerate(scene.objects):
-        cells = (best == number) & (best_cover >= min_cover)
-        colors[cells] = COLOR_CLASSES.index(obj.color)
-        shapes[cells] = SHAPE_CLASSES.index(obj.shape)
-    return colors.ravel(), shapes.ravel()
+        colors[(best == number) & (best_cover >= min_cover)] = COLOR_CLASSES.index(obj.color)
+    return colors.ravel()
+
+
+def object_members(
+    scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3, member_cover: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shape targets per object: (members [n, grid_h·grid_w] bool, shape ids [n]).
+
+    Only objects that cover at least `min_cover` of some cell are labelled (a tiny object is a few input pixels:
+    its shape is not there to learn); an object's members are the cells it covers by at least `member_cover`.
+    """
+    coverage = cell_coverage(scene, grid_h, grid_w)[: len(scene.objects)].reshape(len(scene.objects), -1)
+    keep = [k for k in range(len(scene.objects)) if coverage[k].max() >= min_cover]
+    members = coverage[keep] >= member_cover
+    shapes = np.array([SHAPE_CLASSES.index(scene.objects[k].shape) for k in keep], dtype=np.int64)
+    return members.reshape(len(keep), grid_h * grid_w), shapes
 
 
 def batch_targets(
     examples: list[dict[str, Any]], scene_image_index: list[int], image_grid_thw: torch.Tensor, merge_size: int = 2
 ) -> dict[str, torch.Tensor]:
-    """Targets for every merged token of a batch (images in processor order); IGNORE for unlabelled images."""
-    colors, shapes = [], []
+    """Targets for every merged token of a batch (images in processor order); unlabelled images get none.
+
+    ``aux_color``: one class id (or IGNORE) per merged token; ``aux_members``: [objects, merged tokens] bool, the
+    cells of each labelled object; ``aux_shape``: each labelled object's shape id.
+    """
     labelled = {
         image: example["scene"]
         for image, example in zip(scene_image_index, examples, strict=True)
         if example.get("scene") is not None
     }
+    colors, object_rows, shapes, offset = [], [], [], 0
+    n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
         grid_h, grid_w = h // merge_size, w // merge_size
         if image in labelled:
-            color, shape = cell_targets(labelled[image], grid_h, grid_w)
-            colors.append(np.tile(color, t))
-            shapes.append(np.tile(shape, t))
+            colors.append(np.tile(cell_targets(labelled[image], grid_h, grid_w), t))
+            members, object_shapes = object_members(labelled[image], grid_h, grid_w)
+            rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
+            rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
+            object_rows.append(rows)
+            shapes.append(object_shapes)
         else:
             colors.append(np.full(t * grid_h * grid_w, IGNORE))
-            shapes.append(np.full(t * grid_h * grid_w, IGNORE))
+        offset += t * grid_h * grid_w
     return {
         "aux_color": torch.from_numpy(np.concatenate(colors)),
-        "aux_shape": torch.from_numpy(np.concatenate(shapes)),
+        "aux_members": torch.from_numpy(np.concatenate(object_rows) if object_rows else np.zeros((0, n_tokens), bool)),
+        "aux_shape": torch.from_numpy(np.concatenate(shapes) if shapes else np.zeros(0, np.int64)),
     }
 
 
@@ -100,23 +132,33 @@ class VisionAuxHeads(nn.Module):
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
 
     def loss(
-        self, aux_color: torch.Tensor, aux_shape: torch.Tensor, background_weight: float | None = None
+        self,
+        aux_color: torch.Tensor,
+        aux_members: torch.Tensor,
+        aux_shape: torch.Tensor,
+        background_weight: float | None = None,
     ) -> torch.Tensor:
-        """Colour + shape cross-entropy. ``background_weight=None``: the mean over every labelled cell;
-        a number w: the mean over object cells + w × the mean over background cells (about 60 of a scene's 64
-        cells are background, so the plain mean is mostly background and says little about the objects)."""
+        """Per-cell colour cross-entropy + per-object (max-pooled) shape cross-entropy.
+
+        Colour, ``background_weight=None``: the mean over every labelled cell; a number w: the mean over object
+        cells + w × the mean over background cells (about 60 of a scene's 64 cells are background, so the plain
+        mean is mostly background and says little about the objects).
+        """
         if self.merged is None or self.merged.shape[0] != aux_color.shape[0]:
             raise RuntimeError("vision aux targets do not match the merged tokens of the forward pass")
         features, self.merged = self.merged, None
-        total = features.new_zeros(())
-        for head, targets in ((self.color, aux_color), (self.shape, aux_shape)):
-            targets = targets.to(features.device)
-            per_cell = nn.functional.cross_entropy(head(features), targets, ignore_index=IGNORE, reduction="none")
-            labelled, objects = targets != IGNORE, targets > 0
-            if background_weight is None:
-                total = total + _mean(per_cell, labelled)
-            else:
-                total = total + _mean(per_cell, objects) + background_weight * _mean(per_cell, labelled & ~objects)
+        targets = aux_color.to(features.device)
+        per_cell = nn.functional.cross_entropy(self.color(features), targets, ignore_index=IGNORE, reduction="none")
+        labelled, objects = targets != IGNORE, targets > 0
+        if background_weight is None:
+            total = _mean(per_cell, labelled)
+        else:
+            total = _mean(per_cell, objects) + background_weight * _mean(per_cell, labelled & ~objects)
+        if aux_shape.numel():
+            members = aux_members.to(features.device)
+            # [objects, tokens, hidden] would be large; the max over each object's cells, one object at a time.
+            pooled = torch.stack([features[row].amax(dim=0) for row in members])
+            total = total + nn.functional.cross_entropy(self.shape(pooled), aux_shape.to(features.device))
         return total
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from foveate.errors import FoveateError
 from foveate.rl import vision_aux
 from foveate.rl.sft import IGNORE, ChatCollator, SFTRecipe, Stage, TrainConfig, load_recipe, train_sft
 from foveate.rl.sft_data import DataMix, example_stream
@@ -59,17 +60,27 @@ def test_cell_targets_label_covered_empty_and_ambiguous_cells() -> None:
     square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[0, 0, 56, 56])
     half = WorldObject(id="o1", shape="triangle", color="red", size_class="medium", box=[56, 56, 84, 112])
     tiny = WorldObject(id="o2", shape="circle", color="green", size_class="tiny", box=[180, 180, 186, 186])
-    colors, shapes = vision_aux.cell_targets(_scene([square, half, tiny]), 4, 4)
-    colors, shapes = colors.reshape(4, 4), shapes.reshape(4, 4)
+    colors = vision_aux.cell_targets(_scene([square, half, tiny]), 4, 4).reshape(4, 4)
     assert colors[0, 0] == vision_aux.COLOR_CLASSES.index("blue")
-    assert shapes[0, 0] == vision_aux.SHAPE_CLASSES.index("square")
     # A triangle in half the cell covers about a quarter of it: below min_cover 0.3, and not empty -> ignored.
-    assert colors[1, 1] == IGNORE and shapes[1, 1] == IGNORE
+    assert colors[1, 1] == IGNORE
     assert colors[3, 3] == IGNORE  # a tiny object is never called background
-    assert colors[0, 3] == 0 and shapes[2, 0] == 0  # empty cells are background
+    assert colors[0, 3] == 0 and colors[2, 0] == 0  # empty cells are background
     big = WorldObject(id="o3", shape="triangle", color="red", size_class="large", box=[56, 56, 112, 112])
-    colors, _ = vision_aux.cell_targets(_scene([big]), 4, 4)
+    colors = vision_aux.cell_targets(_scene([big]), 4, 4)
     assert colors.reshape(4, 4)[1, 1] == vision_aux.COLOR_CLASSES.index("red")  # a triangle covers half its box
+
+
+def test_object_members_label_objects_that_fill_some_cell() -> None:
+    # 224 px scene, 4×4 grid of 56-px cells: a square over four cells' corners, a triangle covering a quarter of
+    # one cell (about 1/8 of it: below min_cover, not labelled), a tiny circle (not labelled).
+    square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[28, 28, 84, 84])
+    small = WorldObject(id="o1", shape="triangle", color="red", size_class="medium", box=[168, 0, 196, 28])
+    tiny = WorldObject(id="o2", shape="circle", color="green", size_class="tiny", box=[180, 180, 186, 186])
+    members, shapes = vision_aux.object_members(_scene([square, small, tiny]), 4, 4, min_cover=0.2)
+    assert shapes.tolist() == [vision_aux.SHAPE_CLASSES.index("square")]
+    assert np.flatnonzero(members[0]).tolist() == [0, 1, 4, 5]  # a quarter of each of four cells
+    assert not vision_aux.object_members(_scene([square]), 4, 4, min_cover=0.3)[1].size  # 25 % < 30 %
 
 
 def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCollator) -> None:
@@ -82,12 +93,17 @@ def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCo
     # images: scene, crop, scene, crop -> the crops' tokens are all ignored, the scenes' are not.
     spans = np.split(batch["aux_color"].numpy(), np.cumsum(tokens_per_image)[:-1])
     assert [bool((span != IGNORE).any()) for span in spans] == [True, False, True, False]
+    members = batch["aux_members"].numpy()
+    assert members.shape == (len(batch["aux_shape"]), sum(tokens_per_image)) and members.any(axis=1).all()
+    member_spans = np.split(members, np.cumsum(tokens_per_image)[:-1], axis=1)
+    assert not member_spans[1].any() and not member_spans[3].any()  # no object lives in a crop's tokens
 
 
 def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
     recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     first, last = recipe.all_stages()[0], recipe.all_stages()[-1]
-    assert first.train.aux_weight > 0 and "single" in first.data.presets
+    assert first.train.vision_only and first.train.aux_weight > 0 and first.data.one_per_scene
+    assert "single" in recipe.all_stages()[1].data.presets
     assert last.train.max_steps == recipe.train.max_steps and last.data.formats == recipe.data.formats
 
 
@@ -107,11 +123,16 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
         learning_rate=1e-3,
     )
     mix = DataMix(formats={"qa": 1.0, "ground": 1.0}, presets={"simple": 1.0})
+    vision_pretraining = TrainConfig(**{**train.__dict__, "vision_only": True})
     recipe = SFTRecipe(
         output_dir=str(tmp_path / "out"),
         model=TinyConfig(),
         save_dtype="float32",
-        stages=[Stage(mix, train), Stage(mix, TrainConfig(**{**train.__dict__, "aux_weight": 0.0}))],
+        # Stage 1 is vision pretraining (the aux loss alone), stage 2 plain language-model training.
+        stages=[
+            Stage(DataMix(formats={"qa": 1.0}, presets={"large": 1.0}, one_per_scene=True), vision_pretraining),
+            Stage(mix, TrainConfig(**{**train.__dict__, "aux_weight": 0.0})),
+        ],
     )
     out = train_sft(recipe, workdir=tmp_path / "work")
     with safe_open(out / "model.safetensors", "pt") as weights:
@@ -120,32 +141,49 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
     assert not hasattr(model, "foveate_aux") and model.config.model_type == "qwen2_vl"
     stage1_log = json.loads((tmp_path / "work" / "stage1" / "training_log.json").read_text())
     assert len(stage1_log) == 2 and all(np.isfinite(row["loss"]) for row in stage1_log)
-    # The stage-1 weights moved (the aux heads' gradient reaches the vision tower).
+    # Stage 1 moved the vision tower (the aux heads' gradient reaches it) and nothing of the language model.
     initial = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1.work" / "init")
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1")
     before = initial.model.visual.patch_embed.proj.weight
     assert not torch.equal(before, trained.model.visual.patch_embed.proj.weight)
+    language_before = initial.model.language_model.state_dict()
+    for name, weight in trained.model.language_model.state_dict().items():
+        assert torch.equal(weight, language_before[name]), name
 
 
-def test_aux_loss_balances_object_and_background_cells() -> None:
+def test_one_per_scene_never_repeats_an_image() -> None:
+    mix = DataMix(formats={"qa": 1.0, "ground": 1.0}, presets={"large": 1.0}, one_per_scene=True)
+    scenes = [example["scene"].id for example in itertools.islice(example_stream(0, mix), 12)]
+    assert len(set(scenes)) == 12
+    repeated = [e["scene"].id for e in itertools.islice(example_stream(0, DataMix(presets={"large": 1.0})), 12)]
+    assert len(set(repeated)) < 12  # the default: several examples per rendered scene
+
+
+def test_vision_only_needs_the_aux_loss(tmp_path: Path) -> None:
+    recipe = SFTRecipe(output_dir=str(tmp_path / "out"), train=TrainConfig(vision_only=True, max_steps=1))
+    with pytest.raises(FoveateError, match="aux_weight"):
+        train_sft(recipe, workdir=tmp_path / "work")
+
+
+def test_aux_loss_balances_colour_cells_and_max_pools_shape_per_object() -> None:
     heads = vision_aux.VisionAuxHeads(hidden_size=4)
     torch.manual_seed(0)
     features = torch.randn(5, 4)
     colors = torch.tensor([0, 0, 0, 3, IGNORE])  # three background cells, one object cell, one ignored
-    shapes = torch.tensor([0, 0, 0, 2, IGNORE])
-    per_cell = [
-        torch.nn.functional.cross_entropy(head(features[:4]), targets[:4], reduction="none")
-        for head, targets in ((heads.color, colors), (heads.shape, shapes))
-    ]
+    members = torch.tensor([[False, False, False, True, True], [True, True, False, False, False]])
+    shapes = torch.tensor([2, 5])
+    no_objects = (torch.zeros((0, 5), dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    per_cell = torch.nn.functional.cross_entropy(heads.color(features[:4]), colors[:4], reduction="none")
+    pooled = torch.stack([features[3:].amax(dim=0), features[:2].amax(dim=0)])
+    shape_loss = torch.nn.functional.cross_entropy(heads.shape(pooled), shapes).item()
     heads.merged = features
-    plain = heads.loss(colors, shapes)
-    assert plain.item() == pytest.approx(sum(cells.mean().item() for cells in per_cell), rel=1e-5)
+    assert heads.loss(colors, *no_objects).item() == pytest.approx(per_cell.mean().item(), rel=1e-5)
     heads.merged = features
-    balanced = heads.loss(colors, shapes, background_weight=0.25)
-    expected = sum(cells[3].item() + 0.25 * cells[:3].mean().item() for cells in per_cell)
+    balanced = heads.loss(colors, members, shapes, background_weight=0.25)
+    expected = per_cell[3].item() + 0.25 * per_cell[:3].mean().item() + shape_loss
     assert balanced.item() == pytest.approx(expected, rel=1e-5)
     heads.merged = features
     nothing = torch.full((5,), IGNORE)
-    assert heads.loss(nothing, nothing, background_weight=0.25).item() == 0.0  # no NaN from an empty mean
+    assert heads.loss(nothing, *no_objects, background_weight=0.25).item() == 0.0  # no NaN from an empty mean
     with pytest.raises(RuntimeError, match="do not match"):
-        heads.loss(colors, shapes)  # the merged tokens are consumed by each loss
+        heads.loss(colors, members, shapes)  # the merged tokens are consumed by each loss
