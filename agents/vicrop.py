@@ -31,7 +31,7 @@ The layer is configuration. Calibrate it for a model on held-out items (world se
 seeds below 1000 nor the eval's 1000) — per layer, the share of map mass inside the ground-truth evidence boxes
 and how often the chosen crop contains all the evidence; set the best as ``layer`` in ``configs/vicrop.yaml``::
 
-    python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50 [--method grad-att]
+    python -m foveate.agents.vicrop_calibrate --model DIR --task world:small-detail --n 50 [--method grad-att]
 
 ``--gate`` adds, per confidence threshold, the share of questions the gate would answer from the question pass
 and how accurate those answers are (how ``vicrop-rel-gate``'s 0.5 was chosen for the demo model).
@@ -73,21 +73,15 @@ Deliberate deviations from the paper, and why:
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import json
-import os
-import sys
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
@@ -106,8 +100,15 @@ from foveate.agents.state import (
     resolve_context,
     to_policy_messages,
 )
+from foveate.agents.vicrop_config import (  # noqa: F401 (re-exported: the options live with the strategy)
+    CONFIG_ENV,
+    FEEDS,
+    METHODS,
+    ViCropConfig,
+    _options,
+    load_vicrop_config,
+)
 from foveate.agents.vicrop_select import (
-    RATIOS,
     carve_image,
     high_pass_mask,
     pool_to_grid,
@@ -117,95 +118,11 @@ from foveate.agents.vicrop_select import (
 )
 from foveate.errors import FoveateError, PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
-from foveate.protocol import GENERIC_PROMPT
-from foveate.tools.boxes import Box
 from foveate.tools.crop import crop as crop_image
 from foveate.tools.store import ImageStore
 from foveate.trace import crop_step, map_step, model_call_step
 
 REQUIRES_WHITE_BOX = True  # attention maps and gradients: not servable over an OpenAI-compatible endpoint
-METHODS = ("rel-att", "grad-att", "pure-grad")
-FEEDS = ("crop", "mask")
-CONFIG_ENV = "FOVEATE_VICROP_CONFIG"
-
-
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class ViCropConfig:
-    method: str = _help("rel-att | grad-att | pure-grad", "rel-att")
-    layer: int | list[int] | None = _help(
-        "decoder layer(s) the map is read at (negative counts from the end); None = middle"
-    )
-    ratios: list[float] = _help("window side / model input side", factory=lambda: list(RATIOS))
-    input_side: int | None = _help("model input side s in pixels; None = read from the backend")
-    feed: str = _help("crop = append the crop as a second image (paper); mask = CARVE-style masked image", "crop")
-    high_res_block: int | None = _help("images with a longer side are mapped in blocks; None = never split", 1024)
-    gate: float | None = _help("answer from the question pass when p(first token) >= gate; None = never")
-    rel_eps: float = _help("rel-att divides by (generic map + rel_eps × its mean)", 0.05)
-    reuse_prefix: bool = _help("reuse the question pass's KV cache for the answer pass", True)
-    cache_generic: bool = _help("cache generic-prompt maps per image in the image store", True)
-    generic_prompt: str = _help("the generic prompt of rel-att and pure-grad", GENERIC_PROMPT)
-    carve_keep: float = _help("mask feed: fraction of the image kept at full strength", 0.25)
-    carve_floor: float = _help("mask feed: weight of the least-attended pixels", 0.15)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise FoveateError(f"unknown ViCrop method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.feed not in FEEDS:
-            raise FoveateError(f"unknown ViCrop feed {self.feed!r}; choose one of: {', '.join(FEEDS)}")
-        if not self.ratios or any(r <= 0 for r in self.ratios):
-            raise FoveateError(f"ratios must be positive numbers, got {self.ratios}")
-        if self.gate is not None and not 0 < self.gate <= 1:
-            raise FoveateError(f"gate must be a probability in (0, 1], got {self.gate}")
-
-    def with_overrides(self, **overrides: Any) -> ViCropConfig:
-        known = {f.name for f in fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise FoveateError(f"unknown ViCrop options: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
-        return ViCropConfig(**{**asdict(self), **overrides})
-
-
-def load_vicrop_config(path: str | Path | None = None, **overrides: Any) -> ViCropConfig:
-    """``configs/vicrop.yaml`` (or ``path``, or $FOVEATE_VICROP_CONFIG) with ``overrides`` applied."""
-    path = path or os.environ.get(CONFIG_ENV)
-    source = Path(path) if path else Path(str(resources.files("foveate.configs").joinpath("vicrop.yaml")))
-    try:
-        data = _parse_options(str(source), source.stat().st_mtime_ns)
-    except (OSError, yaml.YAMLError) as error:
-        raise FoveateError(f"cannot read ViCrop config {source}: {error}") from error
-    return ViCropConfig().with_overrides(**{**data, **overrides})
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_options(source: str, stamp: int) -> dict[str, Any]:
-    """A YAML file's options, parsed once per file version (``stamp`` = its mtime)."""
-    data = yaml.safe_load(Path(source).read_text()) or {}
-    if not isinstance(data, dict):
-        raise FoveateError(f"ViCrop config {source} must be a mapping of option names to values")
-    return data
-
-
-def _options(config: RunnableConfig | None) -> ViCropConfig:
-    """File defaults ← the registered name's options (``vicrop_defaults``) ← this call's (``vicrop``)."""
-    configurable = (config or {}).get("configurable", {}) or {}
-    overrides = {**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})}
-    path = os.environ.get(CONFIG_ENV, "")
-    try:  # every node reads the options: parse and validate each combination once per config file version
-        stamp = Path(path).stat().st_mtime_ns if path else 0
-        return _cached_options(path, stamp, json.dumps(overrides, sort_keys=True))
-    except (TypeError, OSError):  # unhashable/unserialisable overrides or an unreadable file: no cache
-        return load_vicrop_config(**overrides)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_options(path: str, stamp: int, overrides: str) -> ViCropConfig:
-    return load_vicrop_config(path or None, **json.loads(overrides))
 
 
 class ViCropState(AgentState, total=False):
@@ -285,7 +202,7 @@ def resolve_layer(layer: int | list[int] | None, num_layers: int) -> int | list[
     return layer % num_layers if layer < 0 else layer
 
 
-def _user(*parts: Any) -> list[dict[str, Any]]:
+def user_turn(*parts: Any) -> list[dict[str, Any]]:
     content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in parts]
     return [{"role": "user", "content": content}]
 
@@ -381,7 +298,7 @@ def look_attention_many(
             questions = [messages]
         else:
             question_text = _last_user_text(messages)
-            questions = [_user(block, question_text) for block in block_images]
+            questions = [user_turn(block, question_text) for block in block_images]
         first = len(conversations)
         conversations += questions
         keep += [whole and sessions_work] + [False] * (len(questions) - 1)
@@ -391,10 +308,10 @@ def look_attention_many(
             if cached is not None:
                 generic_cached[key] = cached
             elif whole and sessions_work:  # after the batch, reusing this question's cache of the image
-                session_generics[key] = (first, _user(image, options.generic_prompt))
+                session_generics[key] = (first, user_turn(image, options.generic_prompt))
             else:  # the generic pass rides in the same batch as the questions
                 batched_generics[key] = (len(conversations), layout)
-                conversations += [_user(block, options.generic_prompt) for block in block_images]
+                conversations += [user_turn(block, options.generic_prompt) for block in block_images]
                 keep += [False] * len(block_images)
         plans.append((key, layout, whole, target, first, len(questions)))
     results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep)
@@ -447,11 +364,11 @@ def look_pure_grad(
     whole = layout == (1, 1)
     block_images = [image] if whole else [image.crop(tuple(int(v) for v in b.to_list())) for b in blocks]
     question_text = _last_user_text(messages)
-    questions = [messages] if whole else [_user(block, question_text) for block in block_images]
+    questions = [messages] if whole else [user_turn(block, question_text) for block in block_images]
     key = generic_cache_key(policy, options, "pixels", layout)
     cached = [store.get_array(ref, f"{key}-b{i}") for i in range(len(block_images))] if options.cache_generic else []
     generic_cached = bool(cached) and all(c is not None for c in cached)
-    generics = [] if generic_cached else [_user(block, options.generic_prompt) for block in block_images]
+    generics = [] if generic_cached else [user_turn(block, options.generic_prompt) for block in block_images]
     maps = policy.pixel_gradient(questions + generics, [None] * (len(questions) + len(generics)))
     question_pixels = [m[target if whole else 0].values for m in maps[: len(questions)]]
     generic_pixels = cached if generic_cached else [m[0].values for m in maps[len(questions) :]]
@@ -664,7 +581,7 @@ def answer_many(
     store = _images(store)
     params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
     refs = [image if str(image).startswith("sha256:") else store.put(load_image(image)) for image, _ in items]
-    requests = [(ref, _user(store.get(ref), question), 0) for ref, (_, question) in zip(refs, items, strict=True)]
+    requests = [(ref, user_turn(store.get(ref), question), 0) for ref, (_, question) in zip(refs, items, strict=True)]
     side = options.input_side or model_input_side(policy)
     with _locked(policy):
         looks = look_attention_many(policy, store, requests, options, resolve_layer(options.layer, policy.num_layers))
@@ -678,10 +595,10 @@ def answer_many(
             box = select_box(look.heat, image.size, side, options.ratios).box
             if box is not None and options.feed == "crop":
                 region, used = crop_image(image, box)
-                messages = _user(image, region, items[index][1])
+                messages = user_turn(image, region, items[index][1])
                 out[index]["box"] = used.to_list()
             elif options.feed == "mask":
-                messages = _user(
+                messages = user_turn(
                     carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
                 )
             answered.append((index, messages, look.session))
@@ -701,159 +618,3 @@ def answer_many(
         if hasattr(policy, "release_sessions"):
             policy.release_sessions([look.session for look in looks])
     return out
-
-
-# ---- calibration --------------------------------------------------------------------------------------------
-def evidence_mass(values: np.ndarray, image_size: tuple[int, int], boxes: list[list[float]]) -> float:
-    """Fraction of a map's (non-negative) mass that falls inside the union of ``boxes`` (original pixels)."""
-    grid = np.clip(np.asarray(values, dtype=np.float64), 0, None)
-    rows, cols = grid.shape
-    width, height = image_size
-    inside = np.zeros((rows, cols))
-    ys, xs = np.linspace(0, height, rows + 1), np.linspace(0, width, cols + 1)
-    for x1, y1, x2, y2 in boxes:
-        overlap_y = np.clip(np.minimum(ys[1:], y2) - np.maximum(ys[:-1], y1), 0, None) / np.diff(ys)
-        overlap_x = np.clip(np.minimum(xs[1:], x2) - np.maximum(xs[:-1], x1), 0, None) / np.diff(xs)
-        inside = np.maximum(inside, np.outer(overlap_y, overlap_x))
-    total = grid.sum()
-    return float((grid * inside).sum() / total) if total > 0 else 0.0
-
-
-def calibrate(
-    policy: Any,
-    rows: list[dict[str, Any]],
-    method: str = "rel-att",
-    layers: list[int] | None = None,
-    store: ImageStore | None = None,
-) -> list[dict[str, Any]]:
-    """Per layer: mean fraction of map mass inside the evidence boxes, and how often the chosen crop contains
-    all of the evidence, over task ``rows`` (held-out items with ``boxes``). The best layer is the one whose crops
-    contain the evidence most often (ties: the most mass inside the evidence)."""
-    from foveate.tools.images import load_image
-
-    store = store or ImageStore()
-    layers = list(range(policy.num_layers)) if layers is None else layers
-    rows = [row for row in rows if row.get("boxes")]
-    side = model_input_side(policy)
-    report = []
-    for layer in layers:
-        options = load_vicrop_config(method=method, layer=layer, cache_generic=False, reuse_prefix=False)
-        masses, hits = [], []
-        for row in rows:
-            image = load_image(row["image"])
-            ref = store.put(image)
-            messages = _user(image, row["question"])
-            if method == "pure-grad":
-                look = look_pure_grad(policy, store, ref, messages, options, 0)
-            else:
-                look = look_attention(policy, store, ref, messages, options, layer, 0)
-            masses.append(evidence_mass(look.heat, image.size, row["boxes"]))
-            chosen = select_box(look.heat, image.size, side, options.ratios).box or Box(0, 0, *image.size)
-            evidence = np.asarray(row["boxes"], dtype=float)
-            union = Box(*evidence[:, :2].min(axis=0), *evidence[:, 2:].max(axis=0))
-            inside = chosen.intersection(union)
-            hits.append(inside is not None and inside.area >= union.area * (1 - 1e-6))
-        report.append(
-            {
-                "layer": layer,
-                "evidence_mass": float(np.mean(masses)),
-                "crop_hit": float(np.mean(hits)),
-                "n": len(masses),
-            }
-        )
-    return report
-
-
-def gate_report(
-    policy: Any,
-    rows: list[dict[str, Any]],
-    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    max_new_tokens: int = 16,
-    batch: int = 16,
-) -> list[dict[str, Any]]:
-    """For each gate threshold: the share of ``rows`` the gate would answer from the question pass, and the
-    accuracy of those answers and of the rest (direct answers, decoded from the probe's cache)."""
-    from foveate.eval.metrics import score_answer
-    from foveate.tools.images import load_image
-
-    params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
-    layer = resolve_layer(None, policy.num_layers)
-    probs, scores = [], []
-    for start in range(0, len(rows), batch):
-        chunk = rows[start : start + batch]
-        images = [load_image(row["image"]) for row in chunk]
-        conversations = [_user(image, row["question"]) for image, row in zip(images, chunk, strict=True)]
-        probes = policy.attention_probe(conversations, layer, keep=[True] * len(chunk))
-        answers = policy.continue_probe([probe.session for probe in probes], params)
-        policy.release_sessions([probe.session for probe in probes])
-        for probe, answer, row, image in zip(probes, answers, chunk, images, strict=True):
-            probs.append(probe.prob)
-            scores.append(score_answer(answer.text.strip(), row, image.size)["score"])
-    probs_array, scores_array = np.asarray(probs), np.asarray(scores)
-    report = []
-    for threshold in thresholds:
-        gated = probs_array >= threshold
-        report.append(
-            {
-                "threshold": threshold,
-                "gated": float(gated.mean()) if len(gated) else 0.0,
-                "accuracy_gated": float(scores_array[gated].mean()) if gated.any() else None,
-                "accuracy_rest": float(scores_array[~gated].mean()) if (~gated).any() else None,
-            }
-        )
-    return report
-
-
-def _calibrate_main(argv: list[str]) -> None:
-    """``python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50``"""
-    import argparse
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from foveate.eval.runner import resolve_tasks
-
-    parser = argparse.ArgumentParser(prog="python -m foveate.agents.vicrop calibrate", description=calibrate.__doc__)
-    parser.add_argument("--model", default=None, help="model directory (default: the demo VLM)")
-    parser.add_argument("--task", default="world:small-detail", help="world:<preset> or a tasks.jsonl with boxes")
-    parser.add_argument("--n", type=int, default=50, help="items to measure on")
-    parser.add_argument(
-        "--seed", type=int, default=1001, help="world seed: held out from training (<1000) and eval (1000)"
-    )
-    parser.add_argument("--method", default="rel-att", choices=METHODS)
-    parser.add_argument("--max-pixels", type=int, default=None, help="model input pixel budget")
-    parser.add_argument("--gate", action="store_true", help="also tabulate confidence-gate thresholds")
-    args = parser.parse_args(argv)
-
-    from foveate.api import make_policy
-    from foveate.config import load_config
-
-    config = load_config().with_overrides(max_pixels=args.max_pixels)
-    policy = make_policy(args.model, config=config)
-    tasks = resolve_tasks(args.task, n=args.n, seed=args.seed, home=config.home_dir)
-    report = calibrate(policy, tasks.rows, method=args.method, store=ImageStore(config.home_dir / "images"))
-    table = Table(title=f"ViCrop {args.method} layer calibration on {len(tasks.rows)} items of {args.task}")
-    for column in ("layer", "evidence mass", "crop contains evidence", "items"):
-        table.add_column(column, justify="right")
-    for entry in report:
-        table.add_row(str(entry["layer"]), f"{entry['evidence_mass']:.3f}", f"{entry['crop_hit']:.3f}", str(entry["n"]))
-    console = Console()
-    console.print(table)
-    best = max(report, key=lambda e: (e["crop_hit"], e["evidence_mass"]))  # what ViCrop needs: the right crop
-    console.print(f"best layer: {best['layer']}  (set `layer: {best['layer']}` in configs/vicrop.yaml)")
-    if args.gate:
-        gate = Table(title="confidence gate: questions answered from the question pass (direct answers)")
-        for column in ("p(first token) ≥", "share gated", "accuracy gated", "accuracy rest"):
-            gate.add_column(column, justify="right")
-        for entry in gate_report(policy, tasks.rows):
-            shown = [f"{entry[k]:.3f}" if entry[k] is not None else "–" for k in ("accuracy_gated", "accuracy_rest")]
-            gate.add_row(f"{entry['threshold']:g}", f"{entry['gated']:.2f}", *shown)
-        console.print(gate)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "calibrate":
-        raise SystemExit(
-            "usage: python -m foveate.agents.vicrop calibrate --model DIR --task world:small-detail --n 50"
-        )
-    _calibrate_main(sys.argv[2:])

@@ -14,14 +14,13 @@ from foveate.agents.state import FoveateContext
 from foveate.agents.vicrop import (
     answer_many,
     build,
-    calibrate,
-    evidence_mass,
     generic_cache_key,
     load_vicrop_config,
     look_attention,
     look_pure_grad,
     resolve_layer,
 )
+from foveate.agents.vicrop_calibrate import calibrate, evidence_mass
 from foveate.api import run_strategy
 from foveate.errors import FoveateError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion, SamplingParams

@@ -1,0 +1,105 @@
+"""ViCrop's options (`ViCropConfig`): ``configs/vicrop.yaml``, then the registered strategy name, then per call.
+
+Kept apart from `agents.vicrop` (the graph and the maps) so the strategy module stays readable; see its docstring
+for what each option does to the algorithm.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from langchain_core.runnables import RunnableConfig
+
+from foveate.agents.vicrop_select import RATIOS
+from foveate.errors import FoveateError
+from foveate.protocol import GENERIC_PROMPT
+
+METHODS = ("rel-att", "grad-att", "pure-grad")
+FEEDS = ("crop", "mask")
+CONFIG_ENV = "FOVEATE_VICROP_CONFIG"
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ViCropConfig:
+    method: str = _help("rel-att | grad-att | pure-grad", "rel-att")
+    layer: int | list[int] | None = _help(
+        "decoder layer(s) the map is read at (negative counts from the end); None = middle"
+    )
+    ratios: list[float] = _help("window side / model input side", factory=lambda: list(RATIOS))
+    input_side: int | None = _help("model input side s in pixels; None = read from the backend")
+    feed: str = _help("crop = append the crop as a second image (paper); mask = CARVE-style masked image", "crop")
+    high_res_block: int | None = _help("images with a longer side are mapped in blocks; None = never split", 1024)
+    gate: float | None = _help("answer from the question pass when p(first token) >= gate; None = never")
+    rel_eps: float = _help("rel-att divides by (generic map + rel_eps × its mean)", 0.05)
+    reuse_prefix: bool = _help("reuse the question pass's KV cache for the answer pass", True)
+    cache_generic: bool = _help("cache generic-prompt maps per image in the image store", True)
+    generic_prompt: str = _help("the generic prompt of rel-att and pure-grad", GENERIC_PROMPT)
+    carve_keep: float = _help("mask feed: fraction of the image kept at full strength", 0.25)
+    carve_floor: float = _help("mask feed: weight of the least-attended pixels", 0.15)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FoveateError(f"unknown ViCrop method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.feed not in FEEDS:
+            raise FoveateError(f"unknown ViCrop feed {self.feed!r}; choose one of: {', '.join(FEEDS)}")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise FoveateError(f"ratios must be positive numbers, got {self.ratios}")
+        if self.gate is not None and not 0 < self.gate <= 1:
+            raise FoveateError(f"gate must be a probability in (0, 1], got {self.gate}")
+
+    def with_overrides(self, **overrides: Any) -> ViCropConfig:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise FoveateError(f"unknown ViCrop options: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+        return ViCropConfig(**{**asdict(self), **overrides})
+
+
+def load_vicrop_config(path: str | Path | None = None, **overrides: Any) -> ViCropConfig:
+    """``configs/vicrop.yaml`` (or ``path``, or $FOVEATE_VICROP_CONFIG) with ``overrides`` applied."""
+    path = path or os.environ.get(CONFIG_ENV)
+    source = Path(path) if path else Path(str(resources.files("foveate.configs").joinpath("vicrop.yaml")))
+    try:
+        data = _parse_options(str(source), source.stat().st_mtime_ns)
+    except (OSError, yaml.YAMLError) as error:
+        raise FoveateError(f"cannot read ViCrop config {source}: {error}") from error
+    return ViCropConfig().with_overrides(**{**data, **overrides})
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_options(source: str, stamp: int) -> dict[str, Any]:
+    """A YAML file's options, parsed once per file version (``stamp`` = its mtime)."""
+    data = yaml.safe_load(Path(source).read_text()) or {}
+    if not isinstance(data, dict):
+        raise FoveateError(f"ViCrop config {source} must be a mapping of option names to values")
+    return data
+
+
+def _options(config: RunnableConfig | None) -> ViCropConfig:
+    """File defaults ← the registered name's options (``vicrop_defaults``) ← this call's (``vicrop``)."""
+    configurable = (config or {}).get("configurable", {}) or {}
+    overrides = {**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})}
+    path = os.environ.get(CONFIG_ENV, "")
+    try:  # every node reads the options: parse and validate each combination once per config file version
+        stamp = Path(path).stat().st_mtime_ns if path else 0
+        return _cached_options(path, stamp, json.dumps(overrides, sort_keys=True))
+    except (TypeError, OSError):  # unhashable/unserialisable overrides or an unreadable file: no cache
+        return load_vicrop_config(**overrides)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_options(path: str, stamp: int, overrides: str) -> ViCropConfig:
+    return load_vicrop_config(path or None, **json.loads(overrides))
