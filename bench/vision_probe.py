@@ -2,6 +2,7 @@
 
     python bench/vision_probe.py                                  # the table behind rl/vision_aux.py (≈ 10 min)
     python bench/vision_probe.py --runs max:large --steps 500     # one run, longer
+    python bench/vision_probe.py --frozen foveate/assets/models/demo.work/stage1   # what a trained tower carries
 
 Trains only the vision tower of a fresh model of the demo model's size (configs/demo.yaml) plus one linear shape
 head on the merged tokens, through the real processor and `rl.vision_aux` targets, and prints the shape accuracy
@@ -14,11 +15,17 @@ steps. A run is ``POOL:PRESET``:
 - PRESET: the training scenes (``single``: one object; ``large``: about five medium/large objects per scene).
 
 AdamW at 1e-3 with 50 warm-up steps and cosine decay, batch 16, seed 0.
+
+``--frozen DIR``: a linear shape probe of a trained model's vision tower, weights frozen — max-pooled object
+features of 30 batches of `large` scenes (seed 5) fitted by a linear head (standardised features, Adam 1e-2, 500
+full-batch steps), accuracy on the same held-out one-object scenes. Compare with `bench/first_token.py`'s shape
+row: what the tower carries versus what the decoder reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 
@@ -128,13 +135,56 @@ def run(pool: str, preset: str, steps: int, seed: int) -> list[tuple[int, float]
     return curve
 
 
+def frozen_probe(model_dir: str) -> None:
+    """Fit and score a linear shape probe on a trained model's frozen vision tower (see the module docstring)."""
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    visual, processor = model.model.visual, load_processor(model_dir).image_processor
+    merged: dict[str, torch.Tensor] = {}
+    visual.merger.register_forward_hook(lambda _module, _inputs, output: merged.__setitem__("tokens", output))
+
+    def pooled(seed: int, preset: str, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        features, labels = [], []
+        for pixels, grid, members, shapes in itertools.islice(Batches(processor, seed, preset, 0.1), batches):
+            with torch.no_grad():
+                visual(pixels, grid_thw=grid)
+            features += [merged["tokens"][row].amax(dim=0) for row in members]
+            labels.append(shapes)
+        return torch.stack(features), torch.cat(labels)
+
+    train_x, train_y = pooled(5, "large", 30)
+    test_x, test_y = pooled(999, "single", 8)
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-5
+    head = nn.Linear(train_x.shape[1], len(SHAPE_CLASSES))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(500):
+        loss = nn.functional.cross_entropy(head((train_x - mean) / std), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        fitted = (head((train_x - mean) / std).argmax(dim=1) == train_y).float().mean().item()
+        held_out = (head((test_x - mean) / std).argmax(dim=1) == test_y).float().mean().item()
+    print(f"| tower of | fitted on ({len(train_y)} objects) | held-out single ({len(test_y)} objects) |")
+    print("|---|---|---|")
+    print(f"| {model_dir} | {fitted:.3f} | {held_out:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated POOL:PRESET runs")
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frozen", default=None, help="probe this trained model's frozen tower instead")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.frozen:
+        frozen_probe(args.frozen)
+        return
     results = {}
     for name in args.runs.split(","):
         pool, preset = name.split(":")

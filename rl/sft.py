@@ -46,9 +46,13 @@ class TrainConfig:
     torch_threads: int = 2  # intra-op threads (the machine has 2 cores)
     dataloader_workers: int = 1  # processes rendering scenes while the main process trains
     max_minutes: float | None = None  # safety stop: end training (and save) after this wall time
+    # End the stage after this many steps while the schedule still spans max_steps: a stage that a time limit
+    # stopped is rebuilt step for step on any machine by recording where it stopped here.
+    stop_after_steps: int | None = None
     vision_lr_scale: float = 1.0  # the vision tower's learning rate = learning_rate × this
     aux_weight: float = 0.0  # weight of the colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
     aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
+    aux_shape: str = "object"  # shape labels: "object" (max over an object's cells) or "cell" (v1 demo model)
     vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
 
 
@@ -189,7 +193,7 @@ def aux_trainer_class():
         _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_members", "aux_shape")}
+            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
             if self.vision_only:
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])  # feeds the aux hook
                 result = (torch.zeros(()), None) if return_outputs else torch.zeros(())
@@ -210,24 +214,25 @@ def aux_trainer_class():
     return AuxTrainer
 
 
-class TimeLimit:
-    """A Trainer callback that stops training once `max_minutes` of wall time have passed."""
+class EarlyStop:
+    """A Trainer callback that ends training after `max_minutes` of wall time or `after_steps` steps."""
 
-    def __new__(cls, max_minutes: float):
+    def __new__(cls, max_minutes: float | None, after_steps: int | None):
         import time
 
         from transformers import TrainerCallback
 
-        class _TimeLimit(TrainerCallback):
+        class _EarlyStop(TrainerCallback):
             def __init__(self) -> None:
-                self.deadline = time.monotonic() + 60 * max_minutes
+                self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
 
             def on_step_end(self, args, state, control, **kwargs):
-                if time.monotonic() > self.deadline:
+                timed_out = self.deadline is not None and time.monotonic() > self.deadline
+                if timed_out or (after_steps is not None and state.global_step >= after_steps):
                     control.should_training_stop = True
                 return control
 
-        return _TimeLimit()
+        return _EarlyStop()
 
 
 def build_model(recipe: SFTRecipe, workdir: Path, init_from: str | Path | None = None):
@@ -292,7 +297,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        vision_aux.attach(model)
+        vision_aux.attach(model, train.aux_shape)
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,
@@ -315,7 +320,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         accelerator_config={"dispatch_batches": False},
     )
     dataset = WorldChats(train.seed, stage.data)
-    callbacks = [TimeLimit(train.max_minutes)] if train.max_minutes else []
+    callbacks = [EarlyStop(train.max_minutes, train.stop_after_steps)]
     collator = ChatCollator(processor, train.max_length, aux_targets=bool(train.aux_weight))
     trainer_class = aux_trainer_class() if train.aux_weight else Trainer
     trainer = trainer_class(
@@ -345,4 +350,6 @@ def save_model(model: Any, source: Path, output: Path, recipe: SFTRecipe, log_hi
             shutil.copy(source / name, output / name)
     (output / "foveate_recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=list) + "\n")
     losses = [{"step": e["step"], "loss": round(e["loss"], 4)} for e in log_history if "loss" in e]
+    # The last entry is where the stage ended (a time limit may stop it before max_steps): see stop_after_steps.
+    losses += [{"step": e["step"], "ended": True} for e in log_history[-1:] if "train_runtime" in e]
     (output / "training_log.json").write_text(json.dumps(losses, indent=1) + "\n")

@@ -13,12 +13,13 @@ language loss. Linear on purpose: they ask those tokens to carry the attributes 
   in Qwen2-VL) is labelled with the colour of the object covering at least `min_cover` of it (the one drawn last
   wins where objects overlap), "background" only where the cell shows no object pixel at all, and every other
   cell (an object edge, a tiny object covering a sliver) is ignored rather than called background.
-- Shape, per object (`object_members`): the max over the cells an object touches, then one classification per
-  object. Shape is not a property of a cell: an interior cell shows only fill, an edge cell a piece of outline.
-  Measured with the tower alone (1e-3, batch 16, 300 steps, held-out one-object scenes, 7 shapes): a per-cell
-  shape label never left the prior (loss ≈ ln 7); per-object mean pooling reached 0.21, max pooling 0.34, and max
-  pooling over every medium/large object of multi-object `large` scenes 0.74 (0.85 after 500 steps), because one
-  scene then labels about five objects instead of one.
+- Shape, per object (`object_members`, the default): the max over the cells an object touches, then one
+  classification per object. Shape is not a property of a cell: an interior cell shows only fill, an edge cell a
+  piece of outline. Labelling every object of a multi-object scene gives about five shape labels per image.
+- Shape, per cell (``shape_labels="cell"``, what the shipped demo model v1 was trained with): the colour rule
+  with the object's shape as the label.
+  `python bench/vision_probe.py` compares the two (and mean pooling) on a fresh tower; `--frozen DIR` measures
+  what a trained tower carries (configs/probes/demo-vision-pretrain.yaml's stage 1: 74 % on held-out objects).
 
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
@@ -36,7 +37,9 @@ from foveate.world.scenes import COLORS, SHAPES, Scene, object_mask
 
 IGNORE = -100
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
-SHAPE_CLASSES: tuple[str, ...] = SHAPES
+SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
+CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
+SHAPE_LABELS = ("object", "cell")
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -60,17 +63,20 @@ def cell_coverage(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
     return pixels / np.outer(np.diff(rows), np.diff(cols))
 
 
-def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3) -> np.ndarray:
-    """Colour class ids (or IGNORE) for each cell of a grid_h × grid_w grid, in raster order."""
+def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Colour and (per-cell) shape class ids, or IGNORE, for each cell of a grid_h × grid_w grid, in raster order."""
     coverage = cell_coverage(scene, grid_h, grid_w)
     n_objects = len(scene.objects)
     best = coverage[:n_objects].argmax(axis=0) if n_objects else np.zeros((grid_h, grid_w), dtype=int)
     best_cover = coverage[:n_objects].max(axis=0) if n_objects else np.zeros((grid_h, grid_w))
     colors = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
-    colors[coverage[n_objects] == 1.0] = 0
+    shapes = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
+    colors[coverage[n_objects] == 1.0] = shapes[coverage[n_objects] == 1.0] = 0
     for number, obj in enumerate(scene.objects):
-        colors[(best == number) & (best_cover >= min_cover)] = COLOR_CLASSES.index(obj.color)
-    return colors.ravel()
+        cells = (best == number) & (best_cover >= min_cover)
+        colors[cells] = COLOR_CLASSES.index(obj.color)
+        shapes[cells] = CELL_SHAPE_CLASSES.index(obj.shape)
+    return colors.ravel(), shapes.ravel()
 
 
 def object_members(
@@ -93,20 +99,22 @@ def batch_targets(
 ) -> dict[str, torch.Tensor]:
     """Targets for every merged token of a batch (images in processor order); unlabelled images get none.
 
-    ``aux_color``: one class id (or IGNORE) per merged token; ``aux_members``: [objects, merged tokens] bool, the
-    cells of each labelled object; ``aux_shape``: each labelled object's shape id.
+    ``aux_color`` / ``aux_cell_shape``: one class id (or IGNORE) per merged token; ``aux_members``: [objects,
+    merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
     """
     labelled = {
         image: example["scene"]
         for image, example in zip(scene_image_index, examples, strict=True)
         if example.get("scene") is not None
     }
-    colors, object_rows, shapes, offset = [], [], [], 0
+    colors, cell_shapes, object_rows, shapes, offset = [], [], [], [], 0
     n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
         grid_h, grid_w = h // merge_size, w // merge_size
         if image in labelled:
-            colors.append(np.tile(cell_targets(labelled[image], grid_h, grid_w), t))
+            color, cell_shape = cell_targets(labelled[image], grid_h, grid_w)
+            colors.append(np.tile(color, t))
+            cell_shapes.append(np.tile(cell_shape, t))
             members, object_shapes = object_members(labelled[image], grid_h, grid_w)
             rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
             rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
@@ -114,9 +122,11 @@ def batch_targets(
             shapes.append(object_shapes)
         else:
             colors.append(np.full(t * grid_h * grid_w, IGNORE))
+            cell_shapes.append(colors[-1])
         offset += t * grid_h * grid_w
     return {
         "aux_color": torch.from_numpy(np.concatenate(colors)),
+        "aux_cell_shape": torch.from_numpy(np.concatenate(cell_shapes)),
         "aux_members": torch.from_numpy(np.concatenate(object_rows) if object_rows else np.zeros((0, n_tokens), bool)),
         "aux_shape": torch.from_numpy(np.concatenate(shapes) if shapes else np.zeros(0, np.int64)),
     }
@@ -125,10 +135,13 @@ def batch_targets(
 class VisionAuxHeads(nn.Module):
     """Two linear probes on the merged vision tokens; `attach` hooks them onto a Qwen2-VL model."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, shape_labels: str = "object") -> None:
         super().__init__()
+        if shape_labels not in SHAPE_LABELS:
+            raise ValueError(f"shape_labels must be one of {SHAPE_LABELS}, got {shape_labels!r}")
+        self.shape_labels = shape_labels
         self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
-        self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES))
+        self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES if shape_labels == "object" else CELL_SHAPE_CLASSES))
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
 
     def loss(
@@ -136,24 +149,23 @@ class VisionAuxHeads(nn.Module):
         aux_color: torch.Tensor,
         aux_members: torch.Tensor,
         aux_shape: torch.Tensor,
+        aux_cell_shape: torch.Tensor | None = None,
         background_weight: float | None = None,
     ) -> torch.Tensor:
-        """Per-cell colour cross-entropy + per-object (max-pooled) shape cross-entropy.
+        """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell.
 
-        Colour, ``background_weight=None``: the mean over every labelled cell; a number w: the mean over object
-        cells + w × the mean over background cells (about 60 of a scene's 64 cells are background, so the plain
-        mean is mostly background and says little about the objects).
+        Per-cell terms, ``background_weight=None``: the mean over every labelled cell; a number w: the mean over
+        object cells + w × the mean over background cells (about 60 of a scene's 64 cells are background, so the
+        plain mean is mostly background and says little about the objects).
         """
         if self.merged is None or self.merged.shape[0] != aux_color.shape[0]:
             raise RuntimeError("vision aux targets do not match the merged tokens of the forward pass")
         features, self.merged = self.merged, None
-        targets = aux_color.to(features.device)
-        per_cell = nn.functional.cross_entropy(self.color(features), targets, ignore_index=IGNORE, reduction="none")
-        labelled, objects = targets != IGNORE, targets > 0
-        if background_weight is None:
-            total = _mean(per_cell, labelled)
-        else:
-            total = _mean(per_cell, objects) + background_weight * _mean(per_cell, labelled & ~objects)
+        total = _cell_loss(self.color(features), aux_color.to(features.device), background_weight)
+        if self.shape_labels == "cell":
+            if aux_cell_shape is None:
+                raise RuntimeError("per-cell shape labels need aux_cell_shape targets")
+            return total + _cell_loss(self.shape(features), aux_cell_shape.to(features.device), background_weight)
         if aux_shape.numel():
             members = aux_members.to(features.device)
             # [objects, tokens, hidden] would be large; the max over each object's cells, one object at a time.
@@ -162,14 +174,23 @@ class VisionAuxHeads(nn.Module):
         return total
 
 
+def _cell_loss(logits: torch.Tensor, targets: torch.Tensor, background_weight: float | None) -> torch.Tensor:
+    """Cross-entropy over labelled cells (class 0 = background), balanced as `VisionAuxHeads.loss` says."""
+    per_cell = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    labelled, objects = targets != IGNORE, targets > 0
+    if background_weight is None:
+        return _mean(per_cell, labelled)
+    return _mean(per_cell, objects) + background_weight * _mean(per_cell, labelled & ~objects)
+
+
 def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask``; zero (not NaN) when nothing is selected."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def attach(model: Any) -> VisionAuxHeads:
+def attach(model: Any, shape_labels: str = "object") -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output."""
-    heads = VisionAuxHeads(model.config.text_config.hidden_size)
+    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:

@@ -60,14 +60,16 @@ def test_cell_targets_label_covered_empty_and_ambiguous_cells() -> None:
     square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[0, 0, 56, 56])
     half = WorldObject(id="o1", shape="triangle", color="red", size_class="medium", box=[56, 56, 84, 112])
     tiny = WorldObject(id="o2", shape="circle", color="green", size_class="tiny", box=[180, 180, 186, 186])
-    colors = vision_aux.cell_targets(_scene([square, half, tiny]), 4, 4).reshape(4, 4)
+    colors, shapes = vision_aux.cell_targets(_scene([square, half, tiny]), 4, 4)
+    colors, shapes = colors.reshape(4, 4), shapes.reshape(4, 4)
     assert colors[0, 0] == vision_aux.COLOR_CLASSES.index("blue")
+    assert shapes[0, 0] == vision_aux.CELL_SHAPE_CLASSES.index("square")
     # A triangle in half the cell covers about a quarter of it: below min_cover 0.3, and not empty -> ignored.
-    assert colors[1, 1] == IGNORE
+    assert colors[1, 1] == IGNORE and shapes[1, 1] == IGNORE
     assert colors[3, 3] == IGNORE  # a tiny object is never called background
-    assert colors[0, 3] == 0 and colors[2, 0] == 0  # empty cells are background
+    assert colors[0, 3] == 0 and shapes[2, 0] == 0  # empty cells are background
     big = WorldObject(id="o3", shape="triangle", color="red", size_class="large", box=[56, 56, 112, 112])
-    colors = vision_aux.cell_targets(_scene([big]), 4, 4)
+    colors, _ = vision_aux.cell_targets(_scene([big]), 4, 4)
     assert colors.reshape(4, 4)[1, 1] == vision_aux.COLOR_CLASSES.index("red")  # a triangle covers half its box
 
 
@@ -93,6 +95,7 @@ def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCo
     # images: scene, crop, scene, crop -> the crops' tokens are all ignored, the scenes' are not.
     spans = np.split(batch["aux_color"].numpy(), np.cumsum(tokens_per_image)[:-1])
     assert [bool((span != IGNORE).any()) for span in spans] == [True, False, True, False]
+    assert batch["aux_cell_shape"].shape == batch["aux_color"].shape
     members = batch["aux_members"].numpy()
     assert members.shape == (len(batch["aux_shape"]), sum(tokens_per_image)) and members.any(axis=1).all()
     member_spans = np.split(members, np.cumsum(tokens_per_image)[:-1], axis=1)
@@ -102,8 +105,10 @@ def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCo
 def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
     recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     first, last = recipe.all_stages()[0], recipe.all_stages()[-1]
-    assert first.train.vision_only and first.train.aux_weight > 0 and first.data.one_per_scene
-    assert "single" in recipe.all_stages()[1].data.presets
+    assert first.train.aux_weight > 0 and "single" in first.data.presets and first.train.aux_shape == "cell"
+    probe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-vision-pretrain.yaml")
+    vision = probe.all_stages()[0]
+    assert vision.train.vision_only and vision.train.aux_shape == "object" and vision.data.one_per_scene
     assert last.train.max_steps == recipe.train.max_steps and last.data.formats == recipe.data.formats
 
 
@@ -123,7 +128,8 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
         learning_rate=1e-3,
     )
     mix = DataMix(formats={"qa": 1.0, "ground": 1.0}, presets={"simple": 1.0})
-    vision_pretraining = TrainConfig(**{**train.__dict__, "vision_only": True})
+    # The schedule spans 4 steps; stop_after_steps ends the stage after 2 (as a recorded time-limit stop would).
+    vision_pretraining = TrainConfig(**{**train.__dict__, "vision_only": True, "max_steps": 4, "stop_after_steps": 2})
     recipe = SFTRecipe(
         output_dir=str(tmp_path / "out"),
         model=TinyConfig(),
@@ -140,7 +146,8 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert not hasattr(model, "foveate_aux") and model.config.model_type == "qwen2_vl"
     stage1_log = json.loads((tmp_path / "work" / "stage1" / "training_log.json").read_text())
-    assert len(stage1_log) == 2 and all(np.isfinite(row["loss"]) for row in stage1_log)
+    assert len(stage1_log) == 3 and all(np.isfinite(row["loss"]) for row in stage1_log[:2])
+    assert stage1_log[-1] == {"step": 2, "ended": True}
     # Stage 1 moved the vision tower (the aux heads' gradient reaches it) and nothing of the language model.
     initial = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1.work" / "init")
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1")
@@ -187,3 +194,23 @@ def test_aux_loss_balances_colour_cells_and_max_pools_shape_per_object() -> None
     assert heads.loss(nothing, *no_objects, background_weight=0.25).item() == 0.0  # no NaN from an empty mean
     with pytest.raises(RuntimeError, match="do not match"):
         heads.loss(colors, members, shapes)  # the merged tokens are consumed by each loss
+
+
+def test_per_cell_shape_labels_balance_like_colour() -> None:
+    heads = vision_aux.VisionAuxHeads(hidden_size=4, shape_labels="cell")
+    torch.manual_seed(0)
+    features = torch.randn(5, 4)
+    colors = torch.tensor([0, 0, 0, 3, IGNORE])
+    cell_shapes = torch.tensor([0, 0, 0, 2, IGNORE])
+    no_objects = (torch.zeros((0, 5), dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    per_cell = [
+        torch.nn.functional.cross_entropy(head(features[:4]), targets[:4], reduction="none")
+        for head, targets in ((heads.color, colors), (heads.shape, cell_shapes))
+    ]
+    heads.merged = features
+    balanced = heads.loss(colors, *no_objects, aux_cell_shape=cell_shapes, background_weight=0.25)
+    expected = sum(cells[3].item() + 0.25 * cells[:3].mean().item() for cells in per_cell)
+    assert balanced.item() == pytest.approx(expected, rel=1e-5)
+    assert heads.shape.out_features == len(vision_aux.CELL_SHAPE_CLASSES)
+    with pytest.raises(ValueError, match="shape_labels"):
+        vision_aux.VisionAuxHeads(hidden_size=4, shape_labels="pixel")
