@@ -14,7 +14,8 @@ steps. A run is ``POOL:PRESET``:
 - ``mean`` / ``max``: one label per object, on the mean / max of its cells' features (`vision_aux.object_members`);
 - PRESET: the training scenes (``single``: one object; ``large``: about five medium/large objects per scene).
 
-AdamW at 1e-3 with 50 warm-up steps and cosine decay, batch 16, seed 0. Measured (the default command):
+AdamW at 1e-3 with 50 warm-up steps and cosine decay, batch 16, seed 0.
+Measured with `--runs cell:single,max:single,max:large`:
 
 | run | step 100 | step 200 | step 300 |
 |---|---|---|---|
