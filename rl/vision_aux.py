@@ -63,9 +63,12 @@ def cell_coverage(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
     return pixels / np.outer(np.diff(rows), np.diff(cols))
 
 
-def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Colour and (per-cell) shape class ids, or IGNORE, for each cell of a grid_h × grid_w grid, in raster order."""
-    coverage = cell_coverage(scene, grid_h, grid_w)
+def cell_targets(
+    scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3, coverage: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colour and (per-cell) shape class ids, or IGNORE, for each cell of a grid_h × grid_w grid, in raster order.
+    ``coverage``: `cell_coverage` of the same grid when the caller has it already."""
+    coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
     n_objects = len(scene.objects)
     best = coverage[:n_objects].argmax(axis=0) if n_objects else np.zeros((grid_h, grid_w), dtype=int)
     best_cover = coverage[:n_objects].max(axis=0) if n_objects else np.zeros((grid_h, grid_w))
@@ -80,14 +83,21 @@ def cell_targets(scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3)
 
 
 def object_members(
-    scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3, member_cover: float = 0.1
+    scene: Scene,
+    grid_h: int,
+    grid_w: int,
+    min_cover: float = 0.3,
+    member_cover: float = 0.1,
+    coverage: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shape targets per object: (members [n, grid_h·grid_w] bool, shape ids [n]).
 
     Only objects that cover at least `min_cover` of some cell are labelled (a tiny object is a few input pixels:
     its shape is not there to learn); an object's members are the cells it covers by at least `member_cover`.
+    ``coverage``: `cell_coverage` of the same grid when the caller has it already.
     """
-    coverage = cell_coverage(scene, grid_h, grid_w)[: len(scene.objects)].reshape(len(scene.objects), -1)
+    coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
+    coverage = coverage[: len(scene.objects)].reshape(len(scene.objects), -1)
     keep = [k for k in range(len(scene.objects)) if coverage[k].max() >= min_cover]
     members = coverage[keep] >= member_cover
     shapes = np.array([SHAPE_CLASSES.index(scene.objects[k].shape) for k in keep], dtype=np.int64)
@@ -112,10 +122,12 @@ def batch_targets(
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
         grid_h, grid_w = h // merge_size, w // merge_size
         if image in labelled:
-            color, cell_shape = cell_targets(labelled[image], grid_h, grid_w)
+            scene = labelled[image]
+            coverage = cell_coverage(scene, grid_h, grid_w)  # shared by both label kinds: one pass over the pixels
+            color, cell_shape = cell_targets(scene, grid_h, grid_w, coverage=coverage)
             colors.append(np.tile(color, t))
             cell_shapes.append(np.tile(cell_shape, t))
-            members, object_shapes = object_members(labelled[image], grid_h, grid_w)
+            members, object_shapes = object_members(scene, grid_h, grid_w, coverage=coverage)
             rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
             rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
             object_rows.append(rows)
