@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.sft import IGNORE, ChatCollator, load_recipe
+from foveate.rl.sft import IGNORE, ChatCollator, build_model, load_recipe
 from foveate.world.scenes import COLORS
 
 NAMES = list(COLORS)[:8]  # red … pink: none is white, so a white canvas shows them all
@@ -40,17 +40,10 @@ def example(rng: random.Random) -> dict:
 
 def run(lr: float, steps: int, workdir: Path) -> tuple[float, float, float]:
     """(final training loss, first-token accuracy, seconds) for one learning rate."""
-    from transformers import AutoModelForImageTextToText
-
-    from foveate.policies.loading import load_processor
-    from foveate.policies.tiny import build_tiny_model
-
     torch.manual_seed(0)
-    source = build_tiny_model(
-        workdir / f"lr{lr:g}", load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml").model
-    )
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
-    collator = ChatCollator(load_processor(source), max_length=512)
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    model, processor, _ = build_model(recipe, workdir / f"lr{lr:g}")
+    collator = ChatCollator(processor, max_length=512)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng, started = random.Random(0), time.perf_counter()
     for _ in range(steps):

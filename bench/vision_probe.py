@@ -1,16 +1,16 @@
 """Can a from-scratch Qwen2-VL vision tower learn the world's shapes, and how should the shape loss be pooled?
 
-    python bench/vision_probe.py                                  # the table behind rl/vision_aux.py (≈ 10 min)
+    python bench/vision_probe.py                                  # every run below (≈ 12 min)
     python bench/vision_probe.py --runs max:large --steps 500     # one run, longer
-    python bench/vision_probe.py --frozen foveate/assets/models/demo.work/stage1   # what a trained tower carries
+    python bench/vision_probe.py --frozen /tmp/foveate-probes/demo-v2.work/stage1   # what a trained tower carries
 
 Trains only the vision tower of a fresh model of the demo model's size (configs/demo.yaml) plus one linear shape
 head on the merged tokens, through the real processor and `rl.vision_aux` targets, and prints the shape accuracy
 on held-out one-object scenes (the `single` preset, seed 999; 7 shapes, the most frequent is 22 %) every 100
 steps. A run is ``POOL:PRESET``:
 
-- ``cell``: every cell an object covers by ≥ 30 % is labelled with its shape (the loss rl.vision_aux used first);
-  an object's prediction is the mean of its cells' logits;
+- ``cell``: every cell an object covers by ≥ 30 % is labelled with its shape (like rl.vision_aux's
+  ``shape_labels="cell"``); an object's prediction is the mean of its cells' logits;
 - ``mean`` / ``max``: one label per object, on the mean / max of its cells' features (`vision_aux.object_members`);
 - PRESET: the training scenes (``single``: one object; ``large``: about five medium/large objects per scene).
 
@@ -35,12 +35,13 @@ import argparse
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from foveate.rl.sft import load_recipe
+from foveate.rl.sft import build_model, load_recipe
 from foveate.rl.vision_aux import SHAPE_CLASSES, object_members
 from foveate.world import iter_scenes, render_scene
 
@@ -78,16 +79,10 @@ class Batches(torch.utils.data.IterableDataset):
 
 def build_tower(seed: int):
     """The demo recipe's fresh model (vision tower and processor); the decoder is built but never run."""
-    from transformers import AutoModelForImageTextToText
-
-    from foveate.policies.loading import load_processor
-    from foveate.policies.tiny import build_tiny_model
-
-    recipe = load_recipe("configs/demo.yaml")
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     recipe.model.seed = seed
-    source = build_tiny_model(f"/tmp/foveate-vision-probe/init-{seed}", recipe.model)
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
-    return model.model.visual, load_processor(source).image_processor, model.config.text_config.hidden_size
+    model, processor, _ = build_model(recipe, Path(f"/tmp/foveate-vision-probe/seed{seed}"))
+    return model.model.visual, processor.image_processor, model.config.text_config.hidden_size
 
 
 def object_logits(features: torch.Tensor, members: torch.Tensor, head: nn.Module, pool: str) -> torch.Tensor:

@@ -187,23 +187,22 @@ def aux_trainer_class():
     from transformers import Trainer
 
     class AuxTrainer(Trainer):
-        aux_weight = 0.0  # set by run_stage
-        aux_background_weight: float | None = None
-        vision_only = False  # the aux loss alone: only the vision tower runs (rl.vision_aux, "vision pretraining")
+        stage_train = TrainConfig()  # the stage's settings (aux_weight, aux_background_weight, vision_only)
         _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = {key: inputs.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
-            if self.vision_only:
+            train = self.stage_train
+            if train.vision_only:  # the aux loss alone: only the vision tower runs ("vision pretraining")
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])  # feeds the aux hook
                 result = (torch.zeros(()), None) if return_outputs else torch.zeros(())
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            aux = model.foveate_aux.loss(**targets, background_weight=self.aux_background_weight)
+            aux = model.foveate_aux.loss(**targets, background_weight=train.aux_background_weight)
             self._aux_losses = (*self._aux_losses, aux.item())
             if return_outputs:
-                return result[0] + self.aux_weight * aux, result[1]
-            return result + self.aux_weight * aux
+                return result[0] + train.aux_weight * aux, result[1]
+            return result + train.aux_weight * aux
 
         def log(self, logs, *args, **kwargs):
             if self._aux_losses and "loss" in logs:
@@ -332,9 +331,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         # With no vision multiplier, Trainer's own AdamW (no decay on biases and norms) is used unchanged.
         optimizers=(make_optimizer(model, train) if train.vision_lr_scale != 1.0 else None, None),
     )
-    trainer.aux_weight = train.aux_weight
-    trainer.aux_background_weight = train.aux_background_weight
-    trainer.vision_only = train.vision_only
+    trainer.stage_train = train
     trainer.train()
     if train.aux_weight:
         vision_aux.detach(model)
