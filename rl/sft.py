@@ -52,7 +52,7 @@ class TrainConfig:
     vision_lr_scale: float = 1.0  # the vision tower's learning rate = learning_rate × this
     aux_weight: float = 0.0  # weight of the colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
     aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
-    aux_shape: str = "object"  # shape labels: "object" (max over an object's cells) or "cell" (v1 demo model)
+    aux_shape: str = "object"  # shape labels: "object" (max over an object's cells), "cell" (v1 demo model) or "both"
     vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
 
 

@@ -214,3 +214,26 @@ def test_per_cell_shape_labels_balance_like_colour() -> None:
     assert heads.shape.out_features == len(vision_aux.CELL_SHAPE_CLASSES)
     with pytest.raises(ValueError, match="shape_labels"):
         vision_aux.VisionAuxHeads(hidden_size=4, shape_labels="pixel")
+
+
+def test_both_shape_labels_add_the_per_cell_term_to_the_per_object_one() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(5, 4)
+    colors = torch.tensor([0, 0, 0, 3, IGNORE])
+    cell_shapes = torch.tensor([0, 0, 0, 2, IGNORE])
+    members, shapes = torch.tensor([[False, False, False, True, True]]), torch.tensor([1])
+    both = vision_aux.VisionAuxHeads(hidden_size=4, shape_labels="both")
+    assert both.shape.out_features == len(vision_aux.SHAPE_CLASSES)
+    assert both.cell_shape.out_features == len(vision_aux.CELL_SHAPE_CLASSES)
+    def balanced_cells(head, targets):
+        per_cell = torch.nn.functional.cross_entropy(head(features[:4]), targets[:4], reduction="none")
+        return per_cell[3].item() + 0.25 * per_cell[:3].mean().item()
+
+    object_term = torch.nn.functional.cross_entropy(both.shape(features[3:].amax(dim=0, keepdim=True)), shapes)
+    expected = balanced_cells(both.color, colors) + balanced_cells(both.cell_shape, cell_shapes) + object_term.item()
+    both.merged = features
+    loss = both.loss(colors, members, shapes, aux_cell_shape=cell_shapes, background_weight=0.25)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    both.merged = features
+    with pytest.raises(RuntimeError, match="aux_cell_shape"):
+        both.loss(colors, members, shapes)
