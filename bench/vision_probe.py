@@ -193,7 +193,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frozen", default=None, help="probe this trained model's frozen tower instead")
-    parser.add_argument("--frozen-pool", default="max", choices=("max", "mean"), help="how --frozen pools an object's cells")
+    parser.add_argument(
+        "--frozen-pool", default="max", choices=("max", "mean"), help="how --frozen pools an object's cells"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.frozen:
