@@ -225,6 +225,7 @@ def test_both_shape_labels_add_the_per_cell_term_to_the_per_object_one() -> None
     both = vision_aux.VisionAuxHeads(hidden_size=4, shape_labels="both")
     assert both.shape.out_features == len(vision_aux.SHAPE_CLASSES)
     assert both.cell_shape.out_features == len(vision_aux.CELL_SHAPE_CLASSES)
+
     def balanced_cells(head, targets):
         per_cell = torch.nn.functional.cross_entropy(head(features[:4]), targets[:4], reduction="none")
         return per_cell[3].item() + 0.25 * per_cell[:3].mean().item()
