@@ -70,6 +70,9 @@ class TinyConfig:
     vocab_size: int = 2048  # BPE merges stop here (special tokens included)
     min_pixels: int = 56 * 56  # processor lower bound on input pixels (resized image)
     max_pixels: int = 224 * 224  # processor upper bound: 224×224 → 64 image tokens after the 2×2 merge
+    # Patches merged into one decoder token per side (Qwen2-VL: 2). 3 at 336 px keeps 64 tokens while the vision
+    # tower sees 1.5× the pixels of 224 px.
+    merge_size: int = 2
     seed: int = 0  # weight initialisation seed
     init_std: float = 0.02  # weight init std; tests use a larger one so random greedy outputs vary with the input
 
@@ -125,7 +128,7 @@ def build_processor(tokenizer, config: TinyConfig):
     from foveate.policies.loading import processor_without_video
 
     image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
+        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}, merge_size=config.merge_size
     )
     return processor_without_video(Qwen2VLProcessor, image_processor, tokenizer, tokenizer.chat_template)
 
@@ -160,7 +163,7 @@ def build_model_config(tokenizer, config: TinyConfig):
         "num_heads": config.vision_heads,
         "mlp_ratio": 2,
         "patch_size": 14,
-        "spatial_merge_size": 2,
+        "spatial_merge_size": config.merge_size,
         "temporal_patch_size": 2,
         "initializer_range": config.init_std,
     }
@@ -190,7 +193,7 @@ def video_processor_config(config: TinyConfig) -> dict:
         "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
         "patch_size": 14,
         "temporal_patch_size": 2,
-        "merge_size": 2,
+        "merge_size": config.merge_size,
         "min_frames": 4,
         "max_frames": 768,
         "resample": 3,

@@ -238,3 +238,26 @@ def test_both_shape_labels_add_the_per_cell_term_to_the_per_object_one() -> None
     both.merged = features
     with pytest.raises(RuntimeError, match="aux_cell_shape"):
         both.loss(colors, members, shapes)
+
+
+def test_a_three_by_three_merge_keeps_64_tokens_at_336_px(tmp_path: Path) -> None:
+    """TinyConfig.merge_size reaches the vision config, the processor and the aux targets alike."""
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+    from foveate.policies.tiny import TinyConfig, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "m3", TinyConfig(max_pixels=336 * 336, merge_size=3), seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
+    assert model.config.vision_config.spatial_merge_size == processor.image_processor.merge_size == 3
+    collator = ChatCollator(processor, max_length=512, aux_targets=True)
+    examples = list(itertools.islice(example_stream(0, DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})), 2))
+    batch = collator(examples)
+    assert batch["image_grid_thw"].tolist() == [[1, 24, 24]] * 2  # a 672-px scene at 336 px: 24×24 patches
+    assert (batch["input_ids"] == 5).sum(dim=1).tolist() == [64, 64]
+    assert batch["aux_color"].shape[0] == 128 and (batch["aux_color"] != IGNORE).any()
+    vision_aux.attach(model)
+    targets = {key: batch.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
+    loss = model(**batch).loss + model.foveate_aux.loss(**targets)
+    assert torch.isfinite(loss)
