@@ -81,6 +81,10 @@ def corpus_lines() -> list[str]:
     """The text the tokenizer is trained on: world vocabulary, numbers, JSON boxes and strategy tags."""
     words = _CORPUS_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    # Each word alone too: answers follow "assistant\n" with no space before them, and a BPE that only saw
+    # " star" splits a bare "star" into pieces ("st"+"ar"), which would make every one-word answer several
+    # decisions, and "square"/"star" or "blue"/"brown"/"black" share their first token.
+    lines += words
     lines += [" ".join(str(n) for n in range(start, start + 50)) for start in range(0, 1001, 50)]
     lines += [
         "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",

@@ -55,7 +55,7 @@ def conversations(tmp_path_factory) -> list[list[dict]]:
         [user(1, _png_bytes(_image("green", (120, 80))), "question 1: is there a small white box in the image?")],
         [
             {"role": "system", "content": "answer with a single word or phrase"},
-            user(2, str(path), "question 2: which corner?"),
+            user(2, str(path), "question 2: which corner is the red dot in?"),
         ],
         [
             {
