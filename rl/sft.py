@@ -54,6 +54,7 @@ class TrainConfig:
     aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
     aux_shape: str = "object"  # shape labels: "object" (max over an object's cells), "cell" (v1 demo model) or "both"
     vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
+    aux_word_aligned: bool = False  # aux heads score classes against the decoder's embeddings of the answer words
 
 
 @dataclass
@@ -296,7 +297,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        vision_aux.attach(model, train.aux_shape)
+        vision_aux.attach(model, train.aux_shape, processor.tokenizer if train.aux_word_aligned else None)
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,

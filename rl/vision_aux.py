@@ -26,6 +26,13 @@ language loss. Linear on purpose: they ask those tokens to carry the attributes 
   `python bench/vision_probe.py` compares the two (and mean pooling) on a fresh tower; `--frozen DIR` measures
   what a trained tower carries (configs/probes/demo-vision-pretrain.yaml's stage 1: 74 % on held-out objects).
 
+Word-aligned heads (``word_aligned=True``): instead of free linear heads, each class is scored by the cosine
+between the token and the decoder's own (tied input/output) embedding of the class's answer word ("red",
+"star"; a learned vector for "background"), times a learned scale. The tokens are then asked to point where
+the language model's output layer already reads the answer, so answering is a copy of the right token rather
+than a new readout the decoder must discover; the gradient moves the embeddings too. The answer words must each
+be one token (tokenizers built by `policies.tiny` after bare words were added to its corpus).
+
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
 """
@@ -149,16 +156,58 @@ def batch_targets(
     }
 
 
-class VisionAuxHeads(nn.Module):
-    """Two linear probes on the merged vision tokens; `attach` hooks them onto a Qwen2-VL model."""
+class WordAlignedHead(nn.Module):
+    """Class scores = learned scale × cosine(token, the class word's embedding); `None` ids get learned vectors."""
 
-    def __init__(self, hidden_size: int, shape_labels: str = "object") -> None:
+    def __init__(self, embedding: nn.Embedding, token_ids: list[int | None], scale: float = 10.0) -> None:
+        super().__init__()
+        self._embedding = [embedding]  # a list, so the shared embedding is not registered (and saved) twice
+        self.register_buffer("token_ids", torch.tensor([i if i is not None else 0 for i in token_ids]))
+        self.learned = nn.Parameter(torch.randn(len(token_ids), embedding.embedding_dim) * embedding.weight.std())
+        self.register_buffer("is_learned", torch.tensor([i is None for i in token_ids]))
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(scale))))
+        self.bias = nn.Parameter(torch.zeros(len(token_ids)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        words = self._embedding[0].weight[self.token_ids]
+        classes = torch.where(self.is_learned[:, None], self.learned, words)
+        cosine = nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(classes, dim=-1).T
+        return self.log_scale.exp() * cosine + self.bias
+
+
+def word_ids(tokenizer: Any, classes: tuple[str, ...]) -> list[int | None]:
+    """The single token id of each class word as an answer writes it; None for "background"."""
+    ids: list[int | None] = []
+    for name in classes:
+        pieces = tokenizer(name, add_special_tokens=False)["input_ids"] if name != "background" else None
+        if pieces is not None and len(pieces) != 1:
+            raise ValueError(f"word-aligned heads need one token per class word; {name!r} is {len(pieces)} tokens")
+        ids.append(pieces[0] if pieces else None)
+    return ids
+
+
+class VisionAuxHeads(nn.Module):
+    """Two probes on the merged vision tokens (linear, or word-aligned given the model's embedding and tokenizer);
+    `attach` hooks them onto a Qwen2-VL model."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        shape_labels: str = "object",
+        embedding: nn.Embedding | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
             raise ValueError(f"shape_labels must be one of {SHAPE_LABELS}, got {shape_labels!r}")
         self.shape_labels = shape_labels
-        self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
-        self.shape = nn.Linear(hidden_size, len(SHAPE_CLASSES if shape_labels != "cell" else CELL_SHAPE_CLASSES))
+        shape_classes = SHAPE_CLASSES if shape_labels != "cell" else CELL_SHAPE_CLASSES
+        if embedding is not None:
+            self.color = WordAlignedHead(embedding, word_ids(tokenizer, COLOR_CLASSES))
+            self.shape = WordAlignedHead(embedding, word_ids(tokenizer, shape_classes))
+        else:
+            self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
+            self.shape = nn.Linear(hidden_size, len(shape_classes))
         # "both": a second, per-cell shape head beside the per-object one.
         self.cell_shape = nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES)) if shape_labels == "both" else None
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
@@ -210,9 +259,11 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def attach(model: Any, shape_labels: str = "object") -> VisionAuxHeads:
-    """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output."""
-    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels)
+def attach(model: Any, shape_labels: str = "object", tokenizer: Any = None) -> VisionAuxHeads:
+    """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
+    With a `tokenizer`, the heads are word-aligned to the model's input embeddings."""
+    embedding = model.get_input_embeddings() if tokenizer is not None else None
+    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:

@@ -261,3 +261,29 @@ def test_a_three_by_three_merge_keeps_64_tokens_at_336_px(tmp_path: Path) -> Non
     targets = {key: batch.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
     loss = model(**batch).loss + model.foveate_aux.loss(**targets)
     assert torch.isfinite(loss)
+
+
+def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+    from foveate.policies.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()  # a fresh build: bare answer words are single tokens
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    heads = vision_aux.attach(model, tokenizer=tokenizer)
+    embedding = model.get_input_embeddings()
+    red = vision_aux.COLOR_CLASSES.index("red")
+    red_word = embedding.weight[tokenizer("red", add_special_tokens=False)["input_ids"][0]]
+    assert heads.color(red_word[None]).argmax().item() == red  # the word's own embedding scores its class
+    # The shared embedding is not a parameter of the heads (saved or optimised twice), but the loss reaches it.
+    assert all(parameter is not embedding.weight for parameter in heads.parameters())
+    heads.merged = torch.stack([red_word.detach()] * 2)
+    loss = heads.loss(torch.tensor([red, 0]), torch.zeros((0, 2), dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert embedding.weight.grad is not None and embedding.weight.grad.abs().sum() > 0
+    # A tokenizer that splits an answer word cannot align it: a clear error, not a silent first-piece match.
+    split = load_processor(Path(__file__).parents[1] / "foveate" / "assets" / "models" / "demo").tokenizer
+    with pytest.raises(ValueError, match="one token per class word"):
+        vision_aux.word_ids(split, vision_aux.SHAPE_CLASSES)
