@@ -73,18 +73,21 @@ class TinyConfig:
     # Patches merged into one decoder token per side (Qwen2-VL: 2). 3 at 336 px keeps 64 tokens while the vision
     # tower sees 1.5× the pixels of 224 px.
     merge_size: int = 2
+    # Train the tokenizer on each bare word too, so one-word answers are single tokens (False: the tokenizer of
+    # the demo model v1, kept so configs/demo.yaml still rebuilds it).
+    bare_words: bool = True
     seed: int = 0  # weight initialisation seed
     init_std: float = 0.02  # weight init std; tests use a larger one so random greedy outputs vary with the input
 
 
-def corpus_lines() -> list[str]:
+def corpus_lines(bare_words: bool = True) -> list[str]:
     """The text the tokenizer is trained on: world vocabulary, numbers, JSON boxes and strategy tags."""
     words = _CORPUS_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     # Each word alone too: answers follow "assistant\n" with no space before them, and a BPE that only saw
     # " star" splits a bare "star" into pieces ("st"+"ar"), which would make every one-word answer several
     # decisions, and "square"/"star" or "blue"/"brown"/"black" share their first token.
-    lines += words
+    lines += words if bare_words else []
     lines += [" ".join(str(n) for n in range(start, start + 50)) for start in range(0, 1001, 50)]
     lines += [
         "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
@@ -95,7 +98,7 @@ def corpus_lines() -> list[str]:
     return lines * 4  # repetition makes frequent words single tokens
 
 
-def build_tokenizer(vocab_size: int = 2048):
+def build_tokenizer(vocab_size: int = 2048, bare_words: bool = True):
     """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
@@ -109,7 +112,7 @@ def build_tokenizer(vocab_size: int = 2048):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus_lines(bare_words), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
@@ -228,7 +231,7 @@ def build_tiny_model(out_dir: str | Path, config: TinyConfig | None = None, seed
         config = TinyConfig(**{**asdict(config), "seed": seed})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(config.vocab_size)
+    tokenizer = build_tokenizer(config.vocab_size, config.bare_words)
     processor = build_processor(tokenizer, config)
     torch.manual_seed(config.seed)
     model = Qwen2VLForConditionalGeneration(build_model_config(tokenizer, config))

@@ -31,7 +31,10 @@ between the token and the decoder's own (tied input/output) embedding of the cla
 "star"; a learned vector for "background"), times a learned scale. The tokens are then asked to point where
 the language model's output layer already reads the answer, so answering is a copy of the right token rather
 than a new readout the decoder must discover; the gradient moves the embeddings too. The answer words must each
-be one token (tokenizers built by `policies.tiny` after bare words were added to its corpus).
+be one token (tokenizers built by `policies.tiny` after bare words were added to its corpus). Measured after
+stage 2 (600 steps of one-object questions) from the same 336-px tower (configs/probes/demo-v5.yaml), whole-answer
+shape accuracy on held-out one-object scenes is 0.76 with word alignment and 0.21 (chance) without
+(`python bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both.
 
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.

@@ -287,3 +287,14 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
     split = load_processor(Path(__file__).parents[1] / "foveate" / "assets" / "models" / "demo").tokenizer
     with pytest.raises(ValueError, match="one token per class word"):
         vision_aux.word_ids(split, vision_aux.SHAPE_CLASSES)
+
+
+def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
+    """configs/demo.yaml keeps the demo model's tokenizer (no bare-word training), vocabulary for vocabulary."""
+    from foveate.policies.tiny import build_tokenizer
+
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    rebuilt = build_tokenizer(recipe.model.vocab_size, recipe.model.bare_words)
+    shipped = json.loads((Path(__file__).parents[1] / "foveate/assets/models/demo/tokenizer.json").read_text())
+    assert json.loads(rebuilt.backend_tokenizer.to_str())["model"]["vocab"] == shipped["model"]["vocab"]
+    assert len(build_tokenizer()("star", add_special_tokens=False)["input_ids"]) == 1  # the default learns "star"
