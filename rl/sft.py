@@ -54,7 +54,8 @@ class TrainConfig:
     aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
     aux_shape: str = "object"  # shape labels: "object" (max over an object's cells), "cell" (v1 demo model) or "both"
     vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
-    aux_word_aligned: bool = False  # aux heads score classes against the decoder's embeddings of the answer words
+    # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape".
+    aux_word_aligned: str = "none"
 
 
 @dataclass
@@ -297,7 +298,8 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        vision_aux.attach(model, train.aux_shape, processor.tokenizer if train.aux_word_aligned else None)
+        aligned = train.aux_word_aligned != "none"
+        vision_aux.attach(model, train.aux_shape, processor.tokenizer if aligned else None, train.aux_word_aligned)
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,

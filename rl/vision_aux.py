@@ -34,7 +34,9 @@ than a new readout the decoder must discover; the gradient moves the embeddings 
 be one token (tokenizers built by `policies.tiny` after bare words were added to its corpus). Measured after
 stage 2 (600 steps of one-object questions) from the same 336-px tower (configs/probes/demo-v5.yaml), whole-answer
 shape accuracy on held-out one-object scenes is 0.76 with word alignment and 0.21 (chance) without
-(`python bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both.
+(`python bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both, and
+with every head aligned it stayed there through stage 3 (0.13: "green" to almost every colour question) while
+shape fell back to 0.63. ``aligned="shape"`` aligns the shape head only and keeps a linear colour head.
 
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
@@ -55,6 +57,7 @@ COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
 SHAPE_LABELS = ("object", "cell", "both")
+ALIGNED_HEADS = ("all", "shape")  # which heads are word-aligned when a tokenizer is given
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -199,17 +202,23 @@ class VisionAuxHeads(nn.Module):
         shape_labels: str = "object",
         embedding: nn.Embedding | None = None,
         tokenizer: Any = None,
+        aligned: str = "all",
     ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
             raise ValueError(f"shape_labels must be one of {SHAPE_LABELS}, got {shape_labels!r}")
         self.shape_labels = shape_labels
         shape_classes = SHAPE_CLASSES if shape_labels != "cell" else CELL_SHAPE_CLASSES
-        if embedding is not None:
+        if aligned not in ALIGNED_HEADS:
+            raise ValueError(f"aligned must be one of {ALIGNED_HEADS}, got {aligned!r}")
+        # With an embedding, `aligned` says which heads are word-aligned: "all" or only "shape".
+        if embedding is not None and aligned == "all":
             self.color = WordAlignedHead(embedding, word_ids(tokenizer, COLOR_CLASSES))
-            self.shape = WordAlignedHead(embedding, word_ids(tokenizer, shape_classes))
         else:
             self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
+        if embedding is not None:
+            self.shape = WordAlignedHead(embedding, word_ids(tokenizer, shape_classes))
+        else:
             self.shape = nn.Linear(hidden_size, len(shape_classes))
         # "both": a second, per-cell shape head beside the per-object one.
         self.cell_shape = nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES)) if shape_labels == "both" else None
@@ -262,11 +271,11 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def attach(model: Any, shape_labels: str = "object", tokenizer: Any = None) -> VisionAuxHeads:
+def attach(model: Any, shape_labels: str = "object", tokenizer: Any = None, aligned: str = "all") -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
-    With a `tokenizer`, the heads are word-aligned to the model's input embeddings."""
+    With a `tokenizer`, the `aligned` heads ("all" or "shape") are word-aligned to the model's input embeddings."""
     embedding = model.get_input_embeddings() if tokenizer is not None else None
-    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer)
+    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer, aligned)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:

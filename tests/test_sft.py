@@ -283,6 +283,10 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
     loss = heads.loss(torch.tensor([red, 0]), torch.zeros((0, 2), dtype=torch.bool), torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert embedding.weight.grad is not None and embedding.weight.grad.abs().sum() > 0
+    shape_only = vision_aux.VisionAuxHeads(
+        model.config.text_config.hidden_size, embedding=embedding, tokenizer=tokenizer, aligned="shape"
+    )
+    assert isinstance(shape_only.color, torch.nn.Linear) and isinstance(shape_only.shape, vision_aux.WordAlignedHead)
     # A tokenizer that splits an answer word cannot align it: a clear error, not a silent first-piece match.
     split = load_processor(Path(__file__).parents[1] / "foveate" / "assets" / "models" / "demo").tokenizer
     with pytest.raises(ValueError, match="one token per class word"):
