@@ -36,7 +36,8 @@ stage 2 (600 steps of one-object questions) from the same 336-px tower (configs/
 shape accuracy on held-out one-object scenes is 0.76 with word alignment and 0.21 (chance) without
 (`python bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both, and
 with every head aligned it stayed there through stage 3 (0.13: "green" to almost every colour question) while
-shape fell back to 0.63. ``aligned="shape"`` aligns the shape head only and keeps a linear colour head.
+shape fell back to 0.63. ``aligned="shape"`` aligns the shape head only and keeps a linear colour head: after
+the same stage 2, shape 0.69 and colour 0.20, so the shape gain comes from the shape head's alignment alone.
 
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
