@@ -298,8 +298,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        aligned = train.aux_word_aligned != "none"
-        vision_aux.attach(model, train.aux_shape, processor.tokenizer if aligned else None, train.aux_word_aligned)
+        vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer)
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,

@@ -58,7 +58,7 @@ COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
 SHAPE_LABELS = ("object", "cell", "both")
-ALIGNED_HEADS = ("all", "shape")  # which heads are word-aligned when a tokenizer is given
+ALIGNED_HEADS = ("none", "all", "shape")  # which heads are word-aligned
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -203,7 +203,7 @@ class VisionAuxHeads(nn.Module):
         shape_labels: str = "object",
         embedding: nn.Embedding | None = None,
         tokenizer: Any = None,
-        aligned: str = "all",
+        aligned: str = "none",
     ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
@@ -212,12 +212,13 @@ class VisionAuxHeads(nn.Module):
         shape_classes = SHAPE_CLASSES if shape_labels != "cell" else CELL_SHAPE_CLASSES
         if aligned not in ALIGNED_HEADS:
             raise ValueError(f"aligned must be one of {ALIGNED_HEADS}, got {aligned!r}")
-        # With an embedding, `aligned` says which heads are word-aligned: "all" or only "shape".
-        if embedding is not None and aligned == "all":
+        if aligned != "none" and (embedding is None or tokenizer is None):
+            raise ValueError("word-aligned heads need the model's input embedding and its tokenizer")
+        if aligned == "all":
             self.color = WordAlignedHead(embedding, word_ids(tokenizer, COLOR_CLASSES))
         else:
             self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
-        if embedding is not None:
+        if aligned != "none":
             self.shape = WordAlignedHead(embedding, word_ids(tokenizer, shape_classes))
         else:
             self.shape = nn.Linear(hidden_size, len(shape_classes))
@@ -272,10 +273,10 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def attach(model: Any, shape_labels: str = "object", tokenizer: Any = None, aligned: str = "all") -> VisionAuxHeads:
+def attach(model: Any, shape_labels: str = "object", aligned: str = "none", tokenizer: Any = None) -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
-    With a `tokenizer`, the `aligned` heads ("all" or "shape") are word-aligned to the model's input embeddings."""
-    embedding = model.get_input_embeddings() if tokenizer is not None else None
+    ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings."""
+    embedding = model.get_input_embeddings() if aligned != "none" else None
     heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer, aligned)
     model.foveate_aux = heads
 

@@ -272,7 +272,7 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
     tokenizer = build_tokenizer()  # a fresh build: bare answer words are single tokens
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     model.resize_token_embeddings(len(tokenizer))
-    heads = vision_aux.attach(model, tokenizer=tokenizer)
+    heads = vision_aux.attach(model, aligned="all", tokenizer=tokenizer)
     embedding = model.get_input_embeddings()
     red = vision_aux.COLOR_CLASSES.index("red")
     red_word = embedding.weight[tokenizer("red", add_special_tokens=False)["input_ids"][0]]
