@@ -23,6 +23,7 @@ import argparse
 import itertools
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,17 +31,17 @@ from rich.console import Console
 from rich.table import Table
 
 from foveate.rl import vision_aux
-from foveate.rl.sft import ChatCollator, build_model, load_recipe
+from foveate.rl.sft import ChatCollator, SFTRecipe, build_model, load_recipe
 from foveate.rl.sft_data import DataMix, example_stream
 
 GEOMETRIES = {"224 px, 2×2": (224 * 224, 2), "336 px, 3×3": (336 * 336, 3), "336 px, 2×2": (336 * 336, 2)}
-AUX_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")
 
 
-def time_steps(max_pixels: int, merge_size: int, mixes: dict[str, DataMix], batches: int) -> dict[str, float]:
-    """Median seconds per optimiser step for each mix, on a fresh model of this geometry."""
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
-    recipe.model.max_pixels, recipe.model.merge_size = max_pixels, merge_size
+def time_steps(
+    demo: SFTRecipe, max_pixels: int, merge_size: int, mixes: dict[str, DataMix], batches: int
+) -> dict[str, float]:
+    """Median seconds per optimiser step for each mix, on a fresh model of the demo recipe's size at this geometry."""
+    recipe = replace(demo, model=replace(demo.model, max_pixels=max_pixels, merge_size=merge_size))
     model, processor, _ = build_model(recipe, Path(f"/tmp/foveate-step-time/{max_pixels}-{merge_size}"))
     vision_aux.attach(model)
     collator = ChatCollator(processor, max_length=512, aux_targets=True)
@@ -51,7 +52,7 @@ def time_steps(max_pixels: int, merge_size: int, mixes: dict[str, DataMix], batc
         prepared = [collator(list(itertools.islice(stream, 16))) for _ in range(batches + 1)]
         seconds = []
         for batch in prepared:  # the first step warms up and is not counted
-            targets = {key: batch.pop(key) for key in AUX_KEYS}
+            targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
             started = time.perf_counter()
             loss = model(**batch).loss + model.foveate_aux.loss(**targets)
             loss.backward()
@@ -71,7 +72,9 @@ def main() -> None:
     torch.manual_seed(0)
     demo = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     mixes = {"full mix": demo.data, "one-object questions": DataMix(formats={"qa": 1.0}, presets={"single": 1.0})}
-    results = {name: time_steps(pixels, merge, mixes, args.batches) for name, (pixels, merge) in GEOMETRIES.items()}
+    results = {
+        name: time_steps(demo, pixels, merge, mixes, args.batches) for name, (pixels, merge) in GEOMETRIES.items()
+    }
     baseline = results["224 px, 2×2"]
     table = Table(title=f"seconds per step of 16 examples ({args.threads} threads; ratio to 224 px, 2×2)")
     table.add_column("geometry")

@@ -188,12 +188,14 @@ def aux_trainer_class():
     """`Trainer` that adds `aux_weight` × the vision aux loss (rl.vision_aux) and logs it as `aux_loss`."""
     from transformers import Trainer
 
+    from foveate.rl.vision_aux import TARGET_KEYS
+
     class AuxTrainer(Trainer):
         stage_train = TrainConfig()  # the stage's settings (aux_weight, aux_background_weight, vision_only)
         _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = {key: inputs.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
+            targets = {key: inputs.pop(key) for key in TARGET_KEYS}
             train = self.stage_train
             if train.vision_only:  # the aux loss alone: only the vision tower runs ("vision pretraining")
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])  # feeds the aux hook

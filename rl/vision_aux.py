@@ -26,18 +26,18 @@ language loss. Linear on purpose: they ask those tokens to carry the attributes 
   `python bench/vision_probe.py` compares the two (and mean pooling) on a fresh tower; `--frozen DIR` measures
   what a trained tower carries (configs/probes/demo-vision-pretrain.yaml's stage 1: 74 % on held-out objects).
 
-Word-aligned heads (``word_aligned=True``): instead of free linear heads, each class is scored by the cosine
-between the token and the decoder's own (tied input/output) embedding of the class's answer word ("red",
-"star"; a learned vector for "background"), times a learned scale. The tokens are then asked to point where
-the language model's output layer already reads the answer, so answering is a copy of the right token rather
-than a new readout the decoder must discover; the gradient moves the embeddings too. The answer words must each
-be one token (tokenizers built by `policies.tiny` after bare words were added to its corpus). Measured after
-stage 2 (600 steps of one-object questions) from the same 336-px tower (configs/probes/demo-v5.yaml), whole-answer
-shape accuracy on held-out one-object scenes is 0.76 with word alignment and 0.21 (chance) without
-(`python bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both, and
-with every head aligned it stayed there through stage 3 (0.13: "green" to almost every colour question) while
-shape fell back to 0.63. ``aligned="shape"`` aligns the shape head only and keeps a linear colour head: after
-the same stage 2, shape 0.69 and colour 0.20, so the shape gain comes from the shape head's alignment alone.
+Word-aligned heads (``aligned="all"``, `TrainConfig.aux_word_aligned`): instead of free linear heads, each class is
+scored by the cosine between the token and the decoder's own (tied input/output) embedding of the class's answer
+word ("red", "star"; a learned vector for "background"), times a learned scale. The tokens are then asked to point
+where the language model's output layer already reads the answer, so answering is a copy of the right token rather
+than a new readout the decoder must discover; the gradient moves the embeddings too. The answer words must each be
+one token (tokenizers built by `policies.tiny` after bare words were added to its corpus). Measured after stage 2
+(600 steps of one-object questions) from the same 336-px tower (configs/probes/demo-v5.yaml), whole-answer shape
+accuracy on held-out one-object scenes is 0.76 with word alignment and 0.21 (chance) without (`python
+bench/first_token.py DIR --presets single,simple`); colour was still at its prior (0.20) in both, and with every
+head aligned it stayed there through stage 3 (0.13: "green" to almost every colour question) while shape fell back
+to 0.63. ``aligned="shape"`` aligns the shape head only and keeps a linear colour head: after the same stage 2,
+shape 0.69 and colour 0.20, so the shape gain comes from the shape head's alignment alone.
 
 Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
 only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
@@ -59,6 +59,7 @@ SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
 SHAPE_LABELS = ("object", "cell", "both")
 ALIGNED_HEADS = ("none", "all", "shape")  # which heads are word-aligned
+TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")  # what `batch_targets` adds to a batch
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -186,10 +187,13 @@ def word_ids(tokenizer: Any, classes: tuple[str, ...]) -> list[int | None]:
     """The single token id of each class word as an answer writes it; None for "background"."""
     ids: list[int | None] = []
     for name in classes:
-        pieces = tokenizer(name, add_special_tokens=False)["input_ids"] if name != "background" else None
-        if pieces is not None and len(pieces) != 1:
+        if name == "background":
+            ids.append(None)
+            continue
+        pieces = tokenizer(name, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
             raise ValueError(f"word-aligned heads need one token per class word; {name!r} is {len(pieces)} tokens")
-        ids.append(pieces[0] if pieces else None)
+        ids.append(pieces[0])
     return ids
 
 

@@ -258,7 +258,7 @@ def test_a_three_by_three_merge_keeps_64_tokens_at_336_px(tmp_path: Path) -> Non
     assert (batch["input_ids"] == 5).sum(dim=1).tolist() == [64, 64]
     assert batch["aux_color"].shape[0] == 128 and (batch["aux_color"] != IGNORE).any()
     vision_aux.attach(model)
-    targets = {key: batch.pop(key) for key in ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")}
+    targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
     loss = model(**batch).loss + model.foveate_aux.loss(**targets)
     assert torch.isfinite(loss)
 
