@@ -200,8 +200,8 @@ def frozen_probe(model_dir: str, pool: str = "max") -> None:
         optimizer.step()
     with torch.no_grad():
         fitted = (head((train_x - mean) / std).argmax(dim=1) == train_y).float().mean().item()
-        held_out = (head((test_x - mean) / std).argmax(dim=1) == test_y).float().mean().item()
         predicted = head((test_x - mean) / std).argmax(dim=1)
+        held_out = (predicted == test_y).float().mean().item()
     print(f"| tower of | fitted on ({len(train_y)} objects) | held-out single ({len(test_y)} objects) |")
     print("|---|---|---|")
     print(f"| {model_dir} ({pool}) | {fitted:.3f} | {held_out:.3f} |")
