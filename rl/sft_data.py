@@ -29,6 +29,7 @@ from foveate import protocol
 from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
+from foveate.world.questions import FAMILIES
 from foveate.world.scenes import Scene
 
 Example = dict[str, Any]
@@ -56,6 +57,16 @@ class DataMix:
     describe_max_chars: int = 400  # long descriptions are cut at a sentence boundary to bound sequence length
     one_per_scene: bool = False  # only a scene's first example (vision pretraining: no image twice in a batch)
     zoom_sizes: tuple[str, ...] = ("tiny", "small")  # DeepEyes targets of these sizes are zoomed; others answered
+    # Only questions of these kinds, each "family" or "family/subtype" (e.g. "attribute/color"); empty = all.
+    questions: tuple[str, ...] = ()
+
+
+MAX_SKIPPED_SCENES = 1000  # consecutive scenes without a question of the asked kinds before the stream gives up
+
+
+def asks(row: dict[str, Any], kinds: tuple[str, ...]) -> bool:
+    """Whether a world question row is of one of `kinds` ("family" or "family/subtype"); empty `kinds` = any."""
+    return not kinds or row["family"] in kinds or f"{row['family']}/{row['subtype']}" in kinds
 
 
 def evidence_window(boxes: list[list[float]], image_size: tuple[int, int], rng: random.Random, mix: DataMix) -> Box:
@@ -171,9 +182,19 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
     streams = {name: iter_scenes(seed, name) for name in mix.presets}
     preset_names, preset_weights = zip(*mix.presets.items(), strict=True)
     format_names, format_weights = zip(*mix.formats.items(), strict=True)
+    unknown = {kind.split("/")[0] for kind in mix.questions} - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+    skipped = 0
     while True:
         preset = rng.choices(preset_names, preset_weights)[0]
         scene, rows = next(streams[preset])
+        rows = [row for row in rows if asks(row, mix.questions)]
+        skipped = 0 if rows else skipped + 1
+        if skipped >= MAX_SKIPPED_SCENES:  # a misspelt subtype, or one the presets never ask: fail, never spin
+            raise ValueError(f"no question of kinds {mix.questions} in {skipped} scenes of presets {preset_names}")
+        if not rows:
+            continue
         image = render_scene(scene)
         for row in rows[:1] if mix.one_per_scene else rows:
             # Two different formats per question: more supervision per rendered scene, no duplicate examples.

@@ -166,6 +166,23 @@ def test_one_per_scene_never_repeats_an_image() -> None:
     assert len(set(repeated)) < 12  # the default: several examples per rendered scene
 
 
+def test_question_kinds_filter_the_stream_by_family_or_subtype() -> None:
+    colour = DataMix(formats={"qa": 1.0}, presets={"single": 1.0}, questions=("attribute/color",))
+    questions = [e["messages"][0]["content"][-1]["text"] for e in itertools.islice(example_stream(0, colour), 8)]
+    assert all(q.startswith("What color") for q in questions), questions
+    either = DataMix(formats={"qa": 1.0}, presets={"single": 1.0}, questions=("attribute", "existence"))
+    examples = itertools.islice(example_stream(0, either), 40)
+    kinds = {example["messages"][0]["content"][-1]["text"].split()[0] for example in examples}
+    assert kinds == {"What", "Is"}, kinds
+
+
+def test_a_question_kind_no_scene_asks_is_an_error_not_a_hang() -> None:
+    with pytest.raises(ValueError, match="unknown question families"):
+        next(example_stream(0, DataMix(questions=("colour",))))
+    with pytest.raises(ValueError, match="no question of kinds"):
+        next(example_stream(0, DataMix(presets={"single": 1.0}, questions=("attribute/colour",))))
+
+
 def test_vision_only_needs_the_aux_loss(tmp_path: Path) -> None:
     recipe = SFTRecipe(output_dir=str(tmp_path / "out"), train=TrainConfig(vision_only=True, max_steps=1))
     with pytest.raises(FoveateError, match="aux_weight"):
