@@ -1,0 +1,79 @@
+"""Do a model's vision tokens name each object's colour and shape word? A 20-second check of word-aligned towers.
+
+    python bench/word_readout.py DIR [DIR ...] [--preset single] [--scenes 100]
+
+For each object of held-out scenes (seed 999, never a training seed) the merged vision tokens it covers (at least
+10 % of a cell) are averaged, and the colour (shape) word whose tied embedding has the highest cosine with that
+mean is compared with the object's colour (shape). No head is fitted: this reads the tokens the way a
+word-aligned aux head (`rl/vision_aux.py`, ``aligned="all"``) scores them, so it separates "the tower does not
+carry the attribute in the answer word's direction" from "the decoder does not copy it" (compare with
+`bench/first_token.py`). Chance is 1/8 for colour and 1/7 for shape. Needs one-token answer words
+(`policies.tiny` tokenizers with bare words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from foveate.rl.vision_aux import COLOR_CLASSES, SHAPE_CLASSES, cell_coverage, word_ids
+from foveate.world import iter_scenes, render_scene
+
+
+def readout(model_dir: str, preset: str, n_scenes: int) -> tuple[float, float, int]:
+    """(colour accuracy, shape accuracy, objects) of the nearest-word read of each object's mean vision token."""
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    processor = load_processor(model_dir)
+    colors, shapes = COLOR_CLASSES[1:], SHAPE_CLASSES  # COLOR_CLASSES[0] is "background"
+    embedding = model.get_input_embeddings().weight.detach()
+
+    def unit_words(names: tuple[str, ...]) -> torch.Tensor:
+        return torch.nn.functional.normalize(embedding[word_ids(processor.tokenizer, names)], dim=-1)
+
+    color_words, shape_words = unit_words(colors), unit_words(shapes)
+    merged: dict[str, torch.Tensor] = {}
+    model.model.visual.merger.register_forward_hook(lambda _m, _i, output: merged.__setitem__("tokens", output))
+    merge = processor.image_processor.merge_size
+    color_hits = shape_hits = objects = 0
+    for scene, _rows in itertools.islice(iter_scenes(999, preset), n_scenes):
+        inputs = processor.image_processor(images=[render_scene(scene)], return_tensors="pt")
+        _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
+        coverage = cell_coverage(scene, grid_h // merge, grid_w // merge)
+        with torch.no_grad():
+            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        for number, obj in enumerate(scene.objects):
+            cells = torch.from_numpy(coverage[number].ravel() >= 0.1)
+            if not cells.any():  # too small to cover a tenth of any cell at input resolution
+                continue
+            mean_token = torch.nn.functional.normalize(merged["tokens"][cells].mean(dim=0), dim=-1)
+            color_hits += colors[int((mean_token @ color_words.T).argmax())] == obj.color
+            shape_hits += shapes[int((mean_token @ shape_words.T).argmax())] == obj.shape
+            objects += 1
+    return color_hits / max(objects, 1), shape_hits / max(objects, 1), objects
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="model directories (tokenizers with one-token answer words)")
+    parser.add_argument("--preset", default="single", help="world preset of the held-out scenes")
+    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per model")
+    args = parser.parse_args()
+    table = Table(title=f"nearest answer word of each object's mean vision token ({args.preset}, seed 999)")
+    for column in ("model", "colour", "shape", "objects"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model_dir in args.models:
+        color, shape, objects = readout(model_dir, args.preset, args.scenes)
+        table.add_row(model_dir, f"{color:.2f}", f"{shape:.2f}", str(objects))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
