@@ -53,7 +53,9 @@ class TrainConfig:
     aux_weight: float = 0.0  # weight of the colour/shape loss on the vision tokens (rl.vision_aux); 0 = off
     aux_background_weight: float | None = None  # colour: None = mean over all cells; w = objects + w × background
     aux_shape: str = "object"  # shape labels: "object" (max over an object's cells), "cell" (v1 demo model) or "both"
-    vision_only: bool = False  # vision pretraining: train on the aux loss alone, skipping the language model
+    # Vision pretraining: train on the aux loss alone, skipping the language model (word-aligned heads still move
+    # the embeddings of their answer words, which they score against).
+    vision_only: bool = False
     # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape".
     aux_word_aligned: str = "none"
 

@@ -158,6 +158,34 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
         assert torch.equal(weight, language_before[name]), name
 
 
+def test_aligned_vision_pretraining_moves_only_the_tower_and_the_answer_words(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+
+    train = TrainConfig(
+        max_steps=1, batch_size=2, warmup_steps=0, logging_steps=1, dataloader_workers=0, learning_rate=1e-3,
+        vision_only=True, aux_weight=1.0, aux_word_aligned="all",
+    )  # fmt: skip
+    mix = DataMix(formats={"qa": 1.0}, presets={"large": 1.0}, one_per_scene=True)
+    recipe = SFTRecipe(output_dir=str(tmp_path / "out"), save_dtype="float32", stages=[Stage(mix, train)])
+    out = train_sft(recipe, workdir=tmp_path / "work")
+    initial = AutoModelForImageTextToText.from_pretrained(tmp_path / "work" / "stage1.work" / "init")
+    trained = AutoModelForImageTextToText.from_pretrained(out)
+    tokenizer = load_processor(out).tokenizer
+    words = vision_aux.word_ids(tokenizer, vision_aux.COLOR_CLASSES[1:] + vision_aux.SHAPE_CLASSES)
+    embedding_before, embedding_after = initial.get_input_embeddings().weight, trained.get_input_embeddings().weight
+    # The answer words move; every other row only by AdamW's weight decay (the tensor has a gradient), lr × 0.01.
+    others = torch.ones(len(embedding_before), dtype=torch.bool)
+    others[words] = False
+    assert torch.allclose(embedding_after[others], embedding_before[others], rtol=1e-4, atol=0)
+    assert not torch.allclose(embedding_after[words], embedding_before[words], rtol=1e-3, atol=0)
+    language_before = initial.model.language_model.state_dict()
+    for name, weight in trained.model.language_model.state_dict().items():
+        if "embed_tokens" not in name:
+            assert torch.equal(weight, language_before[name]), name
+
+
 def test_one_per_scene_never_repeats_an_image() -> None:
     mix = DataMix(formats={"qa": 1.0, "ground": 1.0}, presets={"large": 1.0}, one_per_scene=True)
     scenes = [example["scene"].id for example in itertools.islice(example_stream(0, mix), 12)]
