@@ -108,7 +108,7 @@ def load_recipe(path: str | Path) -> SFTRecipe:
             save_dtype=raw.get("save_dtype", "float16"),
             stages=stages,
         )
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise FoveateError(f"bad recipe {path}: {error}") from error
 
 

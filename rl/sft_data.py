@@ -60,6 +60,12 @@ class DataMix:
     # Only questions of these kinds, each "family" or "family/subtype" (e.g. "attribute/color"); empty = all.
     questions: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
+        unknown = {kind.split("/")[0] for kind in self.questions} - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+
 
 MAX_SKIPPED_SCENES = 1000  # consecutive scenes without a question of the asked kinds before the stream gives up
 
@@ -182,9 +188,6 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
     streams = {name: iter_scenes(seed, name) for name in mix.presets}
     preset_names, preset_weights = zip(*mix.presets.items(), strict=True)
     format_names, format_weights = zip(*mix.formats.items(), strict=True)
-    unknown = {kind.split("/")[0] for kind in mix.questions} - set(FAMILIES)
-    if unknown:
-        raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
     skipped = 0
     while True:
         preset = rng.choices(preset_names, preset_weights)[0]

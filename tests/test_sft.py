@@ -204,9 +204,13 @@ def test_question_kinds_filter_the_stream_by_family_or_subtype() -> None:
     assert kinds == {"What", "Is"}, kinds
 
 
-def test_a_question_kind_no_scene_asks_is_an_error_not_a_hang() -> None:
+def test_a_question_kind_no_scene_asks_is_an_error_not_a_hang(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown question families"):
         next(example_stream(0, DataMix(questions=("colour",))))
+    misspelt = tmp_path / "recipe.yaml"  # a recipe fails when it is read, before any stage trains
+    misspelt.write_text("stages:\n  - {}\n  - data: {questions: [atribute/color]}\n")
+    with pytest.raises(FoveateError, match="bad recipe .*unknown question families"):
+        load_recipe(misspelt)
     with pytest.raises(ValueError, match="no question of kinds"):
         next(example_stream(0, DataMix(presets={"single": 1.0}, questions=("attribute/colour",))))
 
