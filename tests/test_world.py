@@ -249,10 +249,32 @@ def test_small_detail_and_large_presets_split_by_target_size() -> None:
         for q in questions:
             assert q["split"] == "small-detail" and q["target_size"] == "tiny"
             sides = [b[2] - b[0] for b in q["boxes"]]
-            assert min(sides) <= 20  # the evidence includes a tiny box (<= 20 px at 672)
+            assert min(sides) <= 40 / 1344 * scene.width  # the evidence includes a tiny box (<= 40 px at 1344)
     for _, questions in scenes_of("large", 25):
         for q in questions:
             assert q["split"] == "large" and q["target_size"] in ("medium", "large", None)
+
+
+def test_small_detail_targets_are_illegible_at_input_and_full_size_in_the_oracle_crop() -> None:
+    """The zoom regime: at a 336 px input (3x3-merged tokens of 42 px) a tiny target is a fraction of a token;
+    the oracle-crop window (side = the input side) shows it at full size."""
+    from foveate.agents.oracle_crop import oracle_window
+    from foveate.tools.boxes import Box
+
+    input_side = 336
+    for scene, questions in scenes_of("small-detail", 15):
+        scale_direct = input_side / max(scene.width, scene.height)
+        objects = {obj.id: obj for obj in scene.objects}
+        for q in questions:
+            targets = [objects[i] for i in q["object_ids"] if objects[i].size_class == "tiny"]
+            if not targets:  # an existence "no" with no near-miss object
+                continue
+            x1, y1, x2, y2 = targets[0].box
+            side = max(x2 - x1, y2 - y1)
+            window = oracle_window(Box(x1, y1, x2, y2), (scene.width, scene.height), input_side)
+            scale_crop = input_side / max(window.width, window.height)
+            assert side * scale_direct <= 10.5  # under a quarter of a 42 px token
+            assert side * scale_crop >= 3.9 * side * scale_direct and side * scale_crop >= 20
 
 
 def test_every_preset_generates(tmp_path: Path) -> None:

@@ -5,9 +5,11 @@ preset         what it measures
 =============  ==============================================================================================
 default        mixed: every family, splits 40/20/40 % small-detail/mid-detail/large, 30 % cluttered
                backgrounds (the training mix and the overall benchmark)
-small-detail   every target is tiny (4-7 px at a 224 px input): zooming is necessary; scenes still carry
-               medium/large distractors; existence negatives are POPE-adversarial only (one attribute away
-               from a tiny object -- random/popular negatives rarely hinge on a tiny object)
+small-detail   every target is tiny: 1344 px scenes whose tiny objects are 24-40 px, so 4-7 px at a 224 px
+               input and 6-10 px at 336 (a fraction of one merged token), but 24-40 px again in a crop whose
+               side is the input side (the oracle-crop and ViCrop window): zooming is necessary and sufficient;
+               scenes still carry medium/large distractors; existence negatives are POPE-adversarial only (one
+               attribute away from a tiny object -- random/popular negatives rarely hinge on a tiny object)
 large          every target is medium/large: answerable at input resolution, the "zoom must not hurt" check
 highres        2048 px scenes (square, landscape, portrait), objects at 0.6x relative size, tiny targets:
                V*-style search in a big image, needs high-resolution splitting or several zoom steps
@@ -61,6 +63,10 @@ PRESETS: dict[str, WorldConfig] = {
     "small-detail": WorldConfig(
         name="small-detail",
         scene=SceneConfig(
+            # Twice the 672 px reference: the same scene layout, so direct sees the same 6-10 px target at a
+            # 336 px input, while a 336 px crop shows it at full size (4x zoom). At 672 px that crop was only a
+            # 2x zoom (12-20 px, still under half a 42 px token) and no model read it better than direct.
+            canvas_sizes=((1344, 1344),),
             n_objects=(8, 14),
             # Several tiny objects so "the tiny star" cannot be found by elimination among blobs; big distractors
             # so the scene is not just dots.
