@@ -58,6 +58,9 @@ class TrainConfig:
     vision_only: bool = False
     # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape".
     aux_word_aligned: str = "none"
+    # Label the crops of crop formats (qa_crop, deepeyes, visrl) too, so the tower names small objects that a
+    # crop shows at full size; off = only each example's scene image is labelled.
+    aux_label_crops: bool = False
 
 
 @dataclass
@@ -135,9 +138,10 @@ class WorldChats(torch.utils.data.IterableDataset):
 class ChatCollator:
     """Chats → padded model inputs with labels on assistant spans only."""
 
-    def __init__(self, processor: Any, max_length: int, aux_targets: bool = False) -> None:
+    def __init__(self, processor: Any, max_length: int, aux_targets: bool = False, label_crops: bool = False) -> None:
         self.processor = processor
         self.aux_targets = aux_targets  # add rl.vision_aux per-cell targets for each example's scene image
+        self.label_crops = label_crops  # … and for its crops (rl.vision_aux.labelled_images)
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.start_id = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -177,7 +181,7 @@ class ChatCollator:
             from foveate.rl.vision_aux import batch_targets
 
             merge = self.processor.image_processor.merge_size
-            batch |= batch_targets(examples, scene_image_index, batch["image_grid_thw"], merge)
+            batch |= batch_targets(examples, scene_image_index, batch["image_grid_thw"], merge, self.label_crops)
         if batch["input_ids"].shape[1] > self.max_length:
             # Truncation keeps every image token (they come first in every format) and cuts answer text only.
             for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
@@ -326,7 +330,9 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     )
     dataset = WorldChats(train.seed, stage.data)
     callbacks = [EarlyStop(train.max_minutes, train.stop_after_steps)]
-    collator = ChatCollator(processor, train.max_length, aux_targets=bool(train.aux_weight))
+    collator = ChatCollator(
+        processor, train.max_length, aux_targets=bool(train.aux_weight), label_crops=train.aux_label_crops
+    )
     trainer_class = aux_trainer_class() if train.aux_weight else Trainer
     trainer = trainer_class(
         model=model,

@@ -111,12 +111,17 @@ def qa(image: Image.Image, row: dict[str, Any], **_: Any) -> Example:
     return {"messages": [_user(image, row["question"]), _assistant(row["answers"][0])]}
 
 
+def _views(used: Box) -> list[list[int] | None]:
+    """What each image of a crop example shows: the whole scene, then the crop's window (rl.vision_aux)."""
+    return [None, [int(used.x1), int(used.y1), int(used.x2), int(used.y2)]]
+
+
 def qa_crop(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
     if not row["boxes"]:
         return None
     window = evidence_window(row["boxes"], image.size, rng, mix)
-    zoomed, _ = crop(image, window)
-    return {"messages": [_user(image, zoomed, row["question"]), _assistant(row["answers"][0])]}
+    zoomed, used = crop(image, window)
+    return {"messages": [_user(image, zoomed, row["question"]), _assistant(row["answers"][0])], "views": _views(used)}
 
 
 def ground(image: Image.Image, scene: Scene, rng: random.Random, **_: Any) -> Example | None:
@@ -145,7 +150,7 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
         final = protocol.think_answer("The answer is visible in the image.", answer)
         return {"messages": [_user(image, question), _assistant(final)]}
     window = evidence_window(row["boxes"], image.size, rng, mix)
-    zoomed, _ = crop(image, window)
+    zoomed, used = crop(image, window)
     call = {
         "type": "function",
         "function": {
@@ -159,21 +164,21 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
         {"role": "tool", "content": [{"type": "image", "image": zoomed}]},
         _assistant(protocol.think_answer("Now the detail is visible.", answer)),
     ]
-    return {"messages": messages}
+    return {"messages": messages, "views": _views(used)}
 
 
 def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
     if not row["boxes"]:
         return None
     window = evidence_window(row["boxes"], image.size, rng, mix)
-    zoomed, _ = crop(image, window)
+    zoomed, used = crop(image, window)
     messages = [
         _user(image, row["question"] + protocol.VISRL_FOCUS_SUFFIX),
         _assistant(protocol.box_json(_thousand(window, image.size))),
         _user(zoomed, protocol.VISRL_ANSWER_PROMPT),
         _assistant(row["answers"][0]),
     ]
-    return {"messages": messages}
+    return {"messages": messages, "views": _views(used)}
 
 
 BUILDERS = {"qa": qa, "qa_crop": qa_crop, "ground": ground, "describe": describe, "deepeyes": deepeyes, "visrl": visrl}

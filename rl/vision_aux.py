@@ -46,8 +46,10 @@ shape 0.86 and colour 0.20, while 300 steps of colour questions alone (`DataMix.
 300 more steps of every one-object question then gave colour 1.00 and shape 0.80 (`bench/first_token.py`):
 configs/probes/demo-v6.yaml orders its stages that way.
 
-Only the full scene image of an example is labelled; crops and tool-returned images are ignored. The heads exist
-only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
+Only the full scene image of an example is labelled, unless `TrainConfig.aux_label_crops` labels the crops of the
+crop formats too (each crop's cells are covered by the scene's objects inside its window, `labelled_images`): a
+tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
+The heads exist only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
 """
 
 from __future__ import annotations
@@ -79,11 +81,20 @@ def object_index_map(scene: Scene) -> np.ndarray:
     return index
 
 
-def cell_coverage(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
-    """coverage[k, i, j]: the fraction of cell (i, j) showing object k; k = len(scene.objects) is background."""
+def cell_coverage(
+    scene: Scene, grid_h: int, grid_w: int, window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """coverage[k, i, j]: the fraction of cell (i, j) showing object k; k = len(scene.objects) is background.
+
+    ``window``: (x1, y1, x2, y2) whole scene pixels when the image is a crop of the scene (the grid then covers
+    the crop; a crop's resize does not change what fraction of a cell an object covers)."""
     index = object_index_map(scene)
-    rows = np.linspace(0, scene.height, grid_h + 1).round().astype(int)
-    cols = np.linspace(0, scene.width, grid_w + 1).round().astype(int)
+    if window is not None:
+        x1, y1, x2, y2 = window
+        index = index[y1:y2, x1:x2]
+    height, width = index.shape
+    rows = np.linspace(0, height, grid_h + 1).round().astype(int)
+    cols = np.linspace(0, width, grid_w + 1).round().astype(int)
     one_hot = np.stack([index == k for k in range(len(scene.objects))] + [index == -1]).astype(np.int32)
     # reduceat sums each row span, then each column span: pixel counts per cell.
     pixels = np.add.reduceat(np.add.reduceat(one_hot, rows[:-1], axis=1), cols[:-1], axis=2)
@@ -131,26 +142,44 @@ def object_members(
     return members.reshape(len(keep), grid_h * grid_w), shapes
 
 
+def labelled_images(
+    examples: list[dict[str, Any]], first_image_index: list[int], label_crops: bool = False
+) -> dict[int, tuple[Scene, tuple[int, int, int, int] | None]]:
+    """Batch image index → (scene, window) for every image the aux loss labels: each example's scene image and,
+    with ``label_crops``, the crops its ``views`` name (``views[k]``: the scene window the example's k-th image
+    shows, None for the whole scene; written by `rl.sft_data`'s crop formats)."""
+    labelled: dict[int, tuple[Scene, tuple[int, int, int, int] | None]] = {}
+    for first, example in zip(first_image_index, examples, strict=True):
+        if example.get("scene") is None:
+            continue
+        views = example.get("views", [None]) if label_crops else [None]
+        for offset, window in enumerate(views):
+            labelled[first + offset] = (example["scene"], None if window is None else tuple(window))
+    return labelled
+
+
 def batch_targets(
-    examples: list[dict[str, Any]], scene_image_index: list[int], image_grid_thw: torch.Tensor, merge_size: int = 2
+    examples: list[dict[str, Any]],
+    scene_image_index: list[int],
+    image_grid_thw: torch.Tensor,
+    merge_size: int = 2,
+    label_crops: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Targets for every merged token of a batch (images in processor order); unlabelled images get none.
 
+    ``scene_image_index``: each example's first image (its scene). ``label_crops``: label crops too (see
+    `labelled_images`).
     ``aux_color`` / ``aux_cell_shape``: one class id (or IGNORE) per merged token; ``aux_members``: [objects,
     merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
     """
-    labelled = {
-        image: example["scene"]
-        for image, example in zip(scene_image_index, examples, strict=True)
-        if example.get("scene") is not None
-    }
+    labelled = labelled_images(examples, scene_image_index, label_crops)
     colors, cell_shapes, object_rows, shapes, offset = [], [], [], [], 0
     n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
         grid_h, grid_w = h // merge_size, w // merge_size
         if image in labelled:
-            scene = labelled[image]
-            coverage = cell_coverage(scene, grid_h, grid_w)  # shared by both label kinds: one pass over the pixels
+            scene, window = labelled[image]
+            coverage = cell_coverage(scene, grid_h, grid_w, window)  # shared by both label kinds: one pixel pass
             color, cell_shape = cell_targets(scene, grid_h, grid_w, coverage=coverage)
             colors.append(np.tile(color, t))
             cell_shapes.append(np.tile(cell_shape, t))

@@ -102,6 +102,32 @@ def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCo
     assert not member_spans[1].any() and not member_spans[3].any()  # no object lives in a crop's tokens
 
 
+def test_crop_coverage_is_the_scene_coverage_inside_the_window() -> None:
+    # A 56-px square at (56, 56) in a 224 px scene; a 112-px window from (56, 56): the square is its top-left cell.
+    square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[56, 56, 112, 112])
+    coverage = vision_aux.cell_coverage(_scene([square]), 2, 2, window=(56, 56, 168, 168))
+    assert coverage[0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and coverage[1].tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    colors, _ = vision_aux.cell_targets(_scene([square]), 2, 2, coverage=coverage)
+    assert colors.tolist()[0] == vision_aux.COLOR_CLASSES.index("blue") and colors.tolist()[1:] == [0, 0, 0]
+
+
+def test_label_crops_labels_each_crop_from_its_window(collator: ChatCollator) -> None:
+    mix = DataMix(formats={"qa_crop": 1.0}, presets={"simple": 1.0})
+    examples = list(itertools.islice(example_stream(0, mix), 2))
+    assert all(len(example["views"]) == 2 and example["views"][0] is None for example in examples)
+    labelled = ChatCollator(collator.processor, max_length=512, aux_targets=True, label_crops=True)(examples)
+    grid = labelled["image_grid_thw"]
+    tokens_per_image = (grid.prod(dim=1) // 4).tolist()
+    spans = np.split(labelled["aux_color"].numpy(), np.cumsum(tokens_per_image)[:-1])
+    assert [bool((span != IGNORE).any()) for span in spans] == [True, True, True, True]
+    # The crop holds the question's evidence, so some of its cells are an object's colour (not background).
+    assert all((span > 0).any() for span in spans[1::2])
+    unlabelled = collator(examples)  # label_crops off: the scene images get the same targets as before
+    scene_tokens = np.cumsum([0, *tokens_per_image])
+    first = slice(scene_tokens[0], scene_tokens[1])
+    assert (labelled["aux_color"][first] == unlabelled["aux_color"][first]).all()
+
+
 def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
     recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     first, last = recipe.all_stages()[0], recipe.all_stages()[-1]
