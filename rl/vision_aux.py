@@ -46,6 +46,14 @@ shape 0.86 and colour 0.20, while 300 steps of colour questions alone (`DataMix.
 300 more steps of every one-object question then gave colour 1.00 and shape 0.80 (`bench/first_token.py`):
 configs/probes/demo-v6.yaml orders its stages that way.
 
+``aligned="question"`` scores every class a second time against the word as a question writes it (" star", a
+different token from the answer's "star") and averages the two losses, so the question's words, the answer words
+and the objects' tokens point the same way; the hope was that matching a question word to its object would then
+need only a near-identity query-key map. Measured, it does not help binding: from configs/probes/demo-v6.yaml's
+stage-3 model, 300 steps of 1-4-object questions (its stage 4's data, seed 2) give whole-answer colour 0.56 on
+1-4-object scenes and 0.30 on `large` with it, 0.62 and 0.37 without (shape 0.42 / 0.29 and 0.43 / 0.29;
+`python bench/first_token.py DIR --presets single,simple,large`, about 80 and 46 questions).
+
 Only the full scene image of an example is labelled, unless `TrainConfig.aux_label_crops` labels the crops of the
 crop formats too (each crop's cells are covered by the scene's objects inside its window, `labelled_images`): a
 tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
@@ -67,7 +75,7 @@ COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
 SHAPE_LABELS = ("object", "cell", "both")
-ALIGNED_HEADS = ("none", "all", "shape")  # which heads are word-aligned
+ALIGNED_HEADS = ("none", "all", "shape", "question")  # which heads are word-aligned ("question": see VisionAuxHeads)
 TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")  # what `batch_targets` adds to a batch
 
 
@@ -201,19 +209,24 @@ def batch_targets(
 
 
 class WordAlignedHead(nn.Module):
-    """Class scores = learned scale × cosine(token, the class word's embedding); `None` ids get learned vectors."""
+    """Class scores = learned scale × cosine(token, the class word's embedding); `None` ids get learned vectors.
+    A class word of several tokens (a list of ids) is the mean of their embeddings."""
 
-    def __init__(self, embedding: nn.Embedding, token_ids: list[int | None], scale: float = 10.0) -> None:
+    def __init__(self, embedding: nn.Embedding, token_ids: list[int | list[int] | None], scale: float = 10.0) -> None:
         super().__init__()
         self._embedding = [embedding]  # a list, so the shared embedding is not registered (and saved) twice
-        self.register_buffer("token_ids", torch.tensor([i if i is not None else 0 for i in token_ids]))
+        pieces = [[] if i is None else [i] if isinstance(i, int) else list(i) for i in token_ids]
+        width = max(1, *(len(p) for p in pieces))
+        self.register_buffer("token_ids", torch.tensor([p + [0] * (width - len(p)) for p in pieces]))
+        weights = [[1 / len(p) if k < len(p) else 0.0 for k in range(width)] for p in pieces]  # mean over pieces
+        self.register_buffer("piece_weight", torch.tensor(weights))
         self.learned = nn.Parameter(torch.randn(len(token_ids), embedding.embedding_dim) * embedding.weight.std())
         self.register_buffer("is_learned", torch.tensor([i is None for i in token_ids]))
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(scale))))
         self.bias = nn.Parameter(torch.zeros(len(token_ids)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        words = self._embedding[0].weight[self.token_ids]
+        words = (self._embedding[0].weight[self.token_ids] * self.piece_weight[..., None]).sum(dim=1)
         classes = torch.where(self.is_learned[:, None], self.learned, words)
         cosine = nn.functional.normalize(features, dim=-1) @ nn.functional.normalize(classes, dim=-1).T
         return self.log_scale.exp() * cosine + self.bias
@@ -231,6 +244,15 @@ def word_ids(tokenizer: Any, classes: tuple[str, ...]) -> list[int | None]:
             raise ValueError(f"word-aligned heads need one token per class word; {name!r} is {len(pieces)} tokens")
         ids.append(pieces[0])
     return ids
+
+
+def question_word_ids(tokenizer: Any, classes: tuple[str, ...]) -> list[list[int] | None]:
+    """The token ids of each class word as a question writes it (after a space: " red"); None for "background".
+    Some are several tokens (" hexagon"); `WordAlignedHead` takes their mean."""
+    return [
+        None if name == "background" else tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        for name in classes
+    ]
 
 
 class VisionAuxHeads(nn.Module):
@@ -254,7 +276,7 @@ class VisionAuxHeads(nn.Module):
             raise ValueError(f"aligned must be one of {ALIGNED_HEADS}, got {aligned!r}")
         if aligned != "none" and (embedding is None or tokenizer is None):
             raise ValueError("word-aligned heads need the model's input embedding and its tokenizer")
-        if aligned == "all":
+        if aligned in ("all", "question"):
             self.color = WordAlignedHead(embedding, word_ids(tokenizer, COLOR_CLASSES))
         else:
             self.color = nn.Linear(hidden_size, len(COLOR_CLASSES))
@@ -262,6 +284,18 @@ class VisionAuxHeads(nn.Module):
             self.shape = WordAlignedHead(embedding, word_ids(tokenizer, shape_classes))
         else:
             self.shape = nn.Linear(hidden_size, len(shape_classes))
+        # "question": the same classes scored again against the words as questions write them (" red", " star"),
+        # so a question word, the answer word and the object's vision tokens all point the same way.
+        self.question_heads = (
+            nn.ModuleList(
+                [
+                    WordAlignedHead(embedding, question_word_ids(tokenizer, COLOR_CLASSES)),
+                    WordAlignedHead(embedding, question_word_ids(tokenizer, shape_classes)),
+                ]
+            )
+            if aligned == "question"
+            else None
+        )
         # "both": a second, per-cell shape head beside the per-object one.
         self.cell_shape = nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES)) if shape_labels == "both" else None
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
@@ -283,11 +317,29 @@ class VisionAuxHeads(nn.Module):
         if self.merged is None or self.merged.shape[0] != aux_color.shape[0]:
             raise RuntimeError("vision aux targets do not match the merged tokens of the forward pass")
         features, self.merged = self.merged, None
-        total = _cell_loss(self.color(features), aux_color.to(features.device), background_weight)
+        targets = (aux_color, aux_members, aux_shape, aux_cell_shape)
+        total = self._heads_loss(self.color, self.shape, features, *targets, background_weight)
+        if self.question_heads is not None:
+            question = self._heads_loss(*self.question_heads, features, *targets, background_weight)
+            total = (total + question) / 2
+        return total
+
+    def _heads_loss(
+        self,
+        color_head: nn.Module,
+        shape_head: nn.Module,
+        features: torch.Tensor,
+        aux_color: torch.Tensor,
+        aux_members: torch.Tensor,
+        aux_shape: torch.Tensor,
+        aux_cell_shape: torch.Tensor | None,
+        background_weight: float | None,
+    ) -> torch.Tensor:
+        total = _cell_loss(color_head(features), aux_color.to(features.device), background_weight)
         if self.shape_labels != "object":
             if aux_cell_shape is None:
                 raise RuntimeError("per-cell shape labels need aux_cell_shape targets")
-            cell_head = self.shape if self.cell_shape is None else self.cell_shape
+            cell_head = shape_head if self.cell_shape is None else self.cell_shape
             total = total + _cell_loss(cell_head(features), aux_cell_shape.to(features.device), background_weight)
             if self.shape_labels == "cell":
                 return total
@@ -295,7 +347,7 @@ class VisionAuxHeads(nn.Module):
             members = aux_members.to(features.device)
             # [objects, tokens, hidden] would be large; the max over each object's cells, one object at a time.
             pooled = torch.stack([features[row].amax(dim=0) for row in members])
-            total = total + nn.functional.cross_entropy(self.shape(pooled), aux_shape.to(features.device))
+            total = total + nn.functional.cross_entropy(shape_head(pooled), aux_shape.to(features.device))
         return total
 
 

@@ -368,6 +368,31 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
         vision_aux.word_ids(split, vision_aux.SHAPE_CLASSES)
 
 
+def test_question_aligned_heads_pull_the_question_words_too(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    heads = vision_aux.attach(model, aligned="question", tokenizer=tokenizer)
+    embedding = model.get_input_embeddings()
+    question_ids = vision_aux.question_word_ids(tokenizer, vision_aux.COLOR_CLASSES)
+    red = vision_aux.COLOR_CLASSES.index("red")
+    assert question_ids[0] is None and question_ids[red] == tokenizer(" red", add_special_tokens=False)["input_ids"]
+    # A word of several tokens is scored by the mean of their embeddings.
+    several = next(k for k, ids in enumerate(question_ids) if ids and len(ids) > 1)
+    mean_word = embedding.weight[question_ids[several]].mean(dim=0)
+    assert heads.question_heads[0](mean_word[None]).argmax().item() == several
+    heads.merged = torch.stack([embedding.weight[question_ids[red][0]].detach()] * 2)
+    loss = heads.loss(torch.tensor([red, 0]), torch.zeros((0, 2), dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    gradient = embedding.weight.grad.abs().sum(dim=1)
+    answer_red = tokenizer("red", add_special_tokens=False)["input_ids"][0]
+    assert gradient[question_ids[red][0]] > 0 and gradient[answer_red] > 0  # both spellings of "red" move
+
+
 def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
     """configs/demo.yaml keeps the demo model's tokenizer (no bare-word training), vocabulary for vocabulary."""
     from foveate.policies.tiny import build_tokenizer
