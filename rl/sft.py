@@ -56,7 +56,8 @@ class TrainConfig:
     # Vision pretraining: train on the aux loss alone, skipping the language model (word-aligned heads still move
     # the embeddings of their answer words, which they score against).
     vision_only: bool = False
-    # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape".
+    # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape",
+    # or "question" (all, scored against the question words too; rl.vision_aux).
     aux_word_aligned: str = "none"
     # Label the crops of crop formats (qa_crop, deepeyes, visrl) too, so the tower names small objects that a
     # crop shows at full size; off = only each example's scene image is labelled.

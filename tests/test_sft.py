@@ -3,6 +3,7 @@ Trainer run through `train_sft` with the auxiliary heads, saved as a plain Qwen2
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -136,6 +137,22 @@ def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
     vision = probe.all_stages()[0]
     assert vision.train.vision_only and vision.train.aux_shape == "object" and vision.data.one_per_scene
     assert last.train.max_steps == recipe.train.max_steps and last.data.formats == recipe.data.formats
+
+
+def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
+    configs = Path(__file__).parents[1] / "configs"
+    recipes = {
+        path.stem: load_recipe(path) for path in [configs / "demo.yaml", *sorted((configs / "probes").glob("*.yaml"))]
+    }
+    v6, v7 = recipes["demo-v6"].all_stages(), recipes["demo-v7"].all_stages()
+    # configs/probes/demo-v7.yaml's header: stages 1-4 are v6's. They inherit aux_label_crops, which changes
+    # nothing without a crop format.
+    assert all(not {"qa_crop", "deepeyes", "visrl"} & set(stage.data.formats) for stage in v7[:4])
+    unlabelled = [
+        dataclasses.replace(stage, train=dataclasses.replace(stage.train, aux_label_crops=False)) for stage in v7
+    ]
+    assert v6[:4] == unlabelled[:4] and v6[4] != unlabelled[4]
+    assert v7[4].train.aux_label_crops and not v6[4].train.aux_label_crops
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
