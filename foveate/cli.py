@@ -122,13 +122,15 @@ def init_tiny(
     seed: int = typer.Option(0, help="weight initialisation seed"),
     max_pixels: int = typer.Option(224 * 224, help="processor upper bound on input pixels"),
     merge_size: int = typer.Option(2, help="patches merged into one image token, per side (Qwen2-VL: 2)"),
+    question_first: bool = typer.Option(False, help="chat template renders a user turn's text before its images"),
 ) -> None:
     """Create a tiny random Qwen2-VL model (tokenizer, processor, chat template) for tests and experiments."""
     from foveate.policies.tiny import TinyConfig, build_tiny_model
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FoveateError(f"{out_dir} exists and is not empty")
-    path = build_tiny_model(out_dir, TinyConfig(seed=seed, max_pixels=max_pixels, merge_size=merge_size))
+    config = TinyConfig(seed=seed, max_pixels=max_pixels, merge_size=merge_size, question_first=question_first)
+    path = build_tiny_model(out_dir, config)
     typer.echo(f"tiny Qwen2-VL model written to {path}")
 
 

@@ -76,6 +76,10 @@ class TinyConfig:
     # Train the tokenizer on each bare word too, so one-word answers are single tokens (False: the tokenizer of
     # the demo model v1, kept so configs/demo.yaml still rebuilds it).
     bare_words: bool = True
+    # Render a user turn's question before its images (the chat template's `question_first`). Image tokens then
+    # see the question, so each can score its own object against the question's words before the answer token
+    # looks; with the image first, only the answer position can do that matching.
+    question_first: bool = False
     seed: int = 0  # weight initialisation seed
     init_std: float = 0.02  # weight init std; tests use a larger one so random greedy outputs vary with the input
 
@@ -98,7 +102,18 @@ def corpus_lines(bare_words: bool = True) -> list[str]:
     return lines * 4  # repetition makes frequent words single tokens
 
 
-def build_tokenizer(vocab_size: int = 2048, bare_words: bool = True):
+def chat_template(question_first: bool = False) -> str:
+    """The project's chat template, with a user turn's text before its images when `question_first`."""
+    template = TEMPLATE_PATH.read_text()
+    if not question_first:
+        return template
+    flag = "{%- set question_first = false -%}"
+    if flag not in template:  # an edited template that lost the switch would silently train image-first
+        raise RuntimeError(f"{TEMPLATE_PATH} lost its question_first switch ({flag})")
+    return template.replace(flag, "{%- set question_first = true -%}")
+
+
+def build_tokenizer(vocab_size: int = 2048, bare_words: bool = True, question_first: bool = False):
     """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
@@ -124,7 +139,7 @@ def build_tokenizer(vocab_size: int = 2048, bare_words: bool = True):
         padding_side="left",
     )
     fast.add_tokens(TAG_TOKENS)
-    fast.chat_template = TEMPLATE_PATH.read_text()
+    fast.chat_template = chat_template(question_first)
     return fast
 
 
@@ -231,7 +246,7 @@ def build_tiny_model(out_dir: str | Path, config: TinyConfig | None = None, seed
         config = TinyConfig(**{**asdict(config), "seed": seed})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(config.vocab_size, config.bare_words)
+    tokenizer = build_tokenizer(config.vocab_size, config.bare_words, config.question_first)
     processor = build_processor(tokenizer, config)
     torch.manual_seed(config.seed)
     model = Qwen2VLForConditionalGeneration(build_model_config(tokenizer, config))

@@ -355,6 +355,40 @@ def test_a_three_by_three_merge_keeps_64_tokens_at_336_px(tmp_path: Path) -> Non
     assert torch.isfinite(loss)
 
 
+def test_a_question_first_model_sees_its_question_before_its_images(tmp_path: Path) -> None:
+    """TinyConfig.question_first: training and inference both render a user turn's text before its images."""
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.policies.loading import load_processor
+    from foveate.policies.tiny import TinyConfig, build_tiny_model
+    from foveate.policies.transformers_vlm import TransformersVLM
+
+    model_dir = build_tiny_model(tmp_path / "qf", TinyConfig(question_first=True), seed=0)
+    processor = load_processor(model_dir)
+    image_pad, vision_start = processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>"])
+    mix = DataMix(formats={"qa_crop": 1.0}, presets={"simple": 1.0})
+    examples = list(itertools.islice(example_stream(0, mix), 2))
+    batch = ChatCollator(processor, max_length=512)(examples)
+    for row, example in zip(batch["input_ids"].tolist(), examples, strict=True):
+        question = example["messages"][-2]["content"][-1]["text"]  # the user turn: [scene, crop, question]
+        question_ids = processor.tokenizer(question, add_special_tokens=False)["input_ids"]
+        starts = [i for i in range(len(row)) if row[i : i + len(question_ids)] == question_ids]
+        assert len(starts) == 1 and starts[0] + len(question_ids) == row.index(vision_start), "question, then images"
+        assert sum(token == image_pad for token in row) > 0
+    labelled = batch["labels"][0][batch["labels"][0] != IGNORE].tolist()
+    assert processor.tokenizer.decode(labelled[:-1]) == examples[0]["messages"][-1]["content"]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    assert torch.isfinite(model(**batch).loss)
+    # The saved template is the one inference uses; a default model keeps the image first.
+    policy = TransformersVLM(model_dir)
+    question = examples[0]["messages"][-2]["content"][-1]["text"]
+    prompt = policy.processor.apply_chat_template(examples[0]["messages"][:-1], tokenize=False)
+    assert prompt.index(question) < prompt.index("<|vision_start|>")
+    default = load_processor(build_tiny_model(tmp_path / "if", TinyConfig(), seed=0))
+    default_prompt = default.apply_chat_template(examples[0]["messages"][:-1], tokenize=False)
+    assert default_prompt.index("<|vision_start|>") < default_prompt.index(question)
+
+
 def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
