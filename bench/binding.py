@@ -21,7 +21,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.sft import IGNORE, ChatCollator
+from foveate.rl.answer_probe import question_text, teacher_forced
+from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 
 
@@ -31,20 +32,12 @@ def answer_owners(model, collator: ChatCollator, preset: str, n: int, seed: int)
     examples = list(itertools.islice(example_stream(seed, mix), n))
     tokenizer = collator.processor.tokenizer
     tally: collections.Counter = collections.Counter()
-    with torch.no_grad():
-        for start in range(0, len(examples), 20):
-            chunk = examples[start : start + 20]
-            batch = collator(chunk)
-            logits = model(**batch).logits
-            for row, example in enumerate(chunk):
-                first = (batch["labels"][row] != IGNORE).nonzero()[0, 0]
-                predicted = tokenizer.decode([int(logits[row, first - 1].argmax())]).strip()
-                truth = tokenizer.decode([int(batch["labels"][row, first])]).strip()
-                question = example["messages"][0]["content"][-1]["text"]
-                kind = "color" if question.startswith("What color") else "shape"
-                values = {getattr(obj, kind) for obj in example["scene"].objects}
-                owner = "right" if predicted == truth else "another's" if predicted in values else "absent"
-                tally[(kind, len(example["scene"].objects), owner)] += 1
+    for example, predicted, truth in teacher_forced(model, collator, examples):
+        said, meant = (tokenizer.decode([int(ids[0])]).strip() for ids in (predicted, truth))
+        kind = "color" if question_text(example).startswith("What color") else "shape"
+        values = {getattr(obj, kind) for obj in example["scene"].objects}
+        owner = "right" if said == meant else "another's" if said in values else "absent"
+        tally[(kind, len(example["scene"].objects), owner)] += 1
     return tally
 
 

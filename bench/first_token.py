@@ -22,7 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.sft import IGNORE, ChatCollator
+from foveate.rl.answer_probe import question_text, teacher_forced
+from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 
 KINDS = (("What color", "color"), ("What shape", "shape"), ("Is there", "exist"), ("How many", "count"))
@@ -38,17 +39,9 @@ def first_token_accuracy(
     """Per question kind: (first answer token right, every answer token right) for each question."""
     examples = list(itertools.islice(example_stream(seed, DataMix(formats={"qa": 1.0}, presets={preset: 1.0})), n))
     hits: dict[str, list[tuple[bool, bool]]] = collections.defaultdict(list)
-    with torch.no_grad():
-        for start in range(0, len(examples), 25):
-            chunk = examples[start : start + 25]
-            batch = collator(chunk)
-            logits = model(**batch).logits
-            for row, example in enumerate(chunk):
-                positions = (batch["labels"][row] != IGNORE).nonzero()[:, 0]
-                predicted = logits[row, positions - 1].argmax(dim=-1)
-                correct = predicted == batch["labels"][row, positions]
-                hit = (bool(correct[0]), bool(correct.all()))
-                hits[kind_of(example["messages"][0]["content"][-1]["text"])].append(hit)
+    for example, predicted, truth in teacher_forced(model, collator, examples, chunk_size=25):
+        correct = predicted == truth
+        hits[kind_of(question_text(example))].append((bool(correct[0]), bool(correct.all())))
     return hits
 
 

@@ -1,0 +1,33 @@
+"""Teacher-forced answers: what a model predicts at each answer token of world examples, in one forward pass.
+
+Used by the training probes (`bench/first_token.py`, `bench/binding.py`): cheaper than generation and free of
+decoding choices, so it isolates whether the model reads the image from whether it formats an answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from foveate.rl.sft import IGNORE, ChatCollator
+
+
+def teacher_forced(
+    model: Any, collator: ChatCollator, examples: list[dict[str, Any]], chunk_size: int = 20
+) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+    """For each example: (example, predicted ids, true ids) over the assistant's labelled tokens, in order."""
+    with torch.no_grad():
+        for start in range(0, len(examples), chunk_size):
+            chunk = examples[start : start + chunk_size]
+            batch = collator(chunk)
+            logits = model(**batch).logits
+            for row, example in enumerate(chunk):
+                positions = (batch["labels"][row] != IGNORE).nonzero()[:, 0]
+                yield example, logits[row, positions - 1].argmax(dim=-1), batch["labels"][row, positions]
+
+
+def question_text(example: dict[str, Any]) -> str:
+    """The question of a `qa` example (the user turn's last part; the chat template decides where it renders)."""
+    return example["messages"][0]["content"][-1]["text"]
