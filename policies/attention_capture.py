@@ -23,16 +23,19 @@ _state = threading.local()
 
 
 class CaptureBuffer:
-    """Holds the captured rows of one forward pass: layer index → tensor [batch, heads, key_len]."""
+    """Holds the captured rows of one forward pass: layer index → tensor [batch, heads, key_len].
 
-    def __init__(self, layers: Sequence[int], query_offset: int = -1) -> None:
+    ``query_offset``: one position for every row (-1 = the last), or a [batch] tensor of a position per row (the
+    rows of a right-padded training batch end at different positions; `rl.attention_supervision`)."""
+
+    def __init__(self, layers: Sequence[int], query_offset: int | torch.Tensor = -1) -> None:
         self.layers = set(layers)
         self.query_offset = query_offset
         self.rows: dict[int, torch.Tensor] = {}
 
 
 @contextlib.contextmanager
-def capture_attention(layers: Sequence[int], query_offset: int = -1) -> Iterator[CaptureBuffer]:
+def capture_attention(layers: Sequence[int], query_offset: int | torch.Tensor = -1) -> Iterator[CaptureBuffer]:
     """Within the block, forwards of a model loaded with ``attn_implementation=ATTENTION_NAME`` record rows."""
     buffer = CaptureBuffer(layers, query_offset)
     previous = getattr(_state, "buffer", None)
@@ -44,17 +47,26 @@ def capture_attention(layers: Sequence[int], query_offset: int = -1) -> Iterator
 
 
 def _attention_row(module, query, key, attention_mask, scaling, query_offset):
-    """softmax over keys for one query position, all heads: [batch, heads, key_len] in float32."""
-    query_row = query[:, :, query_offset, :].unsqueeze(2).float()
+    """softmax over keys for one query position per row, all heads: [batch, heads, key_len] in float32.
+
+    ``query_offset``: an int (the same position in every row) or a [batch] tensor of positions; with a tensor, keys
+    after each row's position are masked here too (SDPA may run causal attention with no mask tensor at all)."""
+    per_row = isinstance(query_offset, torch.Tensor)
+    rows = torch.arange(query.shape[0], device=query.device)
+    query_row = (query[rows, :, query_offset, :] if per_row else query[:, :, query_offset, :]).unsqueeze(2).float()
     keys = repeat_kv(key, module.num_key_value_groups).float() if hasattr(module, "num_key_value_groups") else key
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query_row, keys.float().transpose(2, 3)) * scale
     if attention_mask is not None:
-        mask_row = attention_mask[:, :, query_offset, :].unsqueeze(2)[..., : keys.shape[-2]]
+        mask = attention_mask[rows, :, query_offset, :] if per_row else attention_mask[:, :, query_offset, :]
+        mask_row = mask.unsqueeze(2)[..., : keys.shape[-2]]
         if mask_row.dtype == torch.bool:
             scores = scores.masked_fill(~mask_row, float("-inf"))
         else:
             scores = scores + mask_row.float()
+    if per_row:
+        future = torch.arange(keys.shape[-2], device=query.device)[None, :] > query_offset[:, None]
+        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1).squeeze(2)
 
 

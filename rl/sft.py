@@ -62,6 +62,11 @@ class TrainConfig:
     # Label the crops of crop formats (qa_crop, deepeyes, visrl) too, so the tower names small objects that a
     # crop shows at full size; off = only each example's scene image is labelled.
     aux_label_crops: bool = False
+    # Attention supervision (rl.attention_supervision): weight of −log(attention mass of the answer-predicting token
+    # on the evidence cells of the scene image); 0 = off. attn_layers: the decoder layers supervised (None = the
+    # middle one, the layer ViCrop reads by default).
+    attn_weight: float = 0.0
+    attn_layers: list[int] | None = None
 
 
 @dataclass
@@ -139,8 +144,16 @@ class WorldChats(torch.utils.data.IterableDataset):
 class ChatCollator:
     """Chats → padded model inputs with labels on assistant spans only."""
 
-    def __init__(self, processor: Any, max_length: int, aux_targets: bool = False, label_crops: bool = False) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int,
+        aux_targets: bool = False,
+        label_crops: bool = False,
+        attn_targets: bool = False,
+    ) -> None:
         self.processor = processor
+        self.attn_targets = attn_targets  # add rl.attention_supervision targets (evidence cells, query positions)
         self.aux_targets = aux_targets  # add rl.vision_aux per-cell targets for each example's scene image
         self.label_crops = label_crops  # … and for its crops (rl.vision_aux.labelled_images)
         self.tokenizer = processor.tokenizer
@@ -188,37 +201,68 @@ class ChatCollator:
             for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
                 if key in batch:
                     batch[key] = batch[key][:, : self.max_length]
+        if self.attn_targets and "image_grid_thw" in batch:
+            from foveate.rl import attention_supervision
+
+            image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            merge = self.processor.image_processor.merge_size
+            batch |= attention_supervision.batch_targets(
+                examples, scene_image_index, batch["input_ids"], batch["labels"], batch["image_grid_thw"],
+                image_token_id, merge,
+            )  # fmt: skip
         return batch
 
 
 def aux_trainer_class():
-    """`Trainer` that adds `aux_weight` × the vision aux loss (rl.vision_aux) and logs it as `aux_loss`."""
+    """`Trainer` that adds the auxiliary losses beside the language loss: `aux_weight` × the vision aux loss
+    (rl.vision_aux, logged as `aux_loss`) and `attn_weight` × attention supervision (rl.attention_supervision,
+    logged as `attn_loss`)."""
     from transformers import Trainer
 
+    from foveate.policies.attention_capture import capture_attention
+    from foveate.rl import attention_supervision
     from foveate.rl.vision_aux import TARGET_KEYS
 
     class AuxTrainer(Trainer):
-        stage_train = TrainConfig()  # the stage's settings (aux_weight, aux_background_weight, vision_only)
-        _aux_losses: tuple[float, ...] = ()  # since the last log; rebound (never mutated), so never shared
+        stage_train = TrainConfig()  # the stage's settings (aux_weight, aux_background_weight, vision_only, attn_*)
+        _logged: tuple[tuple[str, float], ...] = ()  # (name, value) since the last log; rebound, never mutated
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = {key: inputs.pop(key) for key in TARGET_KEYS}
+            targets = {key: inputs.pop(key) for key in TARGET_KEYS if key in inputs}
+            attn_targets = {key: inputs.pop(key) for key in attention_supervision.TARGET_KEYS if key in inputs}
             train = self.stage_train
             if train.vision_only:  # the aux loss alone: only the vision tower runs ("vision pretraining")
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])  # feeds the aux hook
                 result = (torch.zeros(()), None) if return_outputs else torch.zeros(())
+            elif train.attn_weight and attn_targets:
+                layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
+                with capture_attention(layers, query_offset=attn_targets["attn_query"].clamp_min(0)) as captured:
+                    result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                attn = attention_supervision.loss(captured.rows, **attn_targets)
+                self._logged = (*self._logged, ("attn_loss", attn.item()))
+                result = (
+                    (result[0] + train.attn_weight * attn, result[1])
+                    if return_outputs
+                    else result + train.attn_weight * attn
+                )
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            aux = model.foveate_aux.loss(**targets, background_weight=train.aux_background_weight)
-            self._aux_losses = (*self._aux_losses, aux.item())
-            if return_outputs:
-                return result[0] + train.aux_weight * aux, result[1]
-            return result + train.aux_weight * aux
+            if train.aux_weight:
+                aux = model.foveate_aux.loss(**targets, background_weight=train.aux_background_weight)
+                self._logged = (*self._logged, ("aux_loss", aux.item()))
+                result = (
+                    (result[0] + train.aux_weight * aux, result[1])
+                    if return_outputs
+                    else result + train.aux_weight * aux
+                )
+            return result
 
         def log(self, logs, *args, **kwargs):
-            if self._aux_losses and "loss" in logs:
-                logs["aux_loss"] = round(sum(self._aux_losses) / len(self._aux_losses), 4)
-                self._aux_losses = ()
+            if self._logged and "loss" in logs:
+                for name in dict(self._logged):
+                    values = [value for key, value in self._logged if key == name]
+                    logs[name] = round(sum(values) / len(values), 4)
+                self._logged = ()
             super().log(logs, *args, **kwargs)
 
     return AuxTrainer
@@ -308,6 +352,10 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         from foveate.rl import vision_aux
 
         vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer)
+    if train.attn_weight:  # the attention rows are captured by foveate's SDPA wrapper (logits unchanged)
+        from foveate.policies import attention_capture
+
+        model.set_attn_implementation(attention_capture.register())
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         max_steps=train.max_steps,
@@ -332,9 +380,13 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     dataset = WorldChats(train.seed, stage.data)
     callbacks = [EarlyStop(train.max_minutes, train.stop_after_steps)]
     collator = ChatCollator(
-        processor, train.max_length, aux_targets=bool(train.aux_weight), label_crops=train.aux_label_crops
+        processor,
+        train.max_length,
+        aux_targets=bool(train.aux_weight),
+        label_crops=train.aux_label_crops,
+        attn_targets=bool(train.attn_weight),
     )
-    trainer_class = aux_trainer_class() if train.aux_weight else Trainer
+    trainer_class = aux_trainer_class() if train.aux_weight or train.attn_weight else Trainer
     trainer = trainer_class(
         model=model,
         args=args,
@@ -348,6 +400,8 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     trainer.train()
     if train.aux_weight:
         vision_aux.detach(model)
+    if train.attn_weight:
+        model.set_attn_implementation("sdpa")  # saved models name the stock implementation
     save_model(model, source, output, recipe, trainer.state.log_history)
 
 

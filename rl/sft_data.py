@@ -132,7 +132,7 @@ def ground(image: Image.Image, scene: Scene, rng: random.Random, **_: Any) -> Ex
     obj, (phrase, _) = rng.choice(candidates)
     prompt = protocol.GROUNDING_PROMPT.format(reference=phrase.removeprefix("the "))
     answer = protocol.box_json(_thousand(obj.box, image.size))
-    return {"messages": [_user(image, prompt), _assistant(answer)]}
+    return {"messages": [_user(image, prompt), _assistant(answer)], "evidence": [list(obj.box)]}
 
 
 def describe(image: Image.Image, scene: Scene, mix: DataMix, **_: Any) -> Example:
@@ -217,4 +217,6 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
                 if example is not None:
                     example["format"] = name
                     example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
+                    if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision)
+                        example["evidence"] = row["boxes"]
                     yield example
