@@ -7,7 +7,9 @@ first answer token (teacher-forced, like `bench/first_token.py`) is classed as `
 colour or shape), ``another's`` (wrong, but the colour or shape of another object in the scene) or ``absent``
 (an attribute no object in the scene has). Rows are split by the number of objects in the scene. A model that
 reads the right kind of attribute from a random object scores ``right`` about 1/k of the time on k-object scenes
-and puts nearly every miss in ``another's``; a model that binds stays right as k grows.
+and puts nearly every miss in ``another's``; a model that binds stays right as k grows. ``right of named``
+(right / (right + another's)) separates binding from reading: it is about 1/k for a model that reads a random
+object, whatever its share of ``absent`` answers.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     table = Table(title=f"whose attribute the answer names ({args.preset}, first answer token)")
-    for column in ("model", "kind", "objects", "n", "right", "another's", "absent", "1/objects"):
+    table.add_column("model", overflow="fold")
+    # "right of named": right / (right + another's), which object is read when some object's attribute is named.
+    for column in ("kind", "objects", "n", "right", "another's", "absent", "right of named", "1/objects"):
         table.add_column(column, justify="right")
     for directory in args.models:
         model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
@@ -63,7 +67,8 @@ def main() -> None:
         for kind, objects in sorted({(kind, objects) for kind, objects, _ in tally}):
             counts = [tally[(kind, objects, owner)] for owner in ("right", "another's", "absent")]
             shares = [f"{count / sum(counts):.2f}" for count in counts]
-            table.add_row(name, kind, str(objects), str(sum(counts)), *shares, f"{1 / objects:.2f}")
+            bound = f"{counts[0] / (counts[0] + counts[1]):.2f}" if counts[0] + counts[1] else "-"
+            table.add_row(name, kind, str(objects), str(sum(counts)), *shares, bound, f"{1 / objects:.2f}")
     Console().print(table)
 
 
