@@ -26,18 +26,28 @@ from rich.table import Table
 from foveate.rl.answer_probe import question_text, teacher_forced
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
+from foveate.world.describe import SIZE_WORDS
 
 
-def answer_owners(model, collator: ChatCollator, preset: str, n: int, seed: int) -> collections.Counter:
-    """Counter of (kind, objects in the scene, "right" | "another's" | "absent") over n attribute questions."""
+def answer_owners(
+    model, collator: ChatCollator, preset: str, n: int, seed: int, by_reference: bool = False
+) -> collections.Counter:
+    """Counter of (kind, objects in the scene, "right" | "another's" | "absent") over n attribute questions.
+    ``by_reference``: kinds also say what names the object beyond the default (a colour question names it by its
+    shape, "the square"; a shape question by its colour, "the red object"): "color +size" is "the small square"."""
     mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, questions=("attribute",))
     examples = list(itertools.islice(example_stream(seed, mix), n))
     tokenizer = collator.processor.tokenizer
     tally: collections.Counter = collections.Counter()
     for example, predicted, truth in teacher_forced(model, collator, examples):
         said, meant = (tokenizer.decode([int(ids[0])]).strip() for ids in (predicted, truth))
-        kind = "color" if question_text(example).startswith("What color") else "shape"
-        values = {getattr(obj, kind) for obj in example["scene"].objects}
+        question = question_text(example)
+        kind = "color" if question.startswith("What color") else "shape"
+        if by_reference:  # what names the object beyond the default (colour: its shape; shape: its colour)
+            words = set(question.rstrip("?").split())
+            kind += " +size" if words & set(SIZE_WORDS.values()) else ""
+            kind += " +label" if "marked" in words else ""
+        values = {getattr(obj, kind.split()[0]) for obj in example["scene"].objects}
         owner = "right" if said == meant else "another's" if said in values else "absent"
         tally[(kind, len(example["scene"].objects), owner)] += 1
     return tally
@@ -53,23 +63,26 @@ def main() -> None:
     parser.add_argument("--preset", default="simple", help="world preset (simple: 1-4 objects)")
     parser.add_argument("--n", type=int, default=200, help="attribute questions")
     parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
+    parser.add_argument("--by-reference", action="store_true", help="split by what the question names its object by")
     args = parser.parse_args()
     torch.set_num_threads(2)
     table = Table(title=f"whose attribute the answer names ({args.preset}, first answer token)")
-    table.add_column("model", overflow="fold")
+    table.add_column("model", no_wrap=True)
     # "right of named": right / (right + another's), which object is read when some object's attribute is named.
     for column in ("kind", "objects", "n", "right", "another's", "absent", "right of named", "1/objects"):
         table.add_column(column, justify="right")
     for directory in args.models:
         model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
         name = "/".join(Path(directory).parts[-2:])
-        tally = answer_owners(model, ChatCollator(load_processor(directory), 512), args.preset, args.n, args.seed)
+        tally = answer_owners(
+            model, ChatCollator(load_processor(directory), 512), args.preset, args.n, args.seed, args.by_reference
+        )
         for kind, objects in sorted({(kind, objects) for kind, objects, _ in tally}):
             counts = [tally[(kind, objects, owner)] for owner in ("right", "another's", "absent")]
             shares = [f"{count / sum(counts):.2f}" for count in counts]
             bound = f"{counts[0] / (counts[0] + counts[1]):.2f}" if counts[0] + counts[1] else "-"
             table.add_row(name, kind, str(objects), str(sum(counts)), *shares, bound, f"{1 / objects:.2f}")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

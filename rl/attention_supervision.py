@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 TARGET_KEYS = ("attn_query", "attn_scene", "attn_evidence")  # what `batch_targets` adds to a batch
+HEAD_MODES = ("mean", "each")  # `loss`: the head-mean mass must be on the evidence, or every head's
 
 
 def evidence_cells(
@@ -99,11 +100,15 @@ def batch_targets(
 
 
 def loss(
-    rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_evidence: torch.Tensor, attn_query: torch.Tensor
+    rows: dict[int, torch.Tensor],
+    attn_scene: torch.Tensor,
+    attn_evidence: torch.Tensor,
+    attn_query: torch.Tensor,
+    heads: str = "mean",
 ) -> torch.Tensor:
-    """Mean over supervised rows and captured layers of −log(head-mean attention mass on the evidence, within the
-    scene). ``rows``: layer → [batch, heads, keys] captured attention rows (keys may be shorter than the batch's
-    padded length only if the capture truncated them, which it does not)."""
+    """Mean over supervised rows and captured layers of −log(attention mass on the evidence, within the scene).
+    ``rows``: layer → [batch, heads, keys] captured attention rows. ``heads``: "mean" takes the log of the
+    head-mean mass (some heads may look elsewhere); "each" averages every head's own −log (all must look)."""
     keep = attn_query >= 0
     if not keep.any() or not rows:
         return torch.zeros(())
@@ -112,5 +117,8 @@ def loss(
         on_scene = row[keep] * attn_scene[keep, None, : row.shape[-1]]
         on_evidence = row[keep] * attn_evidence[keep, None, : row.shape[-1]]
         share = on_evidence.sum(-1) / on_scene.sum(-1).clamp_min(1e-12)  # [rows, heads]
-        losses.append(-torch.log(share.mean(-1).clamp_min(1e-6)))
+        if heads == "each":
+            losses.append(-torch.log(share.clamp_min(1e-6)).mean(-1))
+        else:
+            losses.append(-torch.log(share.mean(-1).clamp_min(1e-6)))
     return torch.stack(losses).mean()

@@ -67,6 +67,7 @@ class TrainConfig:
     # middle one, the layer ViCrop reads by default).
     attn_weight: float = 0.0
     attn_layers: list[int] | None = None
+    attn_heads: str = "mean"  # "mean": the heads' mean attention is supervised; "each": every head's
 
 
 @dataclass
@@ -238,7 +239,7 @@ def aux_trainer_class():
                 layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
                 with capture_attention(layers, query_offset=attn_targets["attn_query"].clamp_min(0)) as captured:
                     result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                attn = attention_supervision.loss(captured.rows, **attn_targets)
+                attn = attention_supervision.loss(captured.rows, **attn_targets, heads=train.attn_heads)
                 self._logged = (*self._logged, ("attn_loss", attn.item()))
                 result = (
                     (result[0] + train.attn_weight * attn, result[1])
@@ -316,6 +317,8 @@ def train_sft(recipe: SFTRecipe, workdir: str | Path | None = None, start_stage:
     for number, stage in enumerate(stages, 1):
         if stage.train.vision_only and not stage.train.aux_weight:
             raise FoveateError(f"stage {number}: vision_only trains on the aux loss alone, so it needs aux_weight > 0")
+        if stage.train.attn_heads not in ("mean", "each"):  # rl.attention_supervision.HEAD_MODES
+            raise FoveateError(f"stage {number}: attn_heads must be 'mean' or 'each', not {stage.train.attn_heads!r}")
     source = workdir / f"stage{start_stage - 1}" if start_stage > 1 else None
     if source is not None and not (source / "config.json").exists():
         raise FoveateError(f"cannot start at stage {start_stage}: {source} holds no finished stage")

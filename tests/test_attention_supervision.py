@@ -152,3 +152,21 @@ def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp
     assert AutoConfig.from_pretrained(out).model_type == "qwen2_vl"
     log = json.loads((out / "training_log.json").read_text())
     assert all(np.isfinite(row["loss"]) for row in log if "loss" in row)
+
+
+def test_each_head_mode_asks_every_head_and_a_bad_mode_is_a_recipe_error(tmp_path: Path) -> None:
+    from foveate.errors import FoveateError
+
+    scene = torch.zeros(1, 6, dtype=torch.bool)
+    scene[0, :4] = True
+    evidence = torch.zeros(1, 6, dtype=torch.bool)
+    evidence[0, :2] = True
+    # Head 0 looks only at the evidence, head 1 only at the rest of the scene.
+    rows = {1: torch.tensor([[[0.5, 0.5, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0, 0]]])}
+    query = torch.tensor([5])
+    assert np.isclose(attention_supervision.loss(rows, scene, evidence, query).item(), np.log(2), atol=1e-5)
+    each = attention_supervision.loss(rows, scene, evidence, query, heads="each").item()
+    assert np.isclose(each, -np.log(1e-6) / 2, atol=1e-3)  # the looking-away head's −log, floored, halved
+    bad = SFTRecipe(output_dir=str(tmp_path / "out"), train=TrainConfig(attn_weight=1.0, attn_heads="all"))
+    with pytest.raises(FoveateError, match="attn_heads"):
+        train_sft(bad, workdir=tmp_path / "work")
