@@ -122,3 +122,18 @@ def loss(
         else:
             losses.append(-torch.log(share.mean(-1).clamp_min(1e-6)))
     return torch.stack(losses).mean()
+
+
+def away_loss(rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_query: torch.Tensor) -> torch.Tensor:
+    """Mean over supervised rows, layers and heads of −log(1 − the attention mass on the scene image's tokens).
+
+    For layers too early to know the question (`TrainConfig.attn_away_layers`): the logit lens shows the demo
+    models form the colour answer in layer 0 of the answer position (its output already names the final answer
+    for 0.63 of 2-4-object colour questions), whose query is the token "\n" alone, so it reads whichever object
+    is salient. Pushing that layer's attention off the image leaves the read to the layers this module points
+    at the evidence."""
+    keep = attn_query >= 0
+    if not keep.any() or not rows:
+        return torch.zeros(())
+    masses = [(row[keep] * attn_scene[keep, None, : row.shape[-1]]).sum(-1) for row in rows.values()]
+    return torch.stack([-torch.log((1 - mass).clamp_min(1e-6)).mean() for mass in masses]).mean()

@@ -68,6 +68,9 @@ class TrainConfig:
     attn_weight: float = 0.0
     attn_layers: list[int] | None = None
     attn_heads: str = "mean"  # "mean": the heads' mean attention is supervised; "each": every head's
+    # Decoder layers whose answer-token attention is pushed off the scene image (attention_supervision.away_loss),
+    # with weight attn_weight too; empty = none.
+    attn_away_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -237,9 +240,16 @@ def aux_trainer_class():
                 result = (torch.zeros(()), None) if return_outputs else torch.zeros(())
             elif train.attn_weight and attn_targets:
                 layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
-                with capture_attention(layers, query_offset=attn_targets["attn_query"].clamp_min(0)) as captured:
+                query = attn_targets["attn_query"].clamp_min(0)
+                with capture_attention([*layers, *train.attn_away_layers], query_offset=query) as captured:
                     result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                attn = attention_supervision.loss(captured.rows, **attn_targets, heads=train.attn_heads)
+                toward = {layer: captured.rows[layer] for layer in layers}
+                attn = attention_supervision.loss(toward, **attn_targets, heads=train.attn_heads)
+                if train.attn_away_layers:
+                    away = {layer: captured.rows[layer] for layer in train.attn_away_layers}
+                    attn = attn + attention_supervision.away_loss(
+                        away, attn_targets["attn_scene"], attn_targets["attn_query"]
+                    )
                 self._logged = (*self._logged, ("attn_loss", attn.item()))
                 result = (
                     (result[0] + train.attn_weight * attn, result[1])

@@ -141,7 +141,13 @@ def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp
     from foveate.policies.tiny import TinyConfig
 
     train = TrainConfig(
-        max_steps=2, batch_size=4, warmup_steps=0, logging_steps=1, dataloader_workers=0, attn_weight=1.0
+        max_steps=2,
+        batch_size=4,
+        warmup_steps=0,
+        logging_steps=1,
+        dataloader_workers=0,
+        attn_weight=1.0,
+        attn_away_layers=[0],
     )
     mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})
     recipe = SFTRecipe(output_dir=str(tmp_path / "out"), model=TinyConfig(), save_dtype="float32",
@@ -170,3 +176,12 @@ def test_each_head_mode_asks_every_head_and_a_bad_mode_is_a_recipe_error(tmp_pat
     bad = SFTRecipe(output_dir=str(tmp_path / "out"), train=TrainConfig(attn_weight=1.0, attn_heads="all"))
     with pytest.raises(FoveateError, match="attn_heads"):
         train_sft(bad, workdir=tmp_path / "work")
+
+
+def test_away_loss_is_the_log_of_the_mass_left_off_the_scene() -> None:
+    scene = torch.zeros(1, 6, dtype=torch.bool)
+    scene[0, :4] = True
+    rows = {0: torch.tensor([[[0.25, 0.25, 0, 0, 0.5, 0], [0, 0, 0, 0, 0.5, 0.5]]])}  # head 0: half on the scene
+    value = attention_supervision.away_loss(rows, scene, torch.tensor([5])).item()
+    assert np.isclose(value, np.log(2) / 2, atol=1e-5)  # heads: −log(0.5) and −log(1), averaged
+    assert attention_supervision.away_loss(rows, scene, torch.tensor([-1])).item() == 0.0
