@@ -12,7 +12,6 @@ the answer position's query is its own token alone, so it attends to whichever o
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from foveate.rl.answer_probe import probe_parser
 from foveate.rl.attention_supervision import answer_query_positions
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
@@ -65,12 +65,7 @@ def lens_by_layer(model_dir: str, preset: str, n: int, seed: int) -> tuple[list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", help="model directories (tokenizers with one-token colour words)")
-    parser.add_argument("--preset", default="simple", help="world preset (simple: 1-4 objects)")
-    parser.add_argument("--n", type=int, default=160, help="colour questions about 2+ objects")
-    parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
-    args = parser.parse_args()
+    args = probe_parser(__doc__.split("\n\n")[0], 160, "colour questions about 2+ objects").parse_args()
     torch.set_num_threads(2)
     table = Table(title=f"logit lens at the answer position, colour questions on 2+ objects ({args.preset})")
     table.add_column("model", no_wrap=True)

@@ -14,7 +14,6 @@ object, whatever its share of ``absent`` answers.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.answer_probe import question_text, teacher_forced
+from foveate.rl.answer_probe import probe_parser, question_text, teacher_forced
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 from foveate.world.describe import SIZE_WORDS
@@ -58,11 +57,7 @@ def main() -> None:
 
     from foveate.policies.loading import load_processor
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", help="model directories")
-    parser.add_argument("--preset", default="simple", help="world preset (simple: 1-4 objects)")
-    parser.add_argument("--n", type=int, default=200, help="attribute questions")
-    parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
+    parser = probe_parser(__doc__.split("\n\n")[0], 200, "attribute questions")
     parser.add_argument("--by-reference", action="store_true", help="split by what the question names its object by")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -6,6 +6,7 @@ decoding choices, so it isolates whether the model reads the image from whether 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,3 +32,13 @@ def teacher_forced(
 def question_text(example: dict[str, Any]) -> str:
     """The question of a `qa` example (the user turn's last part; the chat template decides where it renders)."""
     return example["messages"][0]["content"][-1]["text"]
+
+
+def probe_parser(description: str, n_default: int, n_help: str) -> argparse.ArgumentParser:
+    """The arguments the world probes share: model directories, the held-out preset, how many items, the seed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("models", nargs="+", help="model directories (tokenizers with one-token answer words)")
+    parser.add_argument("--preset", default="simple", help="world preset (simple: 1-4 objects)")
+    parser.add_argument("--n", type=int, default=n_default, help=n_help)
+    parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
+    return parser

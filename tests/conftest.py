@@ -40,3 +40,16 @@ def tiny_policy(tiny_model_dir: Path):
     policy = TransformersVLM(tiny_model_dir)
     yield policy
     policy.close()
+
+
+@pytest.fixture
+def quick_train():
+    """A factory of `TrainConfig`s for Trainer runs of a step or two in the test process (no warm-up, a log every
+    step, no DataLoader worker); keyword arguments override or add fields."""
+    from foveate.rl.sft import TrainConfig
+
+    def make(**overrides):
+        settings = {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "logging_steps": 1, "dataloader_workers": 0}
+        return TrainConfig(**{**settings, **overrides})
+
+    return make

@@ -135,20 +135,12 @@ def test_loss_is_zero_without_supervised_rows() -> None:
     assert np.isclose(value.item(), np.log(2), atol=1e-5)
 
 
-def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp_path: Path) -> None:
+def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp_path: Path, quick_train) -> None:
     from transformers import AutoConfig
 
     from foveate.policies.tiny import TinyConfig
 
-    train = TrainConfig(
-        max_steps=2,
-        batch_size=4,
-        warmup_steps=0,
-        logging_steps=1,
-        dataloader_workers=0,
-        attn_weight=1.0,
-        attn_away_layers=[0],
-    )
+    train = quick_train(batch_size=4, attn_weight=1.0, attn_away_layers=[0])
     mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})
     recipe = SFTRecipe(output_dir=str(tmp_path / "out"), model=TinyConfig(), save_dtype="float32",
                        stages=[Stage(mix, train)])  # fmt: skip

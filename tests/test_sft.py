@@ -155,21 +155,13 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     assert v7[4].train.aux_label_crops and not v6[4].train.aux_label_crops
 
 
-def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
+def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
 
     from foveate.policies.tiny import TinyConfig
 
-    train = TrainConfig(
-        max_steps=2,
-        batch_size=2,
-        warmup_steps=0,
-        logging_steps=1,
-        dataloader_workers=0,
-        aux_weight=1.0,
-        learning_rate=1e-3,
-    )
+    train = quick_train(aux_weight=1.0, learning_rate=1e-3)
     mix = DataMix(formats={"qa": 1.0, "ground": 1.0}, presets={"simple": 1.0})
     # The schedule spans 4 steps; stop_after_steps ends the stage after 2 (as a recorded time-limit stop would).
     vision_pretraining = TrainConfig(**{**train.__dict__, "vision_only": True, "max_steps": 4, "stop_after_steps": 2})
@@ -201,15 +193,12 @@ def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path) -> None:
         assert torch.equal(weight, language_before[name]), name
 
 
-def test_aligned_vision_pretraining_moves_only_the_tower_and_the_answer_words(tmp_path: Path) -> None:
+def test_aligned_vision_pretraining_moves_only_the_tower_and_the_answer_words(tmp_path: Path, quick_train) -> None:
     from transformers import AutoModelForImageTextToText
 
     from foveate.policies.loading import load_processor
 
-    train = TrainConfig(
-        max_steps=1, batch_size=2, warmup_steps=0, logging_steps=1, dataloader_workers=0, learning_rate=1e-3,
-        vision_only=True, aux_weight=1.0, aux_word_aligned="all",
-    )  # fmt: skip
+    train = quick_train(max_steps=1, learning_rate=1e-3, vision_only=True, aux_weight=1.0, aux_word_aligned="all")
     mix = DataMix(formats={"qa": 1.0}, presets={"large": 1.0}, one_per_scene=True)
     recipe = SFTRecipe(output_dir=str(tmp_path / "out"), save_dtype="float32", stages=[Stage(mix, train)])
     out = train_sft(recipe, workdir=tmp_path / "work")
