@@ -442,3 +442,20 @@ def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
     shipped = json.loads((Path(__file__).parents[1] / "foveate/assets/models/demo/tokenizer.json").read_text())
     assert json.loads(rebuilt.backend_tokenizer.to_str())["model"]["vocab"] == shipped["model"]["vocab"]
     assert len(build_tokenizer()("star", add_special_tokens=False)["input_ids"]) == 1  # the default learns "star"
+
+
+def test_cell_coverage_counts_each_cells_pixels_like_a_per_cell_loop() -> None:
+    scene = next(example_stream(3, DataMix(formats={"qa": 1.0}, presets={"cluttered": 1.0})))["scene"]
+    index = vision_aux.object_index_map(scene)
+    window = (37, 11, 37 + 301, 11 + 250)  # a crop whose sides do not divide evenly into the grid
+    coverage = vision_aux.cell_coverage(scene, 7, 9, window=window, index=index)
+    crop = index[window[1] : window[3], window[0] : window[2]]
+    rows = np.linspace(0, crop.shape[0], 8).round().astype(int)
+    cols = np.linspace(0, crop.shape[1], 10).round().astype(int)
+    n_objects = len(scene.objects)
+    assert n_objects > 1 and coverage.shape == (n_objects + 1, 7, 9)
+    for i in range(7):
+        for j in range(9):
+            cell = crop[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
+            expected = [(cell == k).mean() for k in range(n_objects)] + [(cell == -1).mean()]
+            np.testing.assert_allclose(coverage[:, i, j], expected)
