@@ -24,9 +24,11 @@ other on the idle machine.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -58,40 +60,30 @@ def mask_per_object_coverage(scene, grid_h, grid_w, window=None, index=None):
 
 
 def data_seconds(examples_per_batch: list[list[dict]], collator: ChatCollator, train) -> dict[str, list[float]]:
-    """CPU seconds per batch of each data part (the worker is one process: CPU time is what it takes away)."""
+    """CPU seconds per batch of each data part (the worker is one process: CPU time is what it takes away).
+    Aux targets are timed when the stage trains with them; attention targets likewise."""
     merge = collator.processor.image_processor.merge_size
-    parts: dict[str, list[float]] = {"collator without targets": [], "aux targets": [], "aux targets, baseline": []}
-    if train.attn_weight:
-        parts["attention targets"] = []
     image_token = collator.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    parts: dict[str, list[float]] = collections.defaultdict(list)
     for examples in examples_per_batch:
-        _, cpu, batch = timed(lambda: collator(examples))  # noqa: B023 (called at once)
+        _, cpu, batch = timed(partial(collator, examples))
         parts["collator without targets"].append(cpu)
         first = list(itertools.accumulate([len(_images(e)) for e in examples], initial=0))[:-1]
         grid = batch["image_grid_thw"]
-
-        def aux():
-            return vision_aux.batch_targets(examples, first, grid, merge, train.aux_label_crops)  # noqa: B023
-
-        _, cpu, fast = timed(aux)
-        parts["aux targets"].append(cpu)
-        with mock.patch.object(vision_aux, "cell_coverage", mask_per_object_coverage):
-            _, cpu, slow = timed(aux)
-        parts["aux targets, baseline"].append(cpu)
-        assert all(torch.equal(fast[key], slow[key]) for key in fast), "the two coverages disagree"
+        if train.aux_weight:
+            aux = partial(vision_aux.batch_targets, examples, first, grid, merge, train.aux_label_crops)
+            _, cpu, targets = timed(aux)
+            parts["aux targets"].append(cpu)
+            with mock.patch.object(vision_aux, "cell_coverage", mask_per_object_coverage):
+                _, cpu, baseline_targets = timed(aux)
+            parts["aux targets, baseline"].append(cpu)
+            assert all(torch.equal(targets[key], baseline_targets[key]) for key in targets), "the coverages disagree"
         if train.attn_weight:
-            _, cpu, _ = timed(
-                lambda: attention_supervision.batch_targets(
-                    examples,
-                    first,
-                    batch["input_ids"],
-                    batch["labels"],
-                    grid,
-                    image_token,
-                    merge,  # noqa: B023
-                )
-            )
-            parts["attention targets"].append(cpu)
+            attn = partial(
+                attention_supervision.batch_targets,
+                examples, first, batch["input_ids"], batch["labels"], grid, image_token, merge,
+            )  # fmt: skip
+            parts["attention targets"].append(timed(attn)[1])
     return parts
 
 
@@ -146,20 +138,22 @@ def main() -> None:
     full = ChatCollator(processor, train.max_length, aux_targets=True, label_crops=train.aux_label_crops)
     step = step_seconds(model, [full(examples) for examples in examples_per_batch])
 
-    data_now = sum(statistics.median(v) for k, v in parts.items() if k != "aux targets, baseline")
-    data_before = data_now - statistics.median(parts["aux targets"]) + statistics.median(parts["aux targets, baseline"])
+    medians = {name: statistics.median(seconds) for name, seconds in parts.items()}
+    data_now = sum(seconds for name, seconds in medians.items() if name != "aux targets, baseline")
     table = Table(title=f"{Path(args.config).name} stage {args.stage or len(recipe.all_stages())}: median per batch "
                   f"of {train.batch_size} ({args.batches} batches)")  # fmt: skip
     table.add_column("part")
     table.add_column("seconds", justify="right")
-    for name, seconds in parts.items():
-        table.add_row(f"{name} (CPU)", f"{statistics.median(seconds):.3f}")
+    for name, seconds in medians.items():
+        table.add_row(f"{name} (CPU)", f"{seconds:.3f}")
     table.add_row("data preparation, total (CPU)", f"{data_now:.3f}")
-    table.add_row("… with the baseline aux targets", f"{data_before:.3f} ({data_before / data_now:.1f}×)")
-    table.add_row(f"training step ({args.threads} threads, wall)", f"{statistics.median(step):.3f}")
+    if "aux targets" in medians:
+        before = data_now - medians["aux targets"] + medians["aux targets, baseline"]
+        table.add_row("… with the baseline aux targets", f"{before:.3f} ({before / data_now:.1f}×)")
+    table.add_row(f"training step of the whole model ({args.threads} threads, wall)", f"{statistics.median(step):.3f}")
     Console().print(table)
-    aux_ratio = statistics.median(parts["aux targets, baseline"]) / statistics.median(parts["aux targets"])
-    print(f"aux targets: baseline / bincount = {aux_ratio:.1f}×")
+    if "aux targets" in medians:
+        print(f"aux targets: baseline / bincount = {medians['aux targets, baseline'] / medians['aux targets']:.1f}×")
 
 
 if __name__ == "__main__":
