@@ -47,13 +47,8 @@ from foveate.rl.sft_data import example_stream  # noqa: E402
 
 def mask_per_object_coverage(scene, grid_h, grid_w, window=None, index=None):
     """The baseline: `vision_aux.cell_coverage` with one full-size mask per object, summed per cell."""
-    index = vision_aux.object_index_map(scene)  # the baseline also rebuilt the map for every image
-    if window is not None:
-        x1, y1, x2, y2 = window
-        index = index[y1:y2, x1:x2]
-    height, width = index.shape
-    rows = np.linspace(0, height, grid_h + 1).round().astype(int)
-    cols = np.linspace(0, width, grid_w + 1).round().astype(int)
+    # The baseline also rebuilt the object map for every image.
+    index, rows, cols = vision_aux.cell_grid(vision_aux.object_index_map(scene), grid_h, grid_w, window)
     one_hot = np.stack([index == k for k in range(len(scene.objects))] + [index == -1]).astype(np.int32)
     pixels = np.add.reduceat(np.add.reduceat(one_hot, rows[:-1], axis=1), cols[:-1], axis=2)
     return pixels / np.outer(np.diff(rows), np.diff(cols))

@@ -89,6 +89,20 @@ def object_index_map(scene: Scene) -> np.ndarray:
     return index
 
 
+def cell_grid(
+    index: np.ndarray, grid_h: int, grid_w: int, window: tuple[int, int, int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The index map inside ``window`` (whole scene when None) and the pixel edges (rows, cols) of its
+    grid_h × grid_w cells."""
+    if window is not None:
+        x1, y1, x2, y2 = window
+        index = index[y1:y2, x1:x2]
+    height, width = index.shape
+    rows = np.linspace(0, height, grid_h + 1).round().astype(int)
+    cols = np.linspace(0, width, grid_w + 1).round().astype(int)
+    return index, rows, cols
+
+
 def cell_coverage(
     scene: Scene,
     grid_h: int,
@@ -101,13 +115,7 @@ def cell_coverage(
     ``window``: (x1, y1, x2, y2) whole scene pixels when the image is a crop of the scene (the grid then covers
     the crop; a crop's resize does not change what fraction of a cell an object covers). ``index``: the scene's
     `object_index_map` when the caller has it already (a scene and its crops share one)."""
-    index = object_index_map(scene) if index is None else index
-    if window is not None:
-        x1, y1, x2, y2 = window
-        index = index[y1:y2, x1:x2]
-    height, width = index.shape
-    rows = np.linspace(0, height, grid_h + 1).round().astype(int)
-    cols = np.linspace(0, width, grid_w + 1).round().astype(int)
+    index, rows, cols = cell_grid(object_index_map(scene) if index is None else index, grid_h, grid_w, window)
     n_labels = len(scene.objects) + 1
     # One bincount over (cell, label) pairs: a full-size mask per object (the obvious numpy) costs a pass over the
     # pixels per object, which made the aux targets the dataloader's largest cost on 1344 px scenes.
