@@ -33,7 +33,14 @@ DIR --n 1200`). Two reasons, both measured: the answer is mostly formed in layer
 answer position already names the final answer for 0.63 of these questions, `python bench/answer_lens.py DIR`),
 before the query can know the question; and on held-out scenes every supervised head's share on the evidence is
 only 0.39 (0.55-0.6 during training), so the supervised layers still read a mixture of objects.
-`TrainConfig.attn_away_layers` pushes layer 0 off the image for the first reason.
+`TrainConfig.attn_away_layers` pushes layer 0 off the image for the first reason. Measured, that reason is not
+why binding fails: from a rebuilt v6 stage 3, the same stage-4 data for 600 steps with layers 1-2 pointed at the
+evidence (head mean) and layer 0 pushed away (weight 1), the answer no longer forms in layer 0 (the logit lens
+after layer 0 names the final answer for 0.00 of 2-4-object colour questions, against 0.82 for the stage-3 model it
+started from, `python bench/answer_lens.py DIR`), yet the asked object's share of answers naming some object's
+colour is 0.59 / 0.44 / 0.35 on 2 / 3 / 4 objects, as before, and copying got worse: colour on one-object scenes
+0.32 (0.93 before the stage; 0.68 of its answers name a colour the scene lacks), right colour at the last layer
+0.23 against 0.40 on 2-4 objects (`python bench/binding.py DIR --n 1200`).
 """
 
 from __future__ import annotations
@@ -142,7 +149,8 @@ def away_loss(rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_quer
     models form the colour answer in layer 0 of the answer position (its output already names the final answer
     for 0.63 of 2-4-object colour questions), whose query is the token "\n" alone, so it reads whichever object
     is salient. Pushing that layer's attention off the image leaves the read to the layers this module points
-    at the evidence."""
+    at the evidence. Measured (module docstring), it moves where the answer forms but neither binds nor keeps
+    one-object copying; kept as a recipe option for that record."""
     keep = attn_query >= 0
     if not keep.any() or not rows:
         return torch.zeros(())
