@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import timed  # noqa: E402
+from timing import aux_step_seconds, timed  # noqa: E402
 
 from foveate.rl import attention_supervision, vision_aux  # noqa: E402
 from foveate.rl.sft import ChatCollator, build_model, load_recipe  # noqa: E402
@@ -92,25 +92,6 @@ def _images(example: dict) -> list:
     ]
 
 
-def step_seconds(model, batches: list[dict]) -> list[float]:
-    """Wall seconds of forward + backward + AdamW per batch (the first one warms up and is dropped)."""
-    vision_aux.attach(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    seconds = []
-    for batch in batches:
-        targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
-
-        def step():
-            loss = model(**batch).loss + model.foveate_aux.loss(**targets)  # noqa: B023
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
-        wall, _, _ = timed(step)
-        seconds.append(wall)
-    return seconds[1:]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     root = Path(__file__).parents[1]
@@ -131,7 +112,9 @@ def main() -> None:
     collator = ChatCollator(processor, max_length=train.max_length)
     parts = {"render examples": [cpu for _, cpu, _ in render]} | data_seconds(examples_per_batch, collator, train)
     full = ChatCollator(processor, train.max_length, aux_targets=True, label_crops=train.aux_label_crops)
-    step = step_seconds(model, [full(examples) for examples in examples_per_batch])
+    vision_aux.attach(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = aux_step_seconds(model, optimizer, [full(examples) for examples in examples_per_batch])
 
     medians = {name: statistics.median(seconds) for name, seconds in parts.items()}
     data_now = sum(seconds for name, seconds in medians.items() if name != "aux targets, baseline")

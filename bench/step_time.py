@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import time
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,9 +30,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl import vision_aux
-from foveate.rl.sft import ChatCollator, SFTRecipe, build_model, load_recipe
-from foveate.rl.sft_data import DataMix, example_stream
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import aux_step_seconds  # noqa: E402
+
+from foveate.rl import vision_aux  # noqa: E402
+from foveate.rl.sft import ChatCollator, SFTRecipe, build_model, load_recipe  # noqa: E402
+from foveate.rl.sft_data import DataMix, example_stream  # noqa: E402
 
 GEOMETRIES = {"224 px, 2×2": (224 * 224, 2), "336 px, 3×3": (336 * 336, 3), "336 px, 2×2": (336 * 336, 2)}
 
@@ -50,16 +53,7 @@ def time_steps(
     for name, mix in mixes.items():
         stream = example_stream(0, mix)
         prepared = [collator(list(itertools.islice(stream, 16))) for _ in range(batches + 1)]
-        seconds = []
-        for batch in prepared:  # the first step warms up and is not counted
-            targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
-            started = time.perf_counter()
-            loss = model(**batch).loss + model.foveate_aux.loss(**targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            seconds.append(time.perf_counter() - started)
-        medians[name] = statistics.median(seconds[1:])
+        medians[name] = statistics.median(aux_step_seconds(model, optimizer, prepared))
     return medians
 
 
