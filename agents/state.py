@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 
+from foveate import protocol
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy, SamplingParams, image_source, is_image_part
 from foveate.tools.boxes import Box
@@ -194,8 +195,10 @@ def reshow_last_turn(
 
 def answer_update(node: str, prompt: list[dict[str, Any]], result: Any, **call_extra: Any) -> dict[str, Any]:
     """The state update every strategy ends with: the stripped answer, its AI message, and the trace of the
-    final model call (``call_extra`` goes into that step) followed by the answer step."""
-    answer = result.text.strip()
+    final model call (``call_extra`` goes into that step) followed by the answer step. A leading
+    ``<think>…</think>`` (reasoning models, the demo model's look-first answers) stays in the call's trace and
+    out of the answer."""
+    answer = protocol.strip_thought(result.text)
     return {
         "answer": answer,
         "messages": [AIMessage(content=answer)],

@@ -7,18 +7,25 @@ decoding choices, so it isolates whether the model reads the image from whether 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from foveate import protocol
 from foveate.rl.sft import IGNORE, ChatCollator
 
 
 def teacher_forced(
     model: Any, collator: ChatCollator, examples: list[dict[str, Any]], chunk_size: int = 20
 ) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
-    """For each example: (example, predicted ids, true ids) over the assistant's labelled tokens, in order."""
+    """For each example: (example, predicted ids, true ids) over the assistant's labelled tokens, in order. For a
+    look-first answer (``<think>the red star blue</think>blue``) they are the answer's tokens INSIDE the thought,
+    predicted from the referent (the lookup); the copy after ``</think>`` is left out."""
+    tokenizer = collator.processor.tokenizer
+    thought_end = tokenizer.convert_tokens_to_ids(protocol.THOUGHT_CLOSE)
     with torch.no_grad():
         for start in range(0, len(examples), chunk_size):
             chunk = examples[start : start + chunk_size]
@@ -26,6 +33,11 @@ def teacher_forced(
             logits = model(**batch).logits
             for row, example in enumerate(chunk):
                 positions = (batch["labels"][row] != IGNORE).nonzero()[:, 0]
+                closes = (batch["labels"][row, positions] == thought_end).nonzero()[:, 0]
+                if len(closes):
+                    answer = example["messages"][-1]["content"].partition(protocol.THOUGHT_CLOSE)[2]
+                    size = len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
+                    positions = positions[int(closes[0]) - size : int(closes[0])]
                 yield example, logits[row, positions - 1].argmax(dim=-1), batch["labels"][row, positions]
 
 
@@ -42,3 +54,14 @@ def probe_parser(description: str, n_default: int, n_help: str) -> argparse.Argu
     parser.add_argument("--n", type=int, default=n_default, help=n_help)
     parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
     return parser
+
+
+def looks_first(directory: str | Path) -> bool:
+    """Whether the model in `directory` was trained to answer look-first (`DataMix.look_first` in the last stage
+    of its saved recipe, `foveate_recipe.json`): its probes then teacher-force the thought before the answer."""
+    recipe_file = Path(directory) / "foveate_recipe.json"
+    if not recipe_file.exists():
+        return False
+    recipe = json.loads(recipe_file.read_text())
+    last_stage = (recipe.get("stages") or [{}])[-1].get("data") or {}
+    return bool(last_stage.get("look_first", recipe.get("data", {}).get("look_first", False)))

@@ -3,7 +3,8 @@
 Every example is a chat (`messages` with PIL images) whose assistant turns are the training targets. Formats,
 all with prompts from `foveate.protocol` so strategies and training agree:
 
-- ``qa``: image + question → short answer (every question family of the world).
+- ``qa``: image + question → short answer (every question family of the world); with ``look_first`` the answer
+  first restates the objects it depends on: ``<think>the red star blue</think>blue``.
 - ``qa_crop``: image + a crop around the evidence + question → answer. The crop is a square window like the
   ones ViCrop and the oracle-crop strategy produce (side = a few times the evidence, at least about the model's
   input side), jittered so the target is not always centred. This is what makes a second, zoomed image useful.
@@ -30,6 +31,7 @@ from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
 from foveate.world.questions import FAMILIES
+from foveate.world.questions import referents as world_referents
 from foveate.world.scenes import Scene
 
 Example = dict[str, Any]
@@ -59,6 +61,10 @@ class DataMix:
     zoom_sizes: tuple[str, ...] = ("tiny", "small")  # DeepEyes targets of these sizes are zoomed; others answered
     # Only questions of these kinds, each "family" or "family/subtype" (e.g. "attribute/color"); empty = all.
     questions: tuple[str, ...] = ()
+    # qa / qa_crop answers name what they look at first, "<think>the red star blue</think>blue" (protocol.look_answer).
+    # Why: bench/binding_symbolic.py's decoder reads a random object for 2100 steps with a bare answer and binds
+    # the named one in about 450 steps when the answer is predicted at the referent's word.
+    look_first: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -107,8 +113,14 @@ def _thousand(box: Box | list[float], image_size: tuple[int, int]) -> list[float
     return to_thousand(box, image_size)
 
 
-def qa(image: Image.Image, row: dict[str, Any], **_: Any) -> Example:
-    return {"messages": [_user(image, row["question"]), _assistant(row["answers"][0])]}
+def short_answer(row: dict[str, Any], mix: DataMix) -> str:
+    """The row's answer as a qa / qa_crop target: bare, or after its referents when `DataMix.look_first`."""
+    referents = world_referents(row["question"]) if mix.look_first else []
+    return protocol.look_answer(referents, row["answers"][0]) if referents else row["answers"][0]
+
+
+def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, **_: Any) -> Example:
+    return {"messages": [_user(image, row["question"]), _assistant(short_answer(row, mix))]}
 
 
 def _views(used: Box) -> list[list[int] | None]:
@@ -121,7 +133,8 @@ def qa_crop(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: Da
         return None
     window = evidence_window(row["boxes"], image.size, rng, mix)
     zoomed, used = crop(image, window)
-    return {"messages": [_user(image, zoomed, row["question"]), _assistant(row["answers"][0])], "views": _views(used)}
+    messages = [_user(image, zoomed, row["question"]), _assistant(short_answer(row, mix))]
+    return {"messages": messages, "views": _views(used)}
 
 
 def ground(image: Image.Image, scene: Scene, rng: random.Random, **_: Any) -> Example | None:

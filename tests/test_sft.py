@@ -459,3 +459,30 @@ def test_cell_coverage_counts_each_cells_pixels_like_a_per_cell_loop() -> None:
             cell = crop[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
             expected = [(cell == k).mean() for k in range(n_objects)] + [(cell == -1).mean()]
             np.testing.assert_allclose(coverage[:, i, j], expected)
+
+
+def test_look_first_answers_name_their_referents_and_probes_skip_the_thought(
+    collator: ChatCollator, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from foveate.rl.answer_probe import teacher_forced
+
+    mix = DataMix(formats={"qa": 1.0, "qa_crop": 1.0}, presets={"simple": 1.0}, look_first=True)
+    examples = [e for e in itertools.islice(example_stream(0, mix), 40) if "Locate" not in str(e["messages"][0])]
+    for example in examples:
+        question = example["messages"][0]["content"][-1]["text"]
+        answer = example["messages"][-1]["content"]
+        thought, _, bare = answer.partition("</think>")
+        assert thought.startswith("<think>the ") or thought.startswith("<think>a ") or "How many" in question
+        assert thought.endswith(" " + bare) and bare and "<" not in bare
+        phrases = thought.removeprefix("<think>").removesuffix(" " + bare).split("; ")
+        assert all(phrase in question for phrase in phrases)
+    plain = next(example_stream(0, dataclasses.replace(mix, look_first=False)))
+    assert "<think>" not in plain["messages"][-1]["content"]
+    # Teacher-forced probes return the answer's tokens inside the thought: those predicted from the referent.
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    for example, predicted, truth in teacher_forced(model, collator, examples[:5]):
+        assert predicted.shape == truth.shape
+        bare = example["messages"][-1]["content"].partition("</think>")[2]
+        assert collator.tokenizer.decode(truth) == " " + bare

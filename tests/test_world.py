@@ -393,3 +393,27 @@ def test_cli_generate(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "unknown world preset" in bad.output
     listing = runner.invoke(world_app, ["presets"])
     assert listing.exit_code == 0 and "highres" in listing.output
+
+
+@pytest.mark.parametrize("preset", ["default", "cluttered", "simple"])
+def test_referents_name_the_objects_every_question_asks_about(preset: str) -> None:
+    from foveate.world.describe import unique_reference
+    from foveate.world.questions import referents
+
+    for _scene, rows in itertools.islice(iter_scenes(11, preset), 30):
+        for row in rows:
+            phrases = referents(row["question"])
+            if row["family"] == "grounding":
+                assert phrases == []
+                continue
+            assert phrases and all(phrase in row["question"] for phrase in phrases)
+            if row["family"] in ("attribute", "text", "relation", "comparison"):  # unique references: one object each
+                assert len(phrases) == len(row["object_ids"])
+    # An attribute question's referent is exactly the unique phrase of the asked object.
+    for scene, rows in itertools.islice(iter_scenes(3, "simple"), 20):
+        objects = {o.id: o for o in scene.objects}
+        for row in (r for r in rows if r["family"] == "attribute"):
+            target = objects[row["object_ids"][0]]
+            assert referents(row["question"]) == [unique_reference(scene, target, exclude=(row["subtype"],))[0]]
+    assert referents("Locate the red star. Answer with its bounding box.") == []
+    assert referents("What is this?") == []

@@ -18,6 +18,7 @@ Every family returns a plain dict::
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "generate_question",
     "generate_questions",
     "popularity",
+    "referents",
     "split_for",
 ]
 
@@ -384,3 +386,33 @@ def generate_questions(
             seen.add(q["question"])
             out.append(q)
     return out
+
+
+_REL_ALTERNATION = "|".join(_REL_PHRASE.values())
+# The world's question templates, each with the groups that name the objects the answer depends on.
+_REFERENT_PATTERNS = [
+    re.compile(r"What (?:color|shape) is (.+)\?"),
+    re.compile(r"Is there (.+) in the image\?"),
+    re.compile(r"How many (.+) are there\?"),
+    re.compile(r"What is written (?:on|next to) (.+)\?"),
+    re.compile(rf"Is (the .+?) (?:{_REL_ALTERNATION}) (the .+)\?"),
+    re.compile(r"Which is larger, (the .+?) or (the .+)\?"),
+    re.compile(r"Is (the .+?) the same (?:color|shape) as (the .+)\?"),
+]
+
+
+def referents(question: str) -> list[str]:
+    """The phrases of a world question that name what its answer depends on, in question order.
+
+    >>> referents("What color is the medium-sized square?")
+    ['the medium-sized square']
+    >>> referents("Is the red star to the left of the small circle?")
+    ['the red star', 'the small circle']
+
+    Empty for text that is not one of the world's question templates (grounding prompts included).
+    """
+    for pattern in _REFERENT_PATTERNS:
+        match = pattern.fullmatch(question.strip())
+        if match:
+            return list(match.groups())
+    return []
