@@ -26,7 +26,7 @@ question before the slots (``--question-first``)               1500   1.00 / 0.4
 answer predicted at the restated referent (``--restate``)      300    1.00 / 0.82 / 0.70 / 0.66
                                                                450    0.98 / 0.95 / 0.96 / 0.93
                                                                900    1.00 / 1.00 / 1.00 / 1.00
-referent, then a separator, then the answer                    600    0.99 / 0.53 / 0.36 / 0.31
+referent, then a separator, then the answer                    900    1.00 / 0.49 / 0.34 / 0.24
 (``--restate separated``)
 =============================================================  =====  ===========================
 

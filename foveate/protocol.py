@@ -56,7 +56,7 @@ def look_answer(referents: Sequence[str], answer: str) -> str:
     lookup of "which object" then has the referent's own embedding as its query, and needs no earlier layer to
     carry the question there. A separator between the two (``the red star</think>blue``) does not do this:
     measured with `bench/binding_symbolic.py`, the adjacent form binds in about 450 steps, the separated one is at
-    chance after 600. The answer after the thought is a copy of the one inside it.
+    chance after 900. The answer after the thought is a copy of the one inside it.
     """
     return f"{THOUGHT_OPEN}{'; '.join(referents)} {answer}{THOUGHT_CLOSE}{answer}"
 
