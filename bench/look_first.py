@@ -1,0 +1,93 @@
+"""Does a look-first model name the right referent, and does its answer follow? Greedy generation, not teacher forcing.
+
+    python bench/look_first.py DIR [--preset simple] [--n 200]
+
+`bench/binding.py` teacher-forces the thought (``<think>the red star blue</think>blue``), so it measures the lookup
+given the right referent. At inference the model writes the referent itself, copying it from the question; this
+bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that
+strategies use and reports, per question family: how often the thought names exactly the question's referents
+(`world.questions.referents`), how often there is no complete thought (none, or no closing tag: then no answer
+either), how often the final answer repeats the thought's answer, and the final answer's accuracy (normalised
+exact match against the row's accepted answers, as `foveate eval` scores it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from foveate import protocol
+from foveate.eval.metrics import normalize_answer
+from foveate.policies.base import SamplingParams
+from foveate.world import iter_scenes, render_scene
+from foveate.world.questions import referents
+
+
+def parse_reply(text: str) -> tuple[str | None, str | None, str]:
+    """(referent text, answer inside the thought, final answer) of a look-first reply; None parts when absent."""
+    final = protocol.strip_thought(text)
+    stripped = text.strip()
+    if not stripped.startswith(protocol.THOUGHT_OPEN) or protocol.THOUGHT_CLOSE not in stripped:
+        return None, None, final
+    thought = stripped[len(protocol.THOUGHT_OPEN) : stripped.index(protocol.THOUGHT_CLOSE)]
+    named, _, inner = thought.rpartition(" ")
+    return named, inner, final
+
+
+def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16):
+    """(row, reply text) for the first n non-grounding questions of the preset's held-out stream."""
+    rows = (
+        (render_scene(scene), row)
+        for scene, scene_rows in iter_scenes(seed, preset)
+        for row in scene_rows
+        if row["family"] != "grounding"
+    )
+    items = list(itertools.islice(rows, n))
+    params = SamplingParams(max_new_tokens=48)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        chats = [
+            [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": row["question"]}]}]
+            for img, row in chunk
+        ]
+        for (_, row), result in zip(chunk, policy.chat(chats, params), strict=True):
+            yield row, result.text
+
+
+def main() -> None:
+    from foveate.policies.transformers_vlm import TransformersVLM
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="model directory")
+    parser.add_argument("--preset", default="simple")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=777)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    policy = TransformersVLM(args.model)
+    tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row, text in generated_rows(policy, args.preset, args.n, args.seed):
+        named, inner, final = parse_reply(text)
+        counts = tally[row["family"]]
+        counts["n"] += 1
+        counts["no thought"] += named is None
+        counts["named right"] += named == "; ".join(referents(row["question"]))
+        counts["final = thought"] += inner is not None and inner == final
+        accepted = {normalize_answer(answer) for answer in row["answers"]}
+        counts["right"] += normalize_answer(final) in accepted
+    table = Table(title=f"look-first replies of {args.model} ({args.preset}, greedy)")
+    for column in ("family", "n", "no thought", "named right", "final = thought", "accuracy"):
+        table.add_column(column, justify="right")
+    for family, counts in sorted(tally.items()):
+        shares = [counts[key] / counts["n"] for key in ("no thought", "named right", "final = thought", "right")]
+        table.add_row(family, str(counts["n"]), *(f"{share:.2f}" for share in shares))
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
