@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from PIL import Image
+from scripted import Scripted
 
 from foveate import protocol
 from foveate.agents.direct import build
 from foveate.api import run_strategy
 from foveate.tools.store import ImageStore
-from tests.scripted import Scripted
 
 
 def test_look_answer_and_strip_thought_round_trip() -> None:
