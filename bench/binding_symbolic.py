@@ -28,11 +28,15 @@ answer predicted at the restated referent (``--restate``)      300    1.00 / 0.8
                                                                900    1.00 / 1.00 / 1.00 / 1.00
 referent, then a separator, then the answer                    900    1.00 / 0.49 / 0.34 / 0.24
 (``--restate separated``)
+restated referent, shape half as strong (``--shape-snr 0.5``)  900    0.98 / 0.79 / 0.72 / 0.71
+restated referent, shape at 1/4 (``--shape-snr 0.25``)         900    0.59 / 0.32 / 0.24 / 0.24
 =============================================================  =====  ===========================
 
 The decoder reads a random object until the answer is predicted at the referent's own word, so the lookup's query
 is that word's embedding; any token between them (even one) brings the plateau back. `protocol.look_answer` is
-the demo model's format built on this: ``<think>the red star blue</think>blue``.
+the demo model's format built on this: ``<think>the red star blue</think>blue``. How cleanly the tokens carry the
+attribute the referent is named by matters as much: at half strength the lookup is 0.79 / 0.72 / 0.71, at a
+quarter (below the noise) neither the lookup nor shape reading is learned.
 """
 
 from __future__ import annotations
