@@ -7,8 +7,8 @@ given the right referent. At inference the model writes the referent itself, cop
 bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that
 strategies use and reports, per question family: how often the thought names exactly the question's referents
 (`world.questions.referents`), how often there is no complete thought (none, or no closing tag: then no answer
-either), how often the final answer repeats the thought's answer, and the final answer's accuracy (normalised
-exact match against the row's accepted answers, as `foveate eval` scores it).
+either), how often the final answer repeats the thought's answer, and the final answer's accuracy
+(`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms accepted).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from foveate import protocol
-from foveate.eval.metrics import normalize_answer
+from foveate.eval.metrics import score_answer
 from foveate.policies.base import SamplingParams
 from foveate.world import iter_scenes, render_scene
 from foveate.world.questions import referents
@@ -40,7 +40,7 @@ def parse_reply(text: str) -> tuple[str | None, str | None, str]:
 
 
 def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16):
-    """(row, reply text) for the first n non-grounding questions of the preset's held-out stream."""
+    """(row, image size, reply text) for the first n non-grounding questions of the preset's held-out stream."""
     rows = (
         (render_scene(scene), row)
         for scene, scene_rows in iter_scenes(seed, preset)
@@ -55,8 +55,8 @@ def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16)
             [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": row["question"]}]}]
             for img, row in chunk
         ]
-        for (_, row), result in zip(chunk, policy.chat(chats, params), strict=True):
-            yield row, result.text
+        for (image, row), result in zip(chunk, policy.chat(chats, params), strict=True):
+            yield row, image.size, result.text
 
 
 def main() -> None:
@@ -71,15 +71,15 @@ def main() -> None:
     torch.set_num_threads(2)
     policy = TransformersVLM(args.model)
     tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for row, text in generated_rows(policy, args.preset, args.n, args.seed):
+    for row, image_size, text in generated_rows(policy, args.preset, args.n, args.seed):
         named, inner, final = parse_reply(text)
         counts = tally[row["family"]]
         counts["n"] += 1
         counts["no thought"] += named is None
         counts["named right"] += named == "; ".join(referents(row["question"]))
         counts["final = thought"] += inner is not None and inner == final
-        accepted = {normalize_answer(answer) for answer in row["answers"]}
-        counts["right"] += normalize_answer(final) in accepted
+        # "preset" marks a world row: its several answers are synonyms (exact match), not VQA annotators.
+        counts["right"] += score_answer(final, {**row, "preset": args.preset}, image_size)["score"]
     table = Table(title=f"look-first replies of {args.model} ({args.preset}, greedy)")
     for column in ("family", "n", "no thought", "named right", "final = thought", "accuracy"):
         table.add_column(column, justify="right")

@@ -40,12 +40,12 @@ def box_json(box: Sequence[float]) -> str:
     return json.dumps({"bbox_2d": [int(round(v)) for v in box]})
 
 
+THOUGHT_OPEN, THOUGHT_CLOSE = "<think>", "</think>"
+
+
 def think_answer(thought: str, answer: str) -> str:
     """A DeepEyes-format final turn."""
-    return f"<think>{thought}</think>\n<answer>{answer}</answer>"
-
-
-THOUGHT_OPEN, THOUGHT_CLOSE = "<think>", "</think>"
+    return f"{THOUGHT_OPEN}{thought}{THOUGHT_CLOSE}\n<answer>{answer}</answer>"
 
 
 def look_answer(referents: Sequence[str], answer: str) -> str:
