@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.answer_probe import looks_first, question_text, teacher_forced
+from foveate.rl.answer_probe import answer_format, question_text, teacher_forced
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 
@@ -34,11 +34,11 @@ def kind_of(question: str) -> str:
 
 
 def first_token_accuracy(
-    model, collator: ChatCollator, preset: str, n: int, seed: int, look_first: bool = False
+    model, collator: ChatCollator, preset: str, n: int, seed: int, answer_format: dict | None = None
 ) -> dict[str, list[tuple[bool, bool]]]:
     """Per question kind: (first answer token right, every answer token right) for each question (after the
-    teacher-forced thought of a look-first model)."""
-    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, look_first=look_first)
+    teacher-forced thought of a look-first model; ``answer_format``: `answer_probe.answer_format`)."""
+    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, **(answer_format or {}))
     examples = list(itertools.islice(example_stream(seed, mix), n))
     hits: dict[str, list[tuple[bool, bool]]] = collections.defaultdict(list)
     for example, predicted, truth in teacher_forced(model, collator, examples, chunk_size=25):
@@ -66,7 +66,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for preset in args.presets.split(","):
         for kind, hits in sorted(
-            first_token_accuracy(model, collator, preset, args.n, args.seed, looks_first(args.model)).items()
+            first_token_accuracy(model, collator, preset, args.n, args.seed, answer_format(args.model)).items()
         ):
             first, whole = (sum(hit[i] for hit in hits) / len(hits) for i in (0, 1))
             table.add_row(preset, kind, f"{first:.2f}", f"{whole:.2f}", str(len(hits)))

@@ -4,11 +4,13 @@
 
 `bench/binding.py` teacher-forces the thought (``<think>the red star blue</think>blue``), so it measures the lookup
 given the right referent. At inference the model writes the referent itself, copying it from the question; this
-bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that
-strategies use and reports, per question family: how often the thought names exactly the question's referents
-(`world.questions.referents`), how often there is no complete thought (none, or no closing tag: then no answer
-either), how often the final answer repeats the thought's answer, and the final answer's accuracy
-(`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms accepted).
+bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that strategies
+use and reports, per question family: how often the thought names exactly the question's referents
+(`world.questions.referents`; for a model trained with ``existence_thought: percept``, an existence thought must
+name what the colour's lookup finds, `rl.sft_data.existence_percept`), how often there is no complete thought (none,
+or no closing tag: then no answer either), how often the final answer repeats the thought's answer, and the final
+answer's accuracy (`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms
+accepted).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from rich.table import Table
 from foveate import protocol
 from foveate.eval.metrics import score_answer
 from foveate.policies.base import SamplingParams
+from foveate.rl.answer_probe import answer_format
+from foveate.rl.sft_data import existence_percept
 from foveate.world import iter_scenes, render_scene
 from foveate.world.questions import referents
 
@@ -40,9 +44,10 @@ def parse_reply(text: str) -> tuple[str | None, str | None, str]:
 
 
 def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16):
-    """(row, image size, reply text) for the first n non-grounding questions of the preset's held-out stream."""
+    """(scene, row, image size, reply text) for the first n non-grounding questions of the preset's held-out
+    stream."""
     rows = (
-        (render_scene(scene), row)
+        (scene, render_scene(scene), row)
         for scene, scene_rows in iter_scenes(seed, preset)
         for row in scene_rows
         if row["family"] != "grounding"
@@ -53,10 +58,17 @@ def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16)
         chunk = items[start : start + batch_size]
         chats = [
             [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": row["question"]}]}]
-            for img, row in chunk
+            for _, img, row in chunk
         ]
-        for (image, row), result in zip(chunk, policy.chat(chats, params), strict=True):
-            yield row, image.size, result.text
+        for (scene, image, row), result in zip(chunk, policy.chat(chats, params), strict=True):
+            yield scene, row, image.size, result.text
+
+
+def expected_thought(scene, row, existence_thought: str) -> str:
+    """What the thought should name: the question's referents, or for a percept-trained model's existence
+    question what the colour's lookup finds (`rl.sft_data.existence_percept`)."""
+    percept = existence_percept(row["question"], scene) if existence_thought == "percept" else None
+    return percept or "; ".join(referents(row["question"]))
 
 
 def main() -> None:
@@ -71,12 +83,13 @@ def main() -> None:
     torch.set_num_threads(2)
     policy = TransformersVLM(args.model)
     tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for row, image_size, text in generated_rows(policy, args.preset, args.n, args.seed):
+    existence_thought = answer_format(args.model)["existence_thought"]
+    for scene, row, image_size, text in generated_rows(policy, args.preset, args.n, args.seed):
         named, inner, final = parse_reply(text)
         counts = tally[row["family"]]
         counts["n"] += 1
         counts["no thought"] += named is None
-        counts["named right"] += named == "; ".join(referents(row["question"]))
+        counts["named right"] += named == expected_thought(scene, row, existence_thought)
         counts["final = thought"] += inner is not None and inner == final
         # "preset" marks a world row: its several answers are synonyms (exact match), not VQA annotators.
         counts["right"] += score_answer(final, {**row, "preset": args.preset}, image_size)["score"]

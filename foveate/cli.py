@@ -140,6 +140,7 @@ def train_sft(
     output_dir: Path = typer.Option(None, "--output-dir", help="override the recipe's output_dir"),
     max_steps: int = typer.Option(None, "--max-steps", help="override train.max_steps (e.g. a quick smoke run)"),
     start_stage: int = typer.Option(1, "--start-stage", help="resume at this stage (earlier ones saved in .work)"),
+    init_from: Path = typer.Option(None, "--init-from", help="override the recipe's init_from (a model directory)"),
 ) -> None:
     """Supervised fine-tuning on world data (the recipe that builds the demo model)."""
     from foveate.rl.sft import load_recipe
@@ -148,6 +149,8 @@ def train_sft(
     recipe = load_recipe(config)
     if output_dir:
         recipe.output_dir = str(output_dir)
+    if init_from:
+        recipe.init_from = str(init_from)
     if max_steps:
         for stage in recipe.all_stages():
             stage.train.max_steps = max_steps

@@ -56,12 +56,27 @@ def probe_parser(description: str, n_default: int, n_help: str) -> argparse.Argu
     return parser
 
 
-def looks_first(directory: str | Path) -> bool:
-    """Whether the model in `directory` was trained to answer look-first (`DataMix.look_first` in the last stage
-    of its saved recipe, `foveate_recipe.json`): its probes then teacher-force the thought before the answer."""
+def saved_data_mix(directory: str | Path) -> dict[str, Any]:
+    """The data mix (`DataMix` fields) of the last stage of the recipe saved with a model (`foveate_recipe.json`);
+    {} for a model saved without one."""
     recipe_file = Path(directory) / "foveate_recipe.json"
     if not recipe_file.exists():
-        return False
+        return {}
     recipe = json.loads(recipe_file.read_text())
-    last_stage = (recipe.get("stages") or [{}])[-1].get("data") or {}
-    return bool(last_stage.get("look_first", recipe.get("data", {}).get("look_first", False)))
+    return {**recipe.get("data", {}), **((recipe.get("stages") or [{}])[-1].get("data") or {})}
+
+
+def looks_first(directory: str | Path) -> bool:
+    """Whether the model in `directory` was trained to answer look-first (`DataMix.look_first` in the last stage
+    of its saved recipe): its probes then teacher-force the thought before the answer."""
+    return bool(saved_data_mix(directory).get("look_first", False))
+
+
+def answer_format(directory: str | Path) -> dict[str, Any]:
+    """The `DataMix` fields that decide how the model in `directory` writes a short answer (``look_first``,
+    ``existence_thought``), so a probe builds its teacher-forced targets the way the model was trained."""
+    mix = saved_data_mix(directory)
+    return {
+        "look_first": bool(mix.get("look_first", False)),
+        "existence_thought": mix.get("existence_thought", "referent"),
+    }

@@ -20,6 +20,7 @@ The stream is endless and seeded; each scene yields several examples so renderin
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,14 +66,21 @@ class DataMix:
     # Why: bench/binding_symbolic.py's decoder reads a random object for 2100 steps with a bare answer and binds
     # the named one in about 450 steps when the answer is predicted at the referent's word.
     look_first: bool = False
+    # What a look-first existence thought says (`existence_percept`): "referent" restates "a green star";
+    # "percept" says what the colour's lookup finds, "green circle", so "no" follows from a visible mismatch.
+    existence_thought: str = "referent"
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
         unknown = {kind.split("/")[0] for kind in self.questions} - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
+        if self.existence_thought not in EXISTENCE_THOUGHTS:
+            raise ValueError(f"existence_thought must be one of {EXISTENCE_THOUGHTS}, not {self.existence_thought!r}")
 
 
+EXISTENCE_THOUGHTS = ("referent", "percept")
+_EXISTENCE_QUESTION = re.compile(r"Is there an? (\w+) (\w+) in the image\?")
 MAX_SKIPPED_SCENES = 1000  # consecutive scenes without a question of the asked kinds before the stream gives up
 
 
@@ -113,14 +121,43 @@ def _thousand(box: Box | list[float], image_size: tuple[int, int]) -> list[float
     return to_thousand(box, image_size)
 
 
-def short_answer(row: dict[str, Any], mix: DataMix) -> str:
-    """The row's answer as a qa / qa_crop target: bare, or after its referents when `DataMix.look_first`."""
-    referents = world_referents(row["question"]) if mix.look_first else []
-    return protocol.look_answer(referents, row["answers"][0]) if referents else row["answers"][0]
+def existence_percept(question: str, scene: Scene) -> str | None:
+    """What looking up an existence question's colour finds: ``green star`` when a green star is there, else the
+    shape of the largest green object (``green circle``), else ``green none``; None for other questions.
+
+    Why (`DataMix.existence_thought`): with the referent restated (``<think>a green star yes``), v9's thought
+    named the shape of the green object it saw instead of copying the question's (0.36 named right, answer
+    almost always "yes", `bench/look_first.py`). Here the thought IS that lookup, and the answer is the
+    comparison of its shape with the question's. One colour lookup decides every POPE negative of the world:
+    an adversarial negative shares either the colour (then another shape is named) or the shape (then the
+    colour's lookup finds no star).
+    """
+    match = _EXISTENCE_QUESTION.fullmatch(question.strip())
+    if match is None:
+        return None
+    color, shape = match.groups()
+    same_color = [obj for obj in scene.objects if obj.color == color]
+    if any(obj.shape == shape for obj in same_color):
+        return f"{color} {shape}"
+    if not same_color:
+        return f"{color} none"
+    largest = max(same_color, key=lambda obj: (obj.box[2] - obj.box[0]) * (obj.box[3] - obj.box[1]))
+    return f"{color} {largest.shape}"
 
 
-def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, **_: Any) -> Example:
-    return {"messages": [_user(image, row["question"]), _assistant(short_answer(row, mix))]}
+def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) -> str:
+    """The row's answer as a qa / qa_crop target: bare, or after its referents when `DataMix.look_first` (after
+    the colour's percept for existence questions with ``existence_thought="percept"``)."""
+    answer = row["answers"][0]
+    if not mix.look_first:
+        return answer
+    percept = existence_percept(row["question"], scene) if mix.existence_thought == "percept" and scene else None
+    referents = [percept] if percept else world_referents(row["question"])
+    return protocol.look_answer(referents, answer) if referents else answer
+
+
+def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, scene: Scene | None = None, **_: Any) -> Example:
+    return {"messages": [_user(image, row["question"]), _assistant(short_answer(row, mix, scene))]}
 
 
 def _views(used: Box) -> list[list[int] | None]:
@@ -128,12 +165,14 @@ def _views(used: Box) -> list[list[int] | None]:
     return [None, [int(used.x1), int(used.y1), int(used.x2), int(used.y2)]]
 
 
-def qa_crop(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
+def qa_crop(
+    image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, scene: Scene | None = None, **_: Any
+) -> Example | None:
     if not row["boxes"]:
         return None
     window = evidence_window(row["boxes"], image.size, rng, mix)
     zoomed, used = crop(image, window)
-    messages = [_user(image, zoomed, row["question"]), _assistant(short_answer(row, mix))]
+    messages = [_user(image, zoomed, row["question"]), _assistant(short_answer(row, mix, scene))]
     return {"messages": messages, "views": _views(used)}
 
 

@@ -486,3 +486,44 @@ def test_look_first_answers_name_their_referents_and_probes_skip_the_thought(
         assert predicted.shape == truth.shape
         bare = example["messages"][-1]["content"].partition("</think>")[2]
         assert collator.tokenizer.decode(truth) == " " + bare
+
+
+def test_existence_percept_names_what_the_colour_lookup_finds() -> None:
+    from foveate.rl.sft_data import existence_percept, short_answer
+
+    small_circle = WorldObject(id="o0", shape="circle", color="green", size_class="medium", box=[0, 0, 90, 90])
+    big_square = WorldObject(id="o1", shape="square", color="green", size_class="large", box=[100, 100, 300, 300])
+    red_star = WorldObject(id="o2", shape="star", color="red", size_class="medium", box=[400, 400, 500, 500])
+    scene = _scene([small_circle, big_square, red_star])
+    # A match wins over a larger object of the colour; otherwise the largest one of the colour; else "none".
+    assert existence_percept("Is there a green circle in the image?", scene) == "green circle"
+    assert existence_percept("Is there a green star in the image?", scene) == "green square"
+    assert existence_percept("Is there an orange star in the image?", scene) == "orange none"
+    assert existence_percept("What color is the star?", scene) is None
+    row = {"question": "Is there a green star in the image?", "answers": ["no"]}
+    percept = DataMix(look_first=True, existence_thought="percept")
+    assert short_answer(row, percept, scene) == "<think>green square no</think>no"
+    assert short_answer(row, DataMix(look_first=True), scene) == "<think>a green star no</think>no"
+    assert short_answer(row, dataclasses.replace(percept, look_first=False), scene) == "no"
+    with pytest.raises(ValueError, match="existence_thought"):
+        DataMix(existence_thought="percepts")
+
+
+def test_percept_stream_and_probe_format_follow_the_saved_recipe(tmp_path: Path) -> None:
+    from foveate.rl.answer_probe import answer_format
+    from foveate.rl.sft_data import existence_percept
+
+    mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0}, look_first=True, existence_thought="percept")
+    existence = [e for e in itertools.islice(example_stream(0, mix), 200) if "Is there" in str(e["messages"][0])]
+    assert len(existence) > 10
+    for example in existence:
+        question = example["messages"][0]["content"][-1]["text"]
+        thought, _, answer = example["messages"][-1]["content"].partition("</think>")
+        percept = existence_percept(question, example["scene"])
+        assert thought == f"<think>{percept} {answer}"
+        # The percept decides the answer: "yes" exactly when it names the question's shape.
+        assert (answer == "yes") == (percept.split()[1] == question.split()[4])
+    recipe = SFTRecipe(data=mix)
+    (tmp_path / "foveate_recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), default=list))
+    assert answer_format(tmp_path) == {"look_first": True, "existence_thought": "percept"}
+    assert answer_format(tmp_path / "missing") == {"look_first": False, "existence_thought": "referent"}
