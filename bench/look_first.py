@@ -7,10 +7,10 @@ given the right referent. At inference the model writes the referent itself, cop
 bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that strategies
 use and reports, per question family: how often the thought names exactly the question's referents
 (`world.questions.referents`; for a model trained with ``existence_thought: percept``, an existence thought must
-name what the colour's lookup finds, `rl.sft_data.existence_percept`), how often there is no complete thought (none,
-or no closing tag: then no answer either), how often the final answer repeats the thought's answer, and the final
-answer's accuracy (`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms
-accepted).
+name what the colour's lookup finds, `rl.sft_data.existence_percept`), how often its first word is right (an
+existence percept's copied colour), how often there is no complete thought (none, or no closing tag: then no answer
+either), how often the final answer repeats the thought's answer, and the final answer's accuracy
+(`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms accepted).
 """
 
 from __future__ import annotations
@@ -89,15 +89,19 @@ def main() -> None:
         counts = tally[row["family"]]
         counts["n"] += 1
         counts["no thought"] += named is None
-        counts["named right"] += named == expected_thought(scene, row, existence_thought)
+        expected = expected_thought(scene, row, existence_thought)
+        counts["named right"] += named == expected
+        # The thought's first word: for a percept existence thought, the question's colour copied.
+        counts["first word right"] += named is not None and named.split()[:1] == expected.split()[:1]
         counts["final = thought"] += inner is not None and inner == final
         # "preset" marks a world row: its several answers are synonyms (exact match), not VQA annotators.
         counts["right"] += score_answer(final, {**row, "preset": args.preset}, image_size)["score"]
     table = Table(title=f"look-first replies of {args.model} ({args.preset}, greedy)")
-    for column in ("family", "n", "no thought", "named right", "final = thought", "accuracy"):
+    keys = ("no thought", "first word right", "named right", "final = thought", "right")
+    for column in ("family", "n", *keys[:-1], "accuracy"):
         table.add_column(column, justify="right")
     for family, counts in sorted(tally.items()):
-        shares = [counts[key] / counts["n"] for key in ("no thought", "named right", "final = thought", "right")]
+        shares = [counts[key] / counts["n"] for key in keys]
         table.add_row(family, str(counts["n"]), *(f"{share:.2f}" for share in shares))
     Console(width=160).print(table)
 

@@ -153,6 +153,15 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     ]
     assert v6[:4] == unlabelled[:4] and v6[4] != unlabelled[4]
     assert v7[4].train.aux_label_crops and not v6[4].train.aux_label_crops
+    # Each percept probe and its control differ only in the existence thought (their headers compare them).
+    for percept_stem, control_stem in [
+        ("demo-v9-percept", "demo-v9-referent"),
+        ("demo-v9-existence-percept", "demo-v9-existence-referent"),
+    ]:
+        percept, control = recipes[percept_stem], recipes[control_stem]
+        assert percept.data.existence_thought == "percept" and control.data.existence_thought == "referent"
+        assert dataclasses.replace(percept.data, existence_thought="referent") == control.data
+        assert percept.train == control.train and percept.init_from == control.init_from
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
