@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -34,11 +35,11 @@ def kind_of(question: str) -> str:
 
 
 def first_token_accuracy(
-    model, collator: ChatCollator, preset: str, n: int, seed: int, answer_format: dict | None = None
+    model, collator: ChatCollator, preset: str, n: int, seed: int, answer_fields: dict[str, Any] | None = None
 ) -> dict[str, list[tuple[bool, bool]]]:
     """Per question kind: (first answer token right, every answer token right) for each question (after the
-    teacher-forced thought of a look-first model; ``answer_format``: `answer_probe.answer_format`)."""
-    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, **(answer_format or {}))
+    teacher-forced thought of a look-first model; ``answer_fields``: `answer_probe.answer_format` of the model)."""
+    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, **(answer_fields or {}))
     examples = list(itertools.islice(example_stream(seed, mix), n))
     hits: dict[str, list[tuple[bool, bool]]] = collections.defaultdict(list)
     for example, predicted, truth in teacher_forced(model, collator, examples, chunk_size=25):

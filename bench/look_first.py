@@ -7,10 +7,11 @@ given the right referent. At inference the model writes the referent itself, cop
 bench generates each held-out `qa` answer (world seed 777, never a training seed) through the policy that strategies
 use and reports, per question family: how often the thought names exactly the question's referents
 (`world.questions.referents`; for a model trained with ``existence_thought: percept``, an existence thought must
-name what the colour's lookup finds, `rl.sft_data.existence_percept`), how often its first word is right (an
-existence percept's copied colour), how often there is no complete thought (none, or no closing tag: then no answer
-either), how often the final answer repeats the thought's answer, and the final answer's accuracy
-(`foveate.eval.metrics.score_answer`, as `foveate eval` scores world rows: yes/no parsed, synonyms accepted).
+name what the colour's lookup finds, `rl.sft_data.existence_percept`), how often its first word is right (meaningful
+for a percept existence thought only: the question's colour copied; a referent starts with "the" or "a"), how often
+there is no complete thought (none, or no closing tag: then no answer either), how often the final answer repeats
+the thought's answer, and the final answer's accuracy (`foveate.eval.metrics.score_answer`, as `foveate eval` scores
+world rows: yes/no parsed, synonyms accepted).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ and then one ``max:large`` / ``mean:large`` run per row (``--threads 1``, two ru
 | max:large ``--model max_pixels=200704,merge_size=4`` (448 px, 64 tokens; 1470 s) | 0.368 | 0.772 | 0.789 |
 
 Input pixels, not learning rate or tower size, are what the shape needs; a 3×3 merge at 336 px keeps it while
-the decoder reads as few tokens as at 224 px. Up to 336 px: 448 px with a 4×4 merge (the same 64 tokens) reaches
-the same 0.789 in 300 steps at about twice the tower's time.
+the decoder reads as few tokens as at 224 px. Nothing is gained beyond 336 px: 448 px with a 4×4 merge (the same 64
+tokens) reaches the same 0.789 in 300 steps, and its run took 1.8 times as long.
 
 ``--frozen DIR``: a linear shape probe of a trained model's vision tower, weights frozen — max-pooled object
 features of 30 batches of `large` scenes (seed 5) fitted by a linear head (standardised features, Adam 1e-2, 500

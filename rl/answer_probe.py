@@ -23,7 +23,8 @@ def teacher_forced(
 ) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
     """For each example: (example, predicted ids, true ids) over the assistant's labelled tokens, in order. For a
     look-first answer (``<think>the red star blue</think>blue``) they are the answer's tokens INSIDE the thought,
-    predicted from the referent (the lookup); the copy after ``</think>`` is left out."""
+    predicted from the referent or, for a percept existence thought, after the percept (the lookup); the copy
+    after ``</think>`` is left out."""
     tokenizer = collator.processor.tokenizer
     thought_end = tokenizer.convert_tokens_to_ids(protocol.THOUGHT_CLOSE)
     with torch.no_grad():

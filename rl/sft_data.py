@@ -80,6 +80,7 @@ class DataMix:
 
 
 EXISTENCE_THOUGHTS = ("referent", "percept")
+# foveate.world.questions.ask_existence's template (one-word colours and shapes).
 _EXISTENCE_QUESTION = re.compile(r"Is there an? (\w+) (\w+) in the image\?")
 MAX_SKIPPED_SCENES = 1000  # consecutive scenes without a question of the asked kinds before the stream gives up
 
@@ -126,11 +127,12 @@ def existence_percept(question: str, scene: Scene) -> str | None:
     shape of the largest green object (``green circle``), else ``green none``; None for other questions.
 
     Why (`DataMix.existence_thought`): with the referent restated (``<think>a green star yes``), v9's thought
-    named the shape of the green object it saw instead of copying the question's (0.36 named right, answer
-    almost always "yes", `bench/look_first.py`). Here the thought IS that lookup, and the answer is the
-    comparison of its shape with the question's. One colour lookup decides every POPE negative of the world:
-    an adversarial negative shares either the colour (then another shape is named) or the shape (then the
-    colour's lookup finds no star).
+    named the shape of the green object it saw instead of copying the question's (0.36 named right on `simple`
+    scenes, 0.44 on `large`; 78-86 % "yes", `bench/look_first.py`, `foveate eval`). Here the thought IS that
+    lookup, and the answer is the comparison of its shape with the question's. One colour lookup decides every
+    POPE negative of the world: an adversarial negative shares either the colour (then another shape is named) or
+    the shape (then the colour's lookup finds no star). "Largest" is by box area, the first listed on a tie (the
+    question generator ranks by size class; the probes below were trained with this rule).
 
     Measured, it does not beat v9 (configs/probes/demo-v9-percept.yaml, demo-v9-existence-*.yaml): fine-tuned
     from v9 for 400 steps of the full mix the thought's copied colour stays at its prior; 300 steps of existence
@@ -156,8 +158,13 @@ def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) 
     answer = row["answers"][0]
     if not mix.look_first:
         return answer
-    percept = existence_percept(row["question"], scene) if mix.existence_thought == "percept" and scene else None
-    referents = [percept] if percept else world_referents(row["question"])
+    if mix.existence_thought == "percept" and row.get("family") == "existence":
+        # Fail loudly: a silent fallback to the referent would train the other format without a word.
+        percept = existence_percept(row["question"], scene) if scene is not None else None
+        if percept is None:
+            raise ValueError(f"no existence percept for {row['question']!r} (scene given: {scene is not None})")
+        return protocol.look_answer([percept], answer)
+    referents = world_referents(row["question"])
     return protocol.look_answer(referents, answer) if referents else answer
 
 

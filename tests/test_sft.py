@@ -509,11 +509,13 @@ def test_existence_percept_names_what_the_colour_lookup_finds() -> None:
     assert existence_percept("Is there a green star in the image?", scene) == "green square"
     assert existence_percept("Is there an orange star in the image?", scene) == "orange none"
     assert existence_percept("What color is the star?", scene) is None
-    row = {"question": "Is there a green star in the image?", "answers": ["no"]}
+    row = {"question": "Is there a green star in the image?", "answers": ["no"], "family": "existence"}
     percept = DataMix(look_first=True, existence_thought="percept")
     assert short_answer(row, percept, scene) == "<think>green square no</think>no"
     assert short_answer(row, DataMix(look_first=True), scene) == "<think>a green star no</think>no"
     assert short_answer(row, dataclasses.replace(percept, look_first=False), scene) == "no"
+    with pytest.raises(ValueError, match="no existence percept"):
+        short_answer(row, percept)  # no scene: never a silent referent thought instead
     with pytest.raises(ValueError, match="existence_thought"):
         DataMix(existence_thought="percepts")
 
