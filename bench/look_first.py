@@ -68,7 +68,7 @@ def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16)
 def expected_thought(scene, row, existence_thought: str) -> str:
     """What the thought should name: the question's referents, or for a percept-trained model's existence
     question what the colour's lookup finds (`rl.sft_data.existence_percept`)."""
-    percept = existence_percept(row["question"], scene) if existence_thought == "percept" else None
+    percept = existence_percept(row, scene) if existence_thought == "percept" else None
     return percept or "; ".join(referents(row["question"]))
 
 

@@ -70,7 +70,7 @@ def saved_data_mix(directory: str | Path) -> dict[str, Any]:
 def looks_first(directory: str | Path) -> bool:
     """Whether the model in `directory` was trained to answer look-first (`DataMix.look_first` in the last stage
     of its saved recipe): its probes then teacher-force the thought before the answer."""
-    return bool(saved_data_mix(directory).get("look_first", False))
+    return answer_format(directory)["look_first"]
 
 
 def answer_format(directory: str | Path) -> dict[str, Any]:

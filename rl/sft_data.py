@@ -20,7 +20,6 @@ The stream is endless and seeded; each scene yields several examples so renderin
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,8 +79,6 @@ class DataMix:
 
 
 EXISTENCE_THOUGHTS = ("referent", "percept")
-# foveate.world.questions.ask_existence's template (one-word colours and shapes).
-_EXISTENCE_QUESTION = re.compile(r"Is there an? (\w+) (\w+) in the image\?")
 MAX_SKIPPED_SCENES = 1000  # consecutive scenes without a question of the asked kinds before the stream gives up
 
 
@@ -122,9 +119,9 @@ def _thousand(box: Box | list[float], image_size: tuple[int, int]) -> list[float
     return to_thousand(box, image_size)
 
 
-def existence_percept(question: str, scene: Scene) -> str | None:
+def existence_percept(row: dict[str, Any], scene: Scene) -> str | None:
     """What looking up an existence question's colour finds: ``green star`` when a green star is there, else the
-    shape of the largest green object (``green circle``), else ``green none``; None for other questions.
+    shape of the largest green object (``green circle``), else ``green none``; None for other question rows.
 
     Why (`DataMix.existence_thought`): with the referent restated (``<think>a green star yes``), v9's thought
     named the shape of the green object it saw instead of copying the question's (0.36 named right on `simple`
@@ -139,16 +136,16 @@ def existence_percept(question: str, scene: Scene) -> str | None:
     questions alone reach F1 0.48 on world:large (v9 0.47, the restated referent trained the same way 0.38) and
     name the true percept for 24 of 56: the model rarely says "none" for a colour the scene lacks.
     """
-    match = _EXISTENCE_QUESTION.fullmatch(question.strip())
-    if match is None:
+    phrases = world_referents(row["question"]) if row.get("family") == "existence" else []
+    if len(phrases) != 1 or len(phrases[0].split()) != 3:  # "a green star": one-word colours and shapes
         return None
-    color, shape = match.groups()
+    _article, color, shape = phrases[0].split()
     same_color = [obj for obj in scene.objects if obj.color == color]
     if any(obj.shape == shape for obj in same_color):
         return f"{color} {shape}"
     if not same_color:
         return f"{color} none"
-    largest = max(same_color, key=lambda obj: (obj.box[2] - obj.box[0]) * (obj.box[3] - obj.box[1]))
+    largest = max(same_color, key=lambda obj: Box(*obj.box).area)
     return f"{color} {largest.shape}"
 
 
@@ -160,7 +157,7 @@ def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) 
         return answer
     if mix.existence_thought == "percept" and row.get("family") == "existence":
         # Fail loudly: a silent fallback to the referent would train the other format without a word.
-        percept = existence_percept(row["question"], scene) if scene is not None else None
+        percept = existence_percept(row, scene) if scene is not None else None
         if percept is None:
             raise ValueError(f"no existence percept for {row['question']!r} (scene given: {scene is not None})")
         return protocol.look_answer([percept], answer)

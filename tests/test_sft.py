@@ -504,11 +504,15 @@ def test_existence_percept_names_what_the_colour_lookup_finds() -> None:
     big_square = WorldObject(id="o1", shape="square", color="green", size_class="large", box=[100, 100, 300, 300])
     red_star = WorldObject(id="o2", shape="star", color="red", size_class="medium", box=[400, 400, 500, 500])
     scene = _scene([small_circle, big_square, red_star])
+
+    def asked(question: str, family: str = "existence") -> dict:
+        return {"question": question, "family": family}
+
     # A match wins over a larger object of the colour; otherwise the largest one of the colour; else "none".
-    assert existence_percept("Is there a green circle in the image?", scene) == "green circle"
-    assert existence_percept("Is there a green star in the image?", scene) == "green square"
-    assert existence_percept("Is there an orange star in the image?", scene) == "orange none"
-    assert existence_percept("What color is the star?", scene) is None
+    assert existence_percept(asked("Is there a green circle in the image?"), scene) == "green circle"
+    assert existence_percept(asked("Is there a green star in the image?"), scene) == "green square"
+    assert existence_percept(asked("Is there an orange star in the image?"), scene) == "orange none"
+    assert existence_percept(asked("What color is the star?", "attribute"), scene) is None
     row = {"question": "Is there a green star in the image?", "answers": ["no"], "family": "existence"}
     percept = DataMix(look_first=True, existence_thought="percept")
     assert short_answer(row, percept, scene) == "<think>green square no</think>no"
@@ -530,7 +534,7 @@ def test_percept_stream_and_probe_format_follow_the_saved_recipe(tmp_path: Path)
     for example in existence:
         question = example["messages"][0]["content"][-1]["text"]
         thought, _, answer = example["messages"][-1]["content"].partition("</think>")
-        percept = existence_percept(question, example["scene"])
+        percept = existence_percept({"question": question, "family": "existence"}, example["scene"])
         assert thought == f"<think>{percept} {answer}"
         # The percept decides the answer: "yes" exactly when it names the question's shape.
         assert (answer == "yes") == (percept.split()[1] == question.split()[4])
