@@ -134,7 +134,7 @@ def existence_percept(row: dict[str, Any], scene: Scene) -> str | None:
     Measured, it does not beat v9 (configs/probes/demo-v9-percept.yaml, demo-v9-existence-*.yaml): fine-tuned
     from v9 for 400 steps of the full mix the thought's copied colour stays at its prior; 300 steps of existence
     questions alone reach F1 0.48 on world:large (v9 0.47, the restated referent trained the same way 0.38) and
-    name the true percept for 24 of 56: the model rarely says "none" for a colour the scene lacks.
+    name the true percept for 0.43 of the eval's 56 existence questions (`bench/look_first.py --seed 1000`).
     """
     phrases = world_referents(row["question"]) if row.get("family") == "existence" else []
     if len(phrases) != 1 or len(phrases[0].split()) != 3:  # "a green star": one-word colours and shapes
