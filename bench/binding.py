@@ -17,25 +17,33 @@ from __future__ import annotations
 import collections
 import itertools
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.answer_probe import looks_first, probe_parser, question_text, teacher_forced
+from foveate.rl.answer_probe import answer_format, probe_parser, question_text, teacher_forced
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 from foveate.world.describe import SIZE_WORDS
 
 
 def answer_owners(
-    model, collator: ChatCollator, preset: str, n: int, seed: int, by_reference: bool = False, look_first: bool = False
+    model,
+    collator: ChatCollator,
+    preset: str,
+    n: int,
+    seed: int,
+    by_reference: bool = False,
+    answer_fields: dict[str, Any] | None = None,
 ) -> collections.Counter:
     """Counter of (kind, objects in the scene, "right" | "another's" | "absent") over n attribute questions.
     ``by_reference``: kinds also say what names the object beyond the default (a colour question names it by its
     shape, "the square"; a shape question by its colour, "the red object"): "color +size" is "the small square".
-    ``look_first``: the examples carry the model's look-first thought, teacher-forced before the answer."""
-    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, questions=("attribute",), look_first=look_first)
+    ``answer_fields`` (`answer_probe.answer_format` of the model): a look-first model's thought is teacher-forced
+    before the answer, in the form it was trained on."""
+    mix = DataMix(formats={"qa": 1.0}, presets={preset: 1.0}, questions=("attribute",), **(answer_fields or {}))
     examples = list(itertools.islice(example_stream(seed, mix), n))
     tokenizer = collator.processor.tokenizer
     tally: collections.Counter = collections.Counter()
@@ -71,8 +79,8 @@ def main() -> None:
         model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
         name = "/".join(Path(directory).parts[-2:])
         collator = ChatCollator(load_processor(directory), 512)
-        look_first = looks_first(directory)
-        tally = answer_owners(model, collator, args.preset, args.n, args.seed, args.by_reference, look_first)
+        fields = answer_format(directory)
+        tally = answer_owners(model, collator, args.preset, args.n, args.seed, args.by_reference, fields)
         for kind, objects in sorted({(kind, objects) for kind, objects, _ in tally}):
             counts = [tally[(kind, objects, owner)] for owner in ("right", "another's", "absent")]
             shares = [f"{count / sum(counts):.2f}" for count in counts]

@@ -28,7 +28,7 @@ from foveate import protocol
 from foveate.eval.metrics import score_answer
 from foveate.policies.base import SamplingParams
 from foveate.rl.answer_probe import answer_format
-from foveate.rl.sft_data import existence_percept
+from foveate.rl.sft_data import existence_percept, key_phrase
 from foveate.world import iter_scenes, render_scene
 from foveate.world.questions import referents
 
@@ -65,11 +65,13 @@ def generated_rows(policy, preset: str, n: int, seed: int, batch_size: int = 16)
             yield scene, row, image.size, result.text
 
 
-def expected_thought(scene, row, existence_thought: str) -> str:
-    """What the thought should name: the question's referents, or for a percept-trained model's existence
-    question what the colour's lookup finds (`rl.sft_data.existence_percept`)."""
+def expected_thought(scene, row, existence_thought: str, trim_object: bool = False) -> str:
+    """What the thought should name: the question's referents (ending on their key word for a model trained
+    with ``look_trim_object``, `rl.sft_data.key_phrase`), or for a percept-trained model's existence question
+    what the colour's lookup finds (`rl.sft_data.existence_percept`)."""
     percept = existence_percept(row, scene) if existence_thought == "percept" else None
-    return percept or "; ".join(referents(row["question"]))
+    phrases = referents(row["question"])
+    return percept or "; ".join(key_phrase(phrase) if trim_object else phrase for phrase in phrases)
 
 
 def main() -> None:
@@ -84,13 +86,13 @@ def main() -> None:
     torch.set_num_threads(2)
     policy = TransformersVLM(args.model)
     tally: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    existence_thought = answer_format(args.model)["existence_thought"]
+    fields = answer_format(args.model)
     for scene, row, image_size, text in generated_rows(policy, args.preset, args.n, args.seed):
         named, inner, final = parse_reply(text)
         counts = tally[row["family"]]
         counts["n"] += 1
         counts["no thought"] += named is None
-        expected = expected_thought(scene, row, existence_thought)
+        expected = expected_thought(scene, row, fields["existence_thought"], fields["look_trim_object"])
         counts["named right"] += named == expected
         # The thought's first word: for a percept existence thought, the question's colour copied.
         counts["first word right"] += named is not None and named.split()[:1] == expected.split()[:1]

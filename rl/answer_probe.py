@@ -75,9 +75,11 @@ def looks_first(directory: str | Path) -> bool:
 
 def answer_format(directory: str | Path) -> dict[str, Any]:
     """The `DataMix` fields that decide how the model in `directory` writes a short answer (``look_first``,
-    ``existence_thought``), so a probe builds its teacher-forced targets the way the model was trained."""
+    ``existence_thought``, ``look_trim_object``), so a probe builds its teacher-forced targets the way the model
+    was trained."""
     mix = saved_data_mix(directory)
     return {
         "look_first": bool(mix.get("look_first", False)),
         "existence_thought": mix.get("existence_thought", "referent"),
+        "look_trim_object": bool(mix.get("look_trim_object", False)),
     }

@@ -68,6 +68,9 @@ class DataMix:
     # What a look-first existence thought says (`existence_percept`): "referent" restates "a green star";
     # "percept" says what the colour's lookup finds, "green circle", so "no" follows from a visible mismatch.
     existence_thought: str = "referent"
+    # Look-first thoughts drop a referent's trailing "object" ("the red object" -> "the red"), so a shape answer is
+    # predicted AT the colour word it is looked up by (`key_phrase`). Off in the recipes trained before it.
+    look_trim_object: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -162,7 +165,22 @@ def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) 
             raise ValueError(f"no existence percept for {row['question']!r} (scene given: {scene is not None})")
         return protocol.look_answer([percept], answer)
     referents = world_referents(row["question"])
+    if mix.look_trim_object:
+        referents = [key_phrase(phrase) for phrase in referents]
     return protocol.look_answer(referents, answer) if referents else answer
+
+
+def key_phrase(referent: str) -> str:
+    """A look-first thought's referent ending on the word the lookup keys on: "the tiny red object" → "the tiny
+    red"; a phrase that does not end with "object" (or is only "the object") is kept.
+
+    Why (`DataMix.look_trim_object`): `bench/binding_symbolic.py`'s decoder binds only when the answer is predicted
+    at the referent's own word; one token between them ("the red object circle": the shape is predicted at
+    "object", one token after "red") leaves it at chance after 900 steps. That bench restates "red", never
+    "object"; the world's shape questions name their object by colour, "the red object".
+    """
+    words = referent.split()
+    return " ".join(words[:-1]) if len(words) > 2 and words[-1] == "object" else referent
 
 
 def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, scene: Scene | None = None, **_: Any) -> Example:

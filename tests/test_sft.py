@@ -3,6 +3,7 @@ Trainer run through `train_sft` with the auxiliary heads, saved as a plain Qwen2
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -540,5 +541,42 @@ def test_percept_stream_and_probe_format_follow_the_saved_recipe(tmp_path: Path)
         assert (answer == "yes") == (percept.split()[1] == question.split()[4])
     recipe = SFTRecipe(data=mix)
     (tmp_path / "foveate_recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), default=list))
-    assert answer_format(tmp_path) == {"look_first": True, "existence_thought": "percept"}
-    assert answer_format(tmp_path / "missing") == {"look_first": False, "existence_thought": "referent"}
+    assert answer_format(tmp_path) == {"look_first": True, "existence_thought": "percept", "look_trim_object": False}
+    assert answer_format(tmp_path / "missing") == {
+        "look_first": False,
+        "existence_thought": "referent",
+        "look_trim_object": False,
+    }
+
+
+def test_trimmed_thoughts_end_on_the_word_the_answer_is_looked_up_by(tmp_path: Path) -> None:
+    from foveate.rl.answer_probe import answer_format
+    from foveate.rl.sft_data import key_phrase, short_answer
+
+    assert key_phrase("the tiny red object") == "the tiny red"
+    for kept in ("the square", 'the object marked "B"', "the object", "a green star", "blue objects"):
+        assert key_phrase(kept) == kept
+    row = {"question": "What shape is the red object?", "answers": ["circle"], "family": "attribute"}
+    trimmed = DataMix(look_first=True, look_trim_object=True)
+    assert short_answer(row, trimmed) == "<think>the red circle</think>circle"
+    assert short_answer(row, DataMix(look_first=True)) == "<think>the red object circle</think>circle"
+    # Over a stream: no thought keeps a trailing "object", and only that word differs from the untrimmed format.
+    untrimmed = dataclasses.replace(trimmed, look_trim_object=False, formats={"qa": 1.0}, presets={"simple": 1.0})
+    pairs = zip(
+        itertools.islice(example_stream(0, dataclasses.replace(untrimmed, look_trim_object=True)), 200),
+        itertools.islice(example_stream(0, untrimmed), 200),
+        strict=True,
+    )
+    changed = 0
+    for new, old in pairs:
+        new_answer, old_answer = new["messages"][-1]["content"], old["messages"][-1]["content"]
+        thought, _, bare = new_answer.removeprefix("<think>").partition("</think>")
+        assert not any(phrase.endswith(" object") for phrase in thought.removesuffix(" " + bare).split("; "))
+        removed = collections.Counter(old_answer.split()) - collections.Counter(new_answer.split())
+        assert set(removed) <= {"object"} and not collections.Counter(new_answer.split()) - collections.Counter(
+            old_answer.split()
+        )
+        changed += new_answer != old_answer
+    assert changed > 10
+    (tmp_path / "foveate_recipe.json").write_text(json.dumps({"data": dataclasses.asdict(trimmed)}, default=list))
+    assert answer_format(tmp_path)["look_trim_object"] is True
