@@ -212,7 +212,7 @@ class ChatCollator:
             merge = self.processor.image_processor.merge_size
             batch |= attention_supervision.batch_targets(
                 examples, scene_image_index, batch["input_ids"], batch["labels"], batch["image_grid_thw"],
-                image_token_id, merge,
+                image_token_id, merge, tokenizer=self.tokenizer,
             )  # fmt: skip
         return batch
 

@@ -76,6 +76,34 @@ def test_targets_mark_the_scene_tokens_and_the_evidence_before_the_answer(batch_
     assert (batch["attn_query"] >= 0).sum() >= 3
 
 
+def test_look_first_rows_are_supervised_where_the_thought_predicts_the_answer(tiny_model_dir: Path) -> None:
+    from foveate.policies.loading import load_processor
+
+    processor = load_processor(tiny_model_dir)
+    tokenizer = processor.tokenizer
+    collator = ChatCollator(processor, max_length=512, attn_targets=True)
+    mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0}, look_first=True, look_trim_object=True)
+    examples = [e for e in itertools.islice(example_stream(3, mix), 12) if e.get("evidence")]
+    batch = collator(examples)
+    supervised = 0
+    for row, example in enumerate(examples):
+        query = int(batch["attn_query"][row])
+        if query < 0:
+            continue
+        supervised += 1
+        thought, _, answer = example["messages"][-1]["content"].partition("</think>")
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
+        # The token after the query is the answer's first token, inside the thought, after the referent's words.
+        following = batch["input_ids"][row, query + 1 : query + 1 + len(answer_ids)].tolist()
+        assert following == answer_ids
+        assert batch["labels"][row, query] != -100  # the referent's last word is itself a labelled token
+        last_piece = tokenizer.decode(batch["input_ids"][row, query]).strip()
+        assert last_piece and thought.removesuffix(" " + answer).endswith(last_piece)
+    assert supervised >= 5
+    no_thought = torch.tensor([[-100, -100, 7, 8]])
+    assert attention_supervision.look_answer_position(no_thought[0], thought_close_id=9, answer_length=1) == -1
+
+
 def test_per_row_capture_equals_eager_attention_on_a_right_padded_batch(batch_and_model) -> None:
     _, batch, model = batch_and_model
     inputs = {
