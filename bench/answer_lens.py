@@ -19,13 +19,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.answer_probe import probe_parser
+from foveate.rl.answer_probe import MODEL_INPUTS, probe_parser
 from foveate.rl.attention_supervision import answer_query_positions
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 from foveate.rl.vision_aux import COLOR_CLASSES, word_ids
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def lens_by_layer(model_dir: str, preset: str, n: int, seed: int) -> tuple[list[float], list[float], int]:

@@ -18,7 +18,6 @@ distractors, and the model names the dominant one's colour or shape, as it does 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from foveate.agents.oracle_crop import evidence_union, model_input_side, oracle_
 from foveate.eval.metrics import score_answer
 from foveate.policies.base import SamplingParams
 from foveate.tools.crop import crop
+from foveate.world.dataset import load_tasks
 
 VIEWS = ("image + crop", "crop", "image")
 
@@ -54,18 +54,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="model directory")
-    parser.add_argument("tasks", type=Path, help="a tasks.jsonl with evidence boxes (foveate world generate)")
+    parser.add_argument("tasks", type=Path, help="tasks.jsonl or its folder (foveate world generate)")
     parser.add_argument("--family", default="attribute", help="question family to keep")
     parser.add_argument("--show", type=int, default=0, help="print this many replies")
     args = parser.parse_args()
     torch.set_num_threads(2)
     policy = TransformersVLM(args.model)
     side = model_input_side(policy)
-    rows = [json.loads(line) for line in args.tasks.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if row["family"] == args.family and row.get("boxes")]
+    rows = [row for row in load_tasks(args.tasks) if row["family"] == args.family and row.get("boxes")]
     scores: dict[str, list[float]] = {view: [] for view in VIEWS}
     for index, row in enumerate(rows):
-        image = Image.open(args.tasks.parent / row["image"]).convert("RGB")
+        image = Image.open(row["image"]).convert("RGB")
         zoomed, _ = crop(image, oracle_window(evidence_union(row["boxes"], image.size), image.size, side))
         conversations = view_messages(image, zoomed, row["question"])
         replies = policy.chat(list(conversations.values()), SamplingParams(max_new_tokens=32))

@@ -45,28 +45,29 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.answer_probe import answer_format, probe_parser, question_text
+from foveate.rl.answer_probe import MODEL_INPUTS, answer_format, probe_parser, question_text
+from foveate.rl.attention_supervision import evidence_cells
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import DataMix, example_stream
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+def other_objects_cells(example: dict, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """[cells] bool in raster order, like the batch's ``attn_evidence`` on the scene: the cells of the scene's
+    objects other than the asked one (`attention_supervision.evidence_cells` of their boxes)."""
+    scene = example["scene"]
+    boxes = [list(obj.box) for obj in scene.objects if list(obj.box) not in example["evidence"]]
+    _, height, width = (int(v) for v in grid_thw)
+    return torch.from_numpy(evidence_cells(boxes, (scene.width, scene.height), height // merge, width // merge))
 
 
 def lookup_shares(model, collator: ChatCollator, examples: list[dict]) -> dict[tuple, list[float]]:
     """(layer, "asked" | "others", kind, "right" | "wrong") → per-question attention shares, kind "color" or
     "shape" (what the question asks); ("cells", "asked", …) → the asked object's share of the grid."""
     shares: dict[tuple, list[float]] = collections.defaultdict(list)
+    merge = collator.processor.image_processor.merge_size
     for start in range(0, len(examples), 10):
         chunk = examples[start : start + 10]
         batch = collator(chunk)
-        others = [
-            {
-                **example,
-                "evidence": [list(o.box) for o in example["scene"].objects if list(o.box) not in example["evidence"]],
-            }
-            for example in chunk
-        ]
-        other_cells = collator(others)["attn_evidence"] if any(o["evidence"] for o in others) else None
         with torch.no_grad():
             output = model(**{key: batch[key] for key in MODEL_INPUTS if key in batch}, output_attentions=True)
         for row in range(len(chunk)):
@@ -81,7 +82,7 @@ def lookup_shares(model, collator: ChatCollator, examples: list[dict]) -> dict[t
             )
             scene = batch["attn_scene"][row]
             asked = batch["attn_evidence"][row][scene]
-            rest = other_cells[row][scene] & ~asked if other_cells is not None else torch.zeros_like(asked)
+            rest = other_objects_cells(chunk[row], batch["image_grid_thw"][row], merge) & ~asked
             shares[("cells", "asked", kind, outcome)].append(float(asked.float().mean()))
             for layer, attention in enumerate(output.attentions):
                 on_scene = attention[row, :, query, scene].mean(0)

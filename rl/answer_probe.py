@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from foveate import protocol
+from foveate.rl.attention_supervision import look_answer_position
 from foveate.rl.sft import IGNORE, ChatCollator
+
+# The keys of a collated batch (`ChatCollator`) that the model's forward takes: not labels or loss targets.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 def teacher_forced(
@@ -33,13 +37,15 @@ def teacher_forced(
             batch = collator(chunk)
             logits = model(**batch).logits
             for row, example in enumerate(chunk):
-                positions = (batch["labels"][row] != IGNORE).nonzero()[:, 0]
-                closes = (batch["labels"][row, positions] == thought_end).nonzero()[:, 0]
-                if len(closes):
-                    answer = example["messages"][-1]["content"].partition(protocol.THOUGHT_CLOSE)[2]
+                labels = batch["labels"][row]
+                positions = (labels != IGNORE).nonzero()[:, 0]
+                _, close, answer = example["messages"][-1]["content"].partition(protocol.THOUGHT_CLOSE)
+                if close:
                     size = len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
-                    positions = positions[int(closes[0]) - size : int(closes[0])]
-                yield example, logits[row, positions - 1].argmax(dim=-1), batch["labels"][row, positions]
+                    query = look_answer_position(labels, thought_end, size)
+                    if query >= 0:  # the answer's tokens inside the thought
+                        positions = positions[positions > query][:size]
+                yield example, logits[row, positions - 1].argmax(dim=-1), labels[positions]
 
 
 def question_text(example: dict[str, Any]) -> str:
