@@ -127,7 +127,7 @@ def load_recipe(path: str | Path) -> SFTRecipe:
 
 def _data_mix(data: dict[str, Any]) -> DataMix:
     data = dict(data)
-    for key in ("crop_scale", "crop_min_side", "zoom_sizes", "questions"):
+    for key in ("crop_scale", "crop_min_side", "zoom_sizes", "questions", "scene_questions"):
         if key in data:
             data[key] = tuple(data[key])
     return DataMix(**data)

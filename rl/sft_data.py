@@ -14,12 +14,17 @@ all with prompts from `foveate.protocol` so strategies and training agree:
   ``<answer>`` (large ones); the crop comes back as a tool turn; then ``<think>…</think><answer>…</answer>``.
 - ``visrl``: first a focus box, then (given the crop) the answer.
 
-The stream is endless and seeded; each scene yields several examples so rendering is amortised.
+The stream is endless and seeded; each scene yields several examples so rendering is amortised. With
+`DataMix.chat_turns` above 1, a scene's qa and ground examples become multi-turn chats (`chat_examples`): the
+image once, then one user / assistant turn per question, so one vision pass serves several answers, as LLaVA's
+instruction data asks many questions of one image. A turn joins a chat only if the chat's text so far cannot
+answer it (`leaks`).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +35,8 @@ from foveate import protocol
 from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
-from foveate.world.questions import FAMILIES
+from foveate.world.presets import get_preset
+from foveate.world.questions import FAMILIES, generate_questions
 from foveate.world.questions import referents as world_referents
 from foveate.world.scenes import Scene
 
@@ -71,6 +77,13 @@ class DataMix:
     # Look-first thoughts drop a referent's trailing "object" ("the red object" -> "the red"), so a shape answer is
     # predicted AT the colour word it is looked up by (`key_phrase`). Off in the recipes trained before it.
     look_trim_object: bool = False
+    # A scene's qa and ground examples are asked as chats of up to this many turns: the scene image once, then a
+    # user / assistant turn per question (`chat_examples`); 1 = one question per example. Why: a chat costs one
+    # vision pass for all its answers, and the attention loss supervises every turn (rl.attention_supervision).
+    chat_turns: int = 1
+    # Questions drawn per scene (inclusive range) instead of the preset's 1-3, so chats have turns to hold;
+    # None = the preset's. The stream's own seed draws them (world.questions.generate_questions).
+    scene_questions: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -79,6 +92,10 @@ class DataMix:
             raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
         if self.existence_thought not in EXISTENCE_THOUGHTS:
             raise ValueError(f"existence_thought must be one of {EXISTENCE_THOUGHTS}, not {self.existence_thought!r}")
+        if self.chat_turns < 1:
+            raise ValueError(f"chat_turns must be at least 1, not {self.chat_turns}")
+        if self.scene_questions is not None and not 1 <= self.scene_questions[0] <= self.scene_questions[1]:
+            raise ValueError(f"scene_questions must be (low, high) with 1 <= low <= high, not {self.scene_questions}")
 
 
 EXISTENCE_THOUGHTS = ("referent", "percept")
@@ -269,6 +286,98 @@ def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: Data
 BUILDERS = {"qa": qa, "qa_crop": qa_crop, "ground": ground, "describe": describe, "deepeyes": deepeyes, "visrl": visrl}
 # Formats that need a question row; the others are built from the scene alone.
 ROW_FORMATS = {"qa", "qa_crop", "deepeyes", "visrl"}
+# One scene image, one question, one short reply: the formats `chat_examples` merges into chats. A description
+# would state every answer of its scene, and crop formats carry images of their own.
+CHAT_FORMATS = {"qa", "ground"}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+
+
+def leaks(chat: list[Example], example: Example) -> bool:
+    """Whether `example` could be answered from `chat`'s text so far instead of from the image, or repeats it:
+    - its question was asked already;
+    - a word of its answer (after its thought) was said, or, for a box answer, the same box;
+    - a yes / no answer whose question's referent words ("a pink square") were all said (the chat told whether
+      such an object is there)."""
+    said_text = [_text(m) for turn in chat for m in turn["messages"]]
+    question = _text(example["messages"][0])
+    if question in said_text:
+        return True
+    answer = protocol.strip_thought(example["messages"][-1]["content"])
+    if example["format"] == "ground":
+        return answer in said_text
+    said = set().union(*(_words(text) for text in said_text))
+    if _words(answer) & said:
+        return True
+    if answer in ("yes", "no"):
+        referent_words = _words(" ".join(world_referents(question))) - {"a", "an", "the", "object", "objects"}
+        return bool(referent_words) and referent_words <= said
+    return False
+
+
+def chat_examples(examples: list[Example], max_turns: int) -> list[Example]:
+    """One scene's single-turn examples (`CHAT_FORMATS`) as chats of at most `max_turns` turns, in order; each
+    example joins the first chat it does not `leak` into. A chat shows the scene image in its first turn only and
+    records each turn's evidence boxes (``turn_evidence``, for rl.attention_supervision)."""
+    chats: list[list[Example]] = []
+    for example in examples:
+        home = next((c for c in chats if len(c) < max_turns and not leaks(c, example)), None)
+        if home is None:
+            chats.append([example])
+        else:
+            home.append(example)
+    return [_merge(chat) for chat in chats]
+
+
+def _merge(chat: list[Example]) -> Example:
+    first = chat[0]
+    messages = list(first["messages"])
+    for example in chat[1:]:
+        user, reply = example["messages"]
+        messages += [{"role": "user", "content": [p for p in user["content"] if p["type"] == "text"]}, reply]
+    return {
+        "messages": messages,
+        "format": "chat" if len(chat) > 1 else first["format"],
+        "scene": first["scene"],
+        "evidence": first.get("evidence"),
+        "turn_evidence": [example.get("evidence") for example in chat],
+    }
+
+
+def scene_rows(scene: Scene, rows: list[dict[str, Any]], preset: str, rng: random.Random, mix: DataMix) -> list:
+    """The scene's question rows of the kinds `mix` asks: the preset's, or `mix.scene_questions` many drawn anew."""
+    if mix.scene_questions is not None:
+        world = get_preset(preset)
+        rows = generate_questions(scene, rng, rng.randint(*mix.scene_questions), world.questions, world.scene)
+    return [row for row in rows if asks(row, mix.questions)]
+
+
+def scene_examples(image: Image.Image, scene: Scene, rows: list[dict[str, Any]], rng: random.Random, mix: DataMix):
+    """Every example of one scene: two different formats per question (more supervision per rendered scene, no
+    duplicates), one format per question with `one_per_scene` or a one-format mix."""
+    format_names, format_weights = zip(*mix.formats.items(), strict=True)
+    for row in rows[:1] if mix.one_per_scene else rows:
+        first = rng.choices(format_names, format_weights)[0]
+        others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
+        names = [first]
+        if others and not mix.one_per_scene:
+            names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
+        for name in names:
+            kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}
+            example = BUILDERS[name](**kwargs)
+            if example is not None:
+                example["format"] = name
+                example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
+                if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision)
+                    example["evidence"] = row["boxes"]
+                yield example
 
 
 def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
@@ -277,31 +386,20 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
     rng = random.Random(f"foveate-sft/{seed}")
     streams = {name: iter_scenes(seed, name) for name in mix.presets}
     preset_names, preset_weights = zip(*mix.presets.items(), strict=True)
-    format_names, format_weights = zip(*mix.formats.items(), strict=True)
     skipped = 0
     while True:
         preset = rng.choices(preset_names, preset_weights)[0]
         scene, rows = next(streams[preset])
-        rows = [row for row in rows if asks(row, mix.questions)]
+        rows = scene_rows(scene, rows, preset, rng, mix)
         skipped = 0 if rows else skipped + 1
         if skipped >= MAX_SKIPPED_SCENES:  # a misspelt subtype, or one the presets never ask: fail, never spin
             raise ValueError(f"no question of kinds {mix.questions} in {skipped} scenes of presets {preset_names}")
         if not rows:
             continue
-        image = render_scene(scene)
-        for row in rows[:1] if mix.one_per_scene else rows:
-            # Two different formats per question: more supervision per rendered scene, no duplicate examples.
-            first = rng.choices(format_names, format_weights)[0]
-            others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
-            names = [first]
-            if others and not mix.one_per_scene:  # a one-format mix gives one example per question
-                names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
-            for name in names:
-                kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}
-                example = BUILDERS[name](**kwargs)
-                if example is not None:
-                    example["format"] = name
-                    example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
-                    if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision)
-                        example["evidence"] = row["boxes"]
-                    yield example
+        examples = scene_examples(render_scene(scene), scene, rows, rng, mix)
+        if mix.chat_turns == 1:
+            yield from examples
+            continue
+        examples = list(examples)
+        yield from (example for example in examples if example["format"] not in CHAT_FORMATS)
+        yield from chat_examples([e for e in examples if e["format"] in CHAT_FORMATS], mix.chat_turns)
