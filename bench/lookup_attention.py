@@ -71,7 +71,7 @@ def lookup_shares(model, collator: ChatCollator, examples: list[dict]) -> dict[t
         with torch.no_grad():
             output = model(**{key: batch[key] for key in MODEL_INPUTS if key in batch}, output_attentions=True)
         for row in range(len(chunk)):
-            query = int(batch["attn_query"][row])
+            query = int(batch["attn_query"][row, 0])  # single-turn examples: one supervised turn
             if query < 0:
                 continue
             kind = "color" if question_text(chunk[row]).startswith("What color") else "shape"
@@ -81,7 +81,7 @@ def lookup_shares(model, collator: ChatCollator, examples: list[dict]) -> dict[t
                 else "wrong"
             )
             scene = batch["attn_scene"][row]
-            asked = batch["attn_evidence"][row][scene]
+            asked = batch["attn_evidence"][row, 0][scene]
             rest = other_objects_cells(chunk[row], batch["image_grid_thw"][row], merge) & ~asked
             shares[("cells", "asked", kind, outcome)].append(float(asked.float().mean()))
             for layer, attention in enumerate(output.attentions):

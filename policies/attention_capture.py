@@ -25,8 +25,9 @@ _state = threading.local()
 class CaptureBuffer:
     """Holds the captured rows of one forward pass: layer index → tensor [batch, heads, key_len].
 
-    ``query_offset``: one position for every row (-1 = the last), or a [batch] tensor of a position per row (the
-    rows of a right-padded training batch end at different positions; `rl.attention_supervision`)."""
+    ``query_offset``: one position for every row (-1 = the last), a [batch] tensor of a position per row (the
+    rows of a right-padded training batch end at different positions; `rl.attention_supervision`), or a [batch, n]
+    tensor of several per row (rows are then [batch, heads, n, key_len])."""
 
     def __init__(self, layers: Sequence[int], query_offset: int | torch.Tensor = -1) -> None:
         self.layers = set(layers)
@@ -47,27 +48,37 @@ def capture_attention(layers: Sequence[int], query_offset: int | torch.Tensor = 
 
 
 def _attention_row(module, query, key, attention_mask, scaling, query_offset):
-    """softmax over keys for one query position per row, all heads: [batch, heads, key_len] in float32.
+    """softmax over keys for the chosen query positions, all heads, in float32: [batch, heads, key_len] for an int
+    (the same position in every row) or a [batch] tensor of positions; [batch, heads, n, key_len] for a [batch, n]
+    tensor (several positions per row, such as every answer of a multi-turn chat). With a tensor, keys after each
+    position are masked here too (SDPA may run causal attention with no mask tensor at all)."""
+    if not isinstance(query_offset, torch.Tensor):
+        query_row = query[:, :, query_offset, :].unsqueeze(2).float()
+        mask_row = None if attention_mask is None else attention_mask[:, :, query_offset, :].unsqueeze(2)
+        return _softmax_row(module, query_row, key, mask_row, scaling, None).squeeze(2)
+    offsets = query_offset if query_offset.dim() == 2 else query_offset[:, None]  # [batch, n]
+    rows = torch.arange(query.shape[0], device=query.device)[:, None]
+    query_row = query[rows, :, offsets, :].transpose(1, 2).float()  # [batch, heads, n, dim]
+    mask_row = None if attention_mask is None else attention_mask[rows, :, offsets, :].transpose(1, 2)
+    result = _softmax_row(module, query_row, key, mask_row, scaling, offsets)
+    return result if query_offset.dim() == 2 else result.squeeze(2)
 
-    ``query_offset``: an int (the same position in every row) or a [batch] tensor of positions; with a tensor, keys
-    after each row's position are masked here too (SDPA may run causal attention with no mask tensor at all)."""
-    per_row = isinstance(query_offset, torch.Tensor)
-    rows = torch.arange(query.shape[0], device=query.device)
-    query_row = (query[rows, :, query_offset, :] if per_row else query[:, :, query_offset, :]).unsqueeze(2).float()
+
+def _softmax_row(module, query_row, key, mask_row, scaling, offsets):
+    """softmax(query_row · Kᵀ · scale + mask) over keys; ``offsets`` [batch, n] also masks keys after each query."""
     keys = repeat_kv(key, module.num_key_value_groups).float() if hasattr(module, "num_key_value_groups") else key
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query_row, keys.float().transpose(2, 3)) * scale
-    if attention_mask is not None:
-        mask = attention_mask[rows, :, query_offset, :] if per_row else attention_mask[:, :, query_offset, :]
-        mask_row = mask.unsqueeze(2)[..., : keys.shape[-2]]
+    scale = scaling if scaling is not None else query_row.shape[-1] ** -0.5
+    scores = torch.matmul(query_row, keys.float().transpose(2, 3)) * scale  # [batch, heads, n, keys]
+    if mask_row is not None:
+        mask_row = mask_row[..., : keys.shape[-2]]
         if mask_row.dtype == torch.bool:
             scores = scores.masked_fill(~mask_row, float("-inf"))
         else:
             scores = scores + mask_row.float()
-    if per_row:
-        future = torch.arange(keys.shape[-2], device=query.device)[None, :] > query_offset[:, None]
-        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1).squeeze(2)
+    if offsets is not None:
+        future = torch.arange(keys.shape[-2], device=scores.device)[None, None, :] > offsets[:, :, None]
+        scores = scores.masked_fill(future[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def capturing_sdpa_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):

@@ -21,8 +21,9 @@ Know where to look" (ViCrop) is why the place matters twice here: ViCrop crops w
 
 Deviations: the evidence is the world's exact boxes, not human attention maps; a cell is evidence when a box
 covers at least `min_cover` of it or holds the box's centre (so a tiny object still has its one cell); only the
-first assistant turn of an example is supervised, and only on its first image (the scene; a crop's tokens are
-left out of the renormalisation).
+first assistant turn of an example is supervised (every turn of a multi-turn chat of one scene's questions,
+`rl.sft_data.chat_examples`, each at its own answer), and only on its first image (the scene; a crop's tokens
+are left out of the renormalisation).
 
 Measured (from configs/probes/demo-v6.yaml's stage-3 model, its stage-4 data for 600 steps, weight 1): the
 attention moves and the answers do not. ViCrop's rel-att map on held-out `simple` scenes puts 0.35 of its mass on
@@ -101,21 +102,54 @@ def look_answer_position(labels_row: torch.Tensor, thought_close_id: int, answer
     return int(labelled[int(closes[0]) - answer_length]) - 1
 
 
+def labelled_spans(labels_row: torch.Tensor) -> list[tuple[int, int]]:
+    """The (start, end) positions, end exclusive, of each run of labelled tokens: one per assistant turn."""
+    labelled = (labels_row != -100).int()
+    edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int), labelled, torch.zeros(1, dtype=torch.int)]))
+    return list(zip((edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist(), strict=True))
+
+
+def supervised_turns(example: dict[str, Any]) -> list[tuple[int, str | None, list | None]]:
+    """(assistant turn index, its reply if a look-first thought may hold the answer, evidence boxes) per turn the
+    loss supervises: every turn of a chat (`rl.sft_data.chat_examples`, ``turn_evidence``); otherwise the first
+    turn, with the example's evidence (a look-first reply only when it is the example's single reply)."""
+    replies = [m["content"] for m in example["messages"] if m["role"] == "assistant"]
+    if "turn_evidence" in example:
+        pairs = zip(replies, example["turn_evidence"], strict=True)
+        return [(turn, reply, boxes) for turn, (reply, boxes) in enumerate(pairs)]
+    return [(0, replies[0] if len(replies) == 1 else None, example.get("evidence"))]
+
+
+def _look_first_answer(reply: str | None) -> str | None:
+    """The answer of a look-first reply (``<think>the red circle</think>circle`` → "circle"), else None."""
+    if not isinstance(reply, str):
+        return None
+    thought, _, answer = reply.partition(protocol.THOUGHT_CLOSE)
+    return answer if thought.startswith(protocol.THOUGHT_OPEN) and answer and "<" not in answer else None
+
+
 def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokenizer: Any = None) -> torch.Tensor:
-    """Per row, the position that predicts the answer: just before the first labelled token, or, with a
-    ``tokenizer``, inside a look-first thought (`look_answer_position`), where the demo models look the answer
-    up: the layer-0 attention there puts 0.48 of its image mass on the asked object when the answer is right and
-    0.12 when it is wrong (2-3-object attribute questions, configs/probes/demo-v10.yaml's stage 4)."""
-    query = answer_query_positions(labels)
-    if tokenizer is None:
-        return query
-    close_id = tokenizer.convert_tokens_to_ids(protocol.THOUGHT_CLOSE)
-    for row, example in enumerate(examples):
-        reply = example["messages"][-1]["content"]
-        thought, _, answer = reply.partition(protocol.THOUGHT_CLOSE) if isinstance(reply, str) else ("", "", "")
-        if thought.startswith(protocol.THOUGHT_OPEN) and answer and "<" not in answer:
-            length = len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
-            query[row] = look_answer_position(labels[row], close_id, length)
+    """[batch, turns]: per row and supervised turn (`supervised_turns`), the position that predicts the turn's
+    answer: just before its first labelled token, or, with a ``tokenizer``, inside a look-first thought
+    (`look_answer_position`), where the demo models look the answer up: the layer-0 attention there puts 0.48 of
+    its image mass on the asked object when the answer is right and 0.12 when it is wrong (2-3-object attribute
+    questions, configs/probes/demo-v10.yaml's stage 4). -1 where a row has fewer turns (or they were cut off)."""
+    turns = [supervised_turns(example) for example in examples]
+    query = torch.full((len(examples), max(len(t) for t in turns)), -1, dtype=torch.long)
+    close_id = tokenizer.convert_tokens_to_ids(protocol.THOUGHT_CLOSE) if tokenizer is not None else None
+    for row, row_turns in enumerate(turns):
+        spans = labelled_spans(labels[row])
+        for slot, (turn, reply, _boxes) in enumerate(row_turns):
+            if turn >= len(spans):
+                continue
+            start, end = spans[turn]
+            query[row, slot] = start - 1
+            answer = _look_first_answer(reply) if tokenizer is not None else None
+            if answer is not None:
+                span_labels = torch.full_like(labels[row], -100)
+                span_labels[start:end] = labels[row, start:end]
+                length = len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
+                query[row, slot] = look_answer_position(span_labels, close_id, length)
     return query
 
 
@@ -131,31 +165,46 @@ def batch_targets(
 ) -> dict[str, torch.Tensor]:
     """The loss's targets for a collated batch.
 
-    ``attn_query`` [batch]: the position whose attention is supervised (`query_positions`; a ``tokenizer``
-    moves it into look-first thoughts), -1 for rows without evidence (no boxes, such as a "no" to an existence
-    question, or a describe example). ``attn_scene`` / ``attn_evidence`` [batch, seq] bool: the token positions
-    of the row's scene image, and those of its evidence cells.
+    ``attn_query`` [batch, turns]: the positions whose attention is supervised (`query_positions`; a
+    ``tokenizer`` moves them into look-first thoughts), -1 for turns without evidence (no boxes, such as a "no" to
+    an existence question, or a describe example). ``attn_scene`` [batch, seq] bool: the token positions of the
+    row's scene image; ``attn_evidence`` [batch, turns, seq] bool: those of each turn's evidence cells.
     """
     batch, length = input_ids.shape
     query = query_positions(examples, labels, tokenizer)
     scene = torch.zeros(batch, length, dtype=torch.bool)
-    evidence = torch.zeros(batch, length, dtype=torch.bool)
+    evidence = torch.zeros(batch, query.shape[1], length, dtype=torch.bool)
     grids = image_grid_thw.tolist()
     for row, (example, image) in enumerate(zip(examples, scene_image_index, strict=True)):
-        boxes, scene_truth = example.get("evidence"), example.get("scene")
-        if not boxes or scene_truth is None or image >= len(grids) or query[row] < 0:
+        scene_truth = example.get("scene")
+        if scene_truth is None or image >= len(grids):
             query[row] = -1
             continue
         t, h, w = grids[image]
         grid_h, grid_w = h // merge_size, w // merge_size
         positions = (input_ids[row] == image_token_id).nonzero().squeeze(1)[: grid_h * grid_w]  # first image's
-        if len(positions) < grid_h * grid_w or positions[-1] >= query[row]:  # truncated, or not before the answer
-            query[row] = -1
-            continue
-        cells = evidence_cells(boxes, (scene_truth.width, scene_truth.height), grid_h, grid_w)
-        scene[row, positions] = True
-        evidence[row, positions[torch.from_numpy(cells)]] = True
+        for slot, (_turn, _reply, boxes) in enumerate(supervised_turns(example)):
+            # No boxes, truncated, or the image not before the answer: not supervised.
+            cut = len(positions) < grid_h * grid_w
+            if not boxes or query[row, slot] < 0 or cut or positions[-1] >= query[row, slot]:
+                query[row, slot] = -1
+                continue
+            cells = evidence_cells(boxes, (scene_truth.width, scene_truth.height), grid_h, grid_w)
+            scene[row, positions] = True
+            evidence[row, slot, positions[torch.from_numpy(cells)]] = True
     return {"attn_query": query, "attn_scene": scene, "attn_evidence": evidence}
+
+
+def _per_query(
+    row: torch.Tensor, attn_query: torch.Tensor, *masks: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The captured rows of the supervised queries, [queries, heads, keys], and each [batch, (turns,) seq] mask
+    at those queries, [queries, keys]. Takes one query per row ([batch] / [batch, heads, keys]) or several."""
+    query = attn_query if attn_query.dim() == 2 else attn_query[:, None]
+    row = row if row.dim() == 4 else row.unsqueeze(2)  # [batch, heads, turns, keys]
+    keep, keys = query >= 0, row.shape[-1]
+    per_turn = [(m if m.dim() == 3 else m[:, None].expand(-1, query.shape[1], -1))[..., :keys] for m in masks]
+    return row.transpose(1, 2)[keep], [m[keep] for m in per_turn]
 
 
 def loss(
@@ -165,17 +214,17 @@ def loss(
     attn_query: torch.Tensor,
     heads: str = "mean",
 ) -> torch.Tensor:
-    """Mean over supervised rows and captured layers of −log(attention mass on the evidence, within the scene).
-    ``rows``: layer → [batch, heads, keys] captured attention rows. ``heads``: "mean" takes the log of the
-    head-mean mass (some heads may look elsewhere); "each" averages every head's own −log (all must look)."""
-    keep = attn_query >= 0
-    if not keep.any() or not rows:
+    """Mean over supervised queries and captured layers of −log(attention mass on the evidence, within the scene).
+    ``rows``: layer → captured attention rows, [batch, heads, keys] (``attn_query`` [batch]) or [batch, heads,
+    turns, keys] (``attn_query`` [batch, turns]). ``heads``: "mean" takes the log of the head-mean mass (some heads
+    may look elsewhere); "each" averages every head's own −log (all must look)."""
+    if not (attn_query >= 0).any() or not rows:
         return torch.zeros(())
     losses = []
     for row in rows.values():
-        on_scene = row[keep] * attn_scene[keep, None, : row.shape[-1]]
-        on_evidence = row[keep] * attn_evidence[keep, None, : row.shape[-1]]
-        share = on_evidence.sum(-1) / on_scene.sum(-1).clamp_min(1e-12)  # [rows, heads]
+        kept, (scene, evidence) = _per_query(row, attn_query, attn_scene, attn_evidence)
+        on_scene = (kept * scene[:, None]).sum(-1)
+        share = (kept * evidence[:, None]).sum(-1) / on_scene.clamp_min(1e-12)  # [queries, heads]
         if heads == "each":
             losses.append(-torch.log(share.clamp_min(1e-6)).mean(-1))
         else:
@@ -184,7 +233,7 @@ def loss(
 
 
 def away_loss(rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_query: torch.Tensor) -> torch.Tensor:
-    """Mean over supervised rows, layers and heads of −log(1 − the attention mass on the scene image's tokens).
+    """Mean over supervised queries, layers and heads of −log(1 − the attention mass on the scene image's tokens).
 
     For layers too early to know the question (`TrainConfig.attn_away_layers`): the logit lens shows the demo
     models form the colour answer in layer 0 of the answer position (its output already names the final answer
@@ -192,8 +241,10 @@ def away_loss(rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_quer
     is salient. Pushing that layer's attention off the image leaves the read to the layers this module points
     at the evidence. Measured (module docstring), it moves where the answer forms but neither binds nor keeps
     one-object copying; kept as a recipe option for that record."""
-    keep = attn_query >= 0
-    if not keep.any() or not rows:
+    if not (attn_query >= 0).any() or not rows:
         return torch.zeros(())
-    masses = [(row[keep] * attn_scene[keep, None, : row.shape[-1]]).sum(-1) for row in rows.values()]
+    masses = []
+    for row in rows.values():
+        kept, (scene,) = _per_query(row, attn_query, attn_scene)
+        masses.append((kept * scene[:, None]).sum(-1))
     return torch.stack([-torch.log((1 - mass).clamp_min(1e-6)).mean() for mass in masses]).mean()

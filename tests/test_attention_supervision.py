@@ -57,8 +57,9 @@ def test_targets_mark_the_scene_tokens_and_the_evidence_before_the_answer(batch_
         round(float((batch["image_grid_thw"][0, 1:].prod() / batch["attn_scene"][0].sum().clamp_min(1)) ** 0.5))
     )
     assert merge in (2, 3)  # the processor's merge size, read back from a row's token count
+    assert batch["attn_query"].shape == (len(examples), 1)  # one supervised turn per single-turn example
     for row, example in enumerate(examples):
-        query = int(batch["attn_query"][row])
+        query = int(batch["attn_query"][row, 0])
         if not example.get("evidence"):
             assert query == -1  # a "no" to an existence question has no evidence
             continue
@@ -67,7 +68,7 @@ def test_targets_mark_the_scene_tokens_and_the_evidence_before_the_answer(batch_
         assert (batch["input_ids"][row][scene] == image_token).all()
         t, h, w = batch["image_grid_thw"][row].tolist()  # one image per example here
         assert int(scene.sum()) == (h // merge) * (w // merge)
-        evidence = batch["attn_evidence"][row]
+        evidence = batch["attn_evidence"][row, 0]
         assert evidence.any() and not (evidence & ~scene).any()
         cells = attention_supervision.evidence_cells(
             example["evidence"], (example["scene"].width, example["scene"].height), h // merge, w // merge
@@ -87,7 +88,7 @@ def test_look_first_rows_are_supervised_where_the_thought_predicts_the_answer(ti
     batch = collator(examples)
     supervised = 0
     for row, example in enumerate(examples):
-        query = int(batch["attn_query"][row])
+        query = int(batch["attn_query"][row, 0])
         if query < 0:
             continue
         supervised += 1
@@ -110,8 +111,12 @@ def test_per_row_capture_equals_eager_attention_on_a_right_padded_batch(batch_an
         k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     }
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths: the padding path is exercised
-    positions = batch["attn_query"].clamp_min(0)
+    query = batch["attn_query"][:, 0].clamp_min(0)
+    # Two positions per row (the [batch, n] form a chat's turns use), and one per row.
+    positions = torch.stack([query, (query - 3).clamp_min(0)], dim=1)
     with torch.no_grad(), attention_capture.capture_attention([0, 1], query_offset=positions) as captured:
+        model(**inputs)
+    with torch.no_grad(), attention_capture.capture_attention([1], query_offset=query) as single:
         model(**inputs)
     model.set_attn_implementation("eager")
     try:
@@ -119,11 +124,13 @@ def test_per_row_capture_equals_eager_attention_on_a_right_padded_batch(batch_an
             eager = model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation(attention_capture.ATTENTION_NAME)
+    rows = torch.arange(len(positions))[:, None]
     for layer in (0, 1):
-        expected = eager[layer][torch.arange(len(positions)), :, positions, :]
+        expected = eager[layer][rows, :, positions, :].transpose(1, 2)  # [batch, heads, 2, keys]
         torch.testing.assert_close(
             captured.rows[layer], expected.float(), atol=1e-4, rtol=1e-3
         )  # SDPA vs eager rounding
+    torch.testing.assert_close(single.rows[1], captured.rows[1][:, :, 0], atol=1e-6, rtol=1e-5)
 
 
 def test_the_loss_moves_attention_onto_the_evidence(batch_and_model) -> None:
