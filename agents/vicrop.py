@@ -66,6 +66,8 @@ Deliberate deviations from the paper, and why:
 - ``feed: mask`` (``vicrop-carve``) is not ViCrop but the CARVE alternative ("Focusing by Contrastive
   Attention", 2025): the contrast map fades unattended pixels toward grey and the masked image *replaces* the
   original. CARVE builds its mask from several deeper layers; here from the configured ``layer`` (a list works).
+- Look-first models (``<think>the red circle</think>circle``) are probed inside their own thought, where they look
+  the answer up, not at the last prompt token (``look_first``, `agents.vicrop_thought`).
 - In a thread, the question pass sends the whole transcript, as ``direct`` does; the generic pass is always a
   single turn about the image (so it can be cached per image). High-res blocks are probed single-turn.
 """
@@ -116,6 +118,7 @@ from foveate.agents.vicrop_select import (
     split_blocks,
     tile_maps,
 )
+from foveate.agents.vicrop_thought import wants_thoughts, write_thoughts
 from foveate.errors import FoveateError, PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.tools.crop import crop as crop_image
@@ -131,6 +134,7 @@ class ViCropState(AgentState, total=False):
     session: str | None  # policy-side KV cache of the question pass (process-local; a miss = full prefill)
     crop: str | None  # ref of the crop (or of the CARVE masked image); None when the image needs no zoom
     crop_box: list[float] | None  # the region cropped, original pixels
+    thought: str | None  # look-first models: the thought up to the answer the map was read at (vicrop_thought)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -248,6 +252,7 @@ class Look:
     latency_s: float = 0.0
     rows: int = 0  # conversations in the batched pass
     generic_cached: bool = False
+    thought: str | None = None  # the assistant text the question map was read after (agents.vicrop_thought)
 
 
 def _relative(question: np.ndarray, generic: np.ndarray, eps: float) -> np.ndarray:
@@ -314,7 +319,12 @@ def look_attention_many(
                 conversations += [user_turn(block, options.generic_prompt) for block in block_images]
                 keep += [False] * len(block_images)
         plans.append((key, layout, whole, target, first, len(questions)))
-    results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep)
+    suffixes = [""] * len(conversations)
+    if wants_thoughts(policy, options.look_first):  # read inside a look-first model's thought
+        rows = [plan[4] for plan in plans if plan[2]]
+        for row, thought in zip(rows, write_thoughts(policy, [conversations[r] for r in rows], options), strict=True):
+            suffixes[row] = thought or ""
+    results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep, suffixes=suffixes)
     generics = dict(generic_cached)
     for key, (start, layout) in batched_generics.items():
         maps = [r.maps[0].values for r in results[start : start + layout[0] * layout[1]]]
@@ -350,6 +360,7 @@ def look_attention_many(
                 latency_s=rows[0].latency_s,
                 rows=len(results) + len(session_generics),
                 generic_cached=key in generic_cached,
+                thought=suffixes[start] or None,
             )
         )
     return looks
@@ -432,6 +443,7 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
                 confidence=look.confidence,
                 rows=look.rows,
                 generic_cached=look.generic_cached,
+                thought=look.thought,
             )
         )
     elif look.rows:
@@ -458,6 +470,7 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
         "heatmap": np.asarray(look.heat, dtype=float).tolist(),
         "confidence": look.confidence,
         "session": look.session,
+        "thought": look.thought,
         "steps": steps,
     }
 
@@ -515,7 +528,9 @@ def answer_now_node(state: ViCropState, runtime: Runtime[FoveateContext], config
     context = resolve_context(runtime)
     messages = to_policy_messages(state["messages"], _images(context.store))
     params = context.sampling()
-    result = _answer(context.policy, messages, state.get("session"), _options(config), params, same=True)
+    # After a thought the probed text goes on past the prompt, so the answer is decoded anew (sharing its cache).
+    same = not state.get("thought")
+    result = _answer(context.policy, messages, state.get("session"), _options(config), params, same=same)
     prompt = prompt_for_trace(messages, image_refs(state["messages"]))
     return {**answer_update("answer", prompt, result, gated=True), "session": None}
 
@@ -603,11 +618,12 @@ def answer_many(
                 )
             answered.append((index, messages, look.session))
         sessions = [s for _, s in gated if s is not None]
-        if len(sessions) == len(gated) and gated:
+        thought = any(looks[index].thought for index, _ in gated)  # probed past the prompt: decode anew
+        if len(sessions) == len(gated) and gated and not thought:
             for (index, _), result in zip(gated, policy.continue_probe(sessions, params), strict=True):
                 out[index]["answer"] = result.text.strip()
-        else:  # no caches kept (reuse off, or a model without sessions): ask again
-            answered += [(index, requests[index][1], None) for index, _ in gated]
+        else:  # no caches kept (reuse off, or a model without sessions), or a thought: ask again
+            answered += [(index, requests[index][1], session) for index, session in gated]
         if answered:
             conversations = [messages for _, messages, _ in answered]
             sessions = [session if options.reuse_prefix else None for *_, session in answered]

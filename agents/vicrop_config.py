@@ -18,6 +18,7 @@ import yaml
 from langchain_core.runnables import RunnableConfig
 
 from foveate.agents.vicrop_select import RATIOS
+from foveate.agents.vicrop_thought import LOOK_FIRST
 from foveate.errors import FoveateError
 from foveate.protocol import GENERIC_PROMPT
 
@@ -49,6 +50,12 @@ class ViCropConfig:
     generic_prompt: str = _help("the generic prompt of rel-att and pure-grad", GENERIC_PROMPT)
     carve_keep: float = _help("mask feed: fraction of the image kept at full strength", 0.25)
     carve_floor: float = _help("mask feed: weight of the least-attended pixels", 0.15)
+    look_first: str = _help(
+        "auto | on | off: read the question map inside a look-first model's own thought (agents.vicrop_thought); "
+        "auto = when the model's saved recipe answers look-first",
+        "auto",
+    )
+    thought_tokens: int = _help("look_first: at most this many tokens of the reply whose thought is read", 24)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,6 +64,10 @@ class ViCropConfig:
             raise FoveateError(f"unknown ViCrop feed {self.feed!r}; choose one of: {', '.join(FEEDS)}")
         if not self.ratios or any(r <= 0 for r in self.ratios):
             raise FoveateError(f"ratios must be positive numbers, got {self.ratios}")
+        if self.look_first not in LOOK_FIRST:
+            raise FoveateError(f"look_first must be one of {', '.join(LOOK_FIRST)}, got {self.look_first!r}")
+        if self.thought_tokens < 1:
+            raise FoveateError(f"thought_tokens must be at least 1, got {self.thought_tokens}")
         if self.gate is not None and not 0 < self.gate <= 1:
             raise FoveateError(f"gate must be a probability in (0, 1], got {self.gate}")
 

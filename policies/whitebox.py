@@ -242,6 +242,7 @@ class WhiteBoxMixin:
         gradient: bool = False,
         keep: Sequence[bool] | None = None,
         sessions: Sequence[str | None] | None = None,
+        suffixes: Sequence[str] | None = None,
     ) -> list[ProbeResult]:
         """One batched forward: each conversation's image maps at ``layer`` and its next-token argmax/probability.
 
@@ -251,24 +252,31 @@ class WhiteBoxMixin:
         `supports_prefix_reuse`); release them with `release_sessions` once done (an LRU bounds them anyway).
         With ``sessions`` (attention maps only), each row reuses its session's cache for the prefix it shares
         with it, as `chat_with_prefix` does: e.g. the generic prompt on an image probed with a question costs
-        only the generic prompt's tokens.
+        only the generic prompt's tokens. ``suffixes``: text appended to each row after its generation prompt, the
+        start of an assistant turn the model is taken to have written (`agents.vicrop_thought`); maps and the
+        next-token probability are then read at its last token ("" = none).
         """
         layers = self._check_layers(layer)
         keep = [False] * len(conversations) if keep is None else list(keep)
         if len(keep) != len(conversations):
             raise PolicyError("keep needs one flag per conversation")
+        suffixes = [""] * len(conversations) if suffixes is None else list(suffixes)
+        if len(suffixes) != len(conversations):
+            raise PolicyError('suffixes needs one text (or "") per conversation')
         if sessions is not None and len(sessions) != len(conversations):
             raise PolicyError("sessions needs one session (or None) per conversation")
         reuse = sessions is not None and any(s is not None for s in sessions) and self.supports_prefix_reuse
         if reuse and (gradient or any(keep)):
             raise PolicyError("a probe that reuses sessions computes attention maps and keeps no session")
+        if reuse and any(suffixes):
+            raise PolicyError("a probe that reuses sessions takes no suffixes")
         started = time.perf_counter()
         if reuse:
             return self._probe_with_prefix(conversations, sessions, layers, started)
         texts, images_per_row = [], []
-        for messages in conversations:
+        for messages, suffix in zip(conversations, suffixes, strict=True):
             text, images = self.render(messages)
-            texts.append(text)
+            texts.append(text + suffix)
             images_per_row.append(images)
         batch = self.encode(texts, [image for images in images_per_row for image in images])
         use_cache = any(keep) and self.supports_prefix_reuse

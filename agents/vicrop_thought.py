@@ -1,0 +1,71 @@
+"""ViCrop for look-first models: read the question map inside the model's own thought.
+
+A model trained with look-first answers (`rl.sft_data.DataMix.look_first`, the demo recipes from
+configs/probes/demo-v9.yaml on) replies ``<think>the red circle</think>circle``: the answer is first predicted AT
+the referent's last word, inside the thought, and that is where its attention looks the object up (layer 0 there
+puts 0.66 of its image attention on the asked object when the answer is right, `python bench/lookup_attention.py
+DIR`). At the last prompt token, where ViCrop reads the paper's map, such a model predicts ``<think>``: the map
+there is not the lookup, and the gate's p(first token) is the probability of ``<think>``, near 1 on every question.
+
+With `ViCropConfig.look_first` on (``auto``: when the model's saved recipe says it answers look-first), the
+question pass first lets the model write its reply (greedy, `thought_tokens` at most), keeps the thought up to the
+answer inside it (`thought_prefix`: ``<think>the red``), and probes the conversation with that text appended as
+the start of the assistant turn: the map and the gate's probability are then read at the position that predicts
+the answer. Replies not in the look-first form fall back to the paper's position.
+
+Deviations: the extra greedy reply costs a prefill and a few decoded tokens per question (`bench/vicrop.py`
+reports it); the generic map of rel-att stays at the generic prompt's last token (it normalises where the model
+attends to any image, and a generic prompt has no referent to stop at); high-resolution blocks are probed at
+their last prompt token (each block is a new single-turn question whose thought was never written).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from foveate.policies.base import SamplingParams
+from foveate.protocol import THOUGHT_CLOSE, THOUGHT_OPEN
+
+LOOK_FIRST = ("auto", "on", "off")
+
+
+def thought_prefix(reply: str) -> str | None:
+    """A look-first reply's thought up to the answer inside it: ``<think>the red`` from ``<think>the red
+    circle</think>circle``; None when the reply is not in that form (no thought, no answer after it, or a thought
+    that does not end with the answer)."""
+    thought, close, answer = reply.strip().partition(THOUGHT_CLOSE)
+    answer = answer.strip()
+    if not thought.startswith(THOUGHT_OPEN) or not close or not answer or "<" in answer:
+        return None
+    if not thought.endswith(" " + answer):
+        return None
+    prefix = thought[: -len(answer) - 1]
+    return prefix if len(prefix.strip()) > len(THOUGHT_OPEN) else None
+
+
+def model_looks_first(policy: Any) -> bool:
+    """Whether the policy's model was trained to answer look-first, from the recipe saved beside its weights
+    (`rl.answer_probe.looks_first`); False for a model without one (any real checkpoint)."""
+    from foveate.rl.answer_probe import looks_first
+
+    inner = getattr(policy, "policy", policy)  # a MicroBatcher wraps the real policy
+    path = getattr(inner, "model_path", None)
+    return bool(path) and Path(str(path)).is_dir() and looks_first(path)
+
+
+def wants_thoughts(policy: Any, setting: str) -> bool:
+    if setting not in LOOK_FIRST:
+        raise ValueError(f"look_first must be one of {LOOK_FIRST}, not {setting!r}")
+    return setting == "on" or (setting == "auto" and model_looks_first(policy))
+
+
+def write_thoughts(policy: Any, conversations: list[list[dict]], options: Any) -> list[str | None]:
+    """Each conversation's `thought_prefix`, from one batched greedy reply per conversation (at most
+    ``options.thought_tokens`` tokens). Called under the model lock ViCrop holds for white-box calls, so it asks
+    the wrapped policy directly: a `MicroBatcher`'s queue would wait for that same lock."""
+    if not conversations:
+        return []
+    inner = getattr(policy, "policy", policy)
+    results = inner.chat(conversations, SamplingParams(max_new_tokens=options.thought_tokens))
+    return [thought_prefix(result.text) for result in results]

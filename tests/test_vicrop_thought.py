@@ -1,0 +1,129 @@
+"""ViCrop read inside a look-first model's thought (agents.vicrop_thought), on the real tiny Qwen2-VL.
+
+The tiny test model has random weights and never writes a look-first reply, and no look-first demo model is
+shipped (each takes over an hour to train), so the graph test fixes only the reply TEXT of the thought pass (a
+subclass whose `chat` answers in the look-first form). Every attention map, probability and final answer still
+comes from the real model's forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText
+
+from foveate.agents.state import FoveateContext
+from foveate.agents.vicrop import build
+from foveate.agents.vicrop_config import load_vicrop_config
+from foveate.agents.vicrop_thought import model_looks_first, thought_prefix, wants_thoughts
+from foveate.errors import FoveateError
+from foveate.policies.base import ChatResult, Completion
+from foveate.tools.store import ImageStore
+
+QUESTION = "What color is the small circle?"
+REPLY = "<think>the small circle red</think>red"
+
+
+def scene() -> Image.Image:
+    image = Image.new("RGB", (672, 672), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20, 20, 224, 224), fill="blue")
+    draw.ellipse((400, 300, 416, 316), fill="red")
+    return image
+
+
+def user(image: Image.Image, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def test_thought_prefix_keeps_the_thought_up_to_its_answer() -> None:
+    assert thought_prefix("<think>the red circle</think>circle") == "<think>the red"
+    assert thought_prefix(" <think>a green star yes</think> yes\n") == "<think>a green star"
+    not_look_first = [
+        "blue",  # no thought
+        "<think>the square</think>blue",  # the thought does not end with the answer
+        "<think>blue</think>blue",  # nothing before the answer
+        "<think>the square blue",  # cut off inside the thought
+        "<think>I see it</think>\n<answer>blue</answer>",  # DeepEyes' format
+    ]
+    assert [thought_prefix(reply) for reply in not_look_first] == [None] * len(not_look_first)
+
+
+def test_auto_follows_the_recipe_saved_with_the_model(tmp_path: Path) -> None:
+    recipe = {"data": {"look_first": False}, "stages": [{"data": {"look_first": True}}]}
+    (tmp_path / "foveate_recipe.json").write_text(json.dumps(recipe))
+    looks_first = SimpleNamespace(model_path=str(tmp_path))
+    assert model_looks_first(looks_first) and wants_thoughts(looks_first, "auto")
+    wrapped = SimpleNamespace(policy=looks_first)  # a MicroBatcher exposes the real policy as .policy
+    assert model_looks_first(wrapped)
+    plain = SimpleNamespace(model_path="Qwen/Qwen2-VL-2B-Instruct")  # a hub id: no recipe here
+    assert not wants_thoughts(plain, "auto") and wants_thoughts(plain, "on") and not wants_thoughts(looks_first, "off")
+    with pytest.raises(FoveateError, match="look_first"):
+        load_vicrop_config(look_first="sometimes")
+
+
+def test_a_probe_with_a_suffix_reads_attention_at_the_suffixs_last_token(tiny_policy, tiny_model_dir) -> None:
+    messages, suffix, layer = user(scene(), QUESTION), "<think>the small circle", 1
+    probed = tiny_policy.attention_probe([messages], layer, suffixes=[suffix])[0]
+    plain = tiny_policy.attention_probe([messages], layer)[0]
+    text, images = tiny_policy.render(messages)
+    batch = tiny_policy.encode([text + suffix], images)
+    eager = AutoModelForImageTextToText.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        output = eager(**batch, output_attentions=True)
+    image_tokens = batch["input_ids"][0] == tiny_policy.image_token_id
+    expected = output.attentions[layer][0, :, -1, image_tokens].mean(0).numpy()
+    np.testing.assert_allclose(probed.maps[0].values.ravel(), expected, atol=1e-5)
+    assert np.isclose(probed.prob, float(torch.softmax(output.logits[0, -1], -1).max()), atol=1e-5)
+    assert not np.allclose(probed.maps[0].values, plain.maps[0].values)  # not the last prompt token's map
+
+
+class LookFirstReplies:
+    """The real tiny policy whose replies to `chat` are written in the look-first form (see the module docstring);
+    every other call, the probe and the answer with the crop, goes to the real model."""
+
+    def __init__(self, policy) -> None:
+        self._real = policy  # not `.policy`: that names a MicroBatcher's wrapped policy
+        self.chats = 0
+
+    def chat(self, conversations, params=None):
+        self.chats += 1
+        return [
+            ChatResult([Completion(REPLY, 8)], r.prompt_tokens, r.latency_s)
+            for r in self._real.chat(conversations, params)
+        ]
+
+    def __getattr__(self, name):
+        if name == "_real":  # before __init__ set it
+            raise AttributeError(name)
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("gate", [None, 1e-9])
+def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_path, gate) -> None:
+    store = ImageStore(tmp_path / "images")
+    ref = store.put(scene())
+    policy = LookFirstReplies(tiny_policy)
+    config = {"configurable": {"vicrop": {"look_first": "on", "gate": gate, "reuse_prefix": True}}}
+    context = FoveateContext(policy=policy, store=store, max_new_tokens=6)
+    state = build().invoke({"image": ref, "question": QUESTION}, config=config, context=context)
+    assert policy.chats == 1  # one greedy reply, its thought kept up to the answer
+    look = state["steps"][0]
+    assert look["node"] == "look" and look["thought"] == "<think>the small circle"
+    question_map = next(s for s in state["steps"] if s.get("map_kind") == "attention")
+    expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], 1, suffixes=[look["thought"]])[0]
+    np.testing.assert_allclose(question_map["values"], expected.maps[0].values, atol=1e-5)
+    assert np.isclose(look["confidence"], expected.prob, atol=1e-5)
+    assert look["outputs"] == [expected.token]  # the gate reads the probability of the answer inside the thought
+    nodes = [s["node"] for s in state["steps"] if s["kind"] == "answer"]
+    assert nodes == ["answer"] and state["answer"] is not None
+    if gate:  # answered from the question pass's cache, decoded anew past the prompt, no crop
+        assert not any(s["kind"] == "crop" for s in state["steps"])
