@@ -18,7 +18,7 @@ variant makes ``--repeats`` timed passes of which the fastest counts (the machin
   ``output_attentions=True`` over all layers, two separate batch-1 prefills (question, generic), a Python
   double loop over window positions, then ``generate`` on image + crop;
 - ``direct (batch 8)`` / ``vicrop-rel (batch 8)``: 8 questions at a time (``policy.chat`` and
-  `foveate.agents.vicrop.answer_many`: one probe forward, one answer batch), seconds per item.
+  `foveate.agents.vicrop_many.answer_many`: one probe forward, one answer batch), seconds per item.
 
 Reported per task: seconds per item, the ratio to ``direct`` and (for ``vicrop-rel``) to the reference, peak
 memory growth over the loaded model (Linux ``VmHWM`` after the model is loaded, reset with ``clear_refs``),
@@ -173,7 +173,8 @@ def worker(
     from foveate.agents import get_builder
     from foveate.agents.oracle_crop import model_input_side
     from foveate.agents.state import FoveateContext
-    from foveate.agents.vicrop import answer_many, load_vicrop_config, resolve_layer
+    from foveate.agents.vicrop import load_vicrop_config, resolve_layer
+    from foveate.agents.vicrop_many import answer_many
     from foveate.api import make_policy, run_strategy
     from foveate.eval.metrics import score_answer
     from foveate.eval.runner import resolve_tasks

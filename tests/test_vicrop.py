@@ -12,7 +12,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from foveate.agents import get_builder, strategy_names
 from foveate.agents.state import FoveateContext
 from foveate.agents.vicrop import (
-    answer_many,
     build,
     generic_cache_key,
     load_vicrop_config,
@@ -21,6 +20,7 @@ from foveate.agents.vicrop import (
     resolve_layer,
 )
 from foveate.agents.vicrop_calibrate import calibrate, evidence_mass
+from foveate.agents.vicrop_many import answer_many
 from foveate.api import run_strategy
 from foveate.errors import FoveateError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion, SamplingParams
