@@ -127,3 +127,16 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
     assert nodes == ["answer"] and state["answer"] is not None
     if gate:  # answered from the question pass's cache, decoded anew past the prompt, no crop
         assert not any(s["kind"] == "crop" for s in state["steps"])
+
+
+def test_answer_many_decodes_gated_answers_anew_after_a_thought(tiny_policy, tmp_path) -> None:
+    from foveate.agents.vicrop_many import answer_many
+    from foveate.policies.base import SamplingParams
+
+    store = ImageStore(tmp_path / "images")
+    image = scene()
+    options = load_vicrop_config(look_first="on", gate=1e-9)  # every question gated: answered from its pass
+    out = answer_many(LookFirstReplies(tiny_policy), store, [(image, QUESTION)], options, max_new_tokens=6)
+    # Continuing the probed cache would go on after the thought; the answer is the model's own reply instead.
+    direct = tiny_policy.chat_one(user(image, QUESTION), SamplingParams(max_new_tokens=6)).text.strip()
+    assert out[0]["answer"] == direct and out[0]["box"] is None
