@@ -252,6 +252,7 @@ class Look:
     rows: int = 0  # conversations in the batched pass
     generic_cached: bool = False
     thought: str | None = None  # the assistant text the question map was read after (agents.vicrop_thought)
+    thought_call: ChatResult | None = None  # the greedy reply that thought came from (a model call of its own)
 
 
 def _relative(question: np.ndarray, generic: np.ndarray, eps: float) -> np.ndarray:
@@ -318,11 +319,12 @@ def look_attention_many(
                 conversations += [user_turn(block, options.generic_prompt) for block in block_images]
                 keep += [False] * len(block_images)
         plans.append((key, layout, whole, target, first, len(questions)))
-    suffixes = [""] * len(conversations)
+    suffixes, thought_calls = [""] * len(conversations), [None] * len(conversations)
     if wants_thoughts(policy, options.look_first):  # read inside a look-first model's thought
         rows = [plan[4] for plan in plans if plan[2]]
-        for row, thought in zip(rows, write_thoughts(policy, [conversations[r] for r in rows], options), strict=True):
-            suffixes[row] = thought or ""
+        written = write_thoughts(policy, [conversations[r] for r in rows], options)
+        for row, (thought, reply) in zip(rows, written, strict=True):
+            suffixes[row], thought_calls[row] = thought or "", reply
     results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep, suffixes=suffixes)
     generics = dict(generic_cached)
     for key, (start, layout) in batched_generics.items():
@@ -360,6 +362,7 @@ def look_attention_many(
                 rows=len(results) + len(session_generics),
                 generic_cached=key in generic_cached,
                 thought=suffixes[start] or None,
+                thought_call=thought_calls[start],
             )
         )
     return looks
@@ -429,6 +432,8 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
         else:
             look = look_attention(policy, store, state["image"], messages, options, layer, target)
     steps = []
+    if look.thought_call is not None:  # the look-first reply whose thought the map is read in
+        steps.append(model_call_step("look", prompt_for_trace(messages, refs), look.thought_call, purpose="thought"))
     if look.rows and options.method != "pure-grad":
         prompt = prompt_for_trace(messages, refs)
         steps.append(

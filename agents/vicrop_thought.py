@@ -60,12 +60,12 @@ def wants_thoughts(policy: Any, setting: str) -> bool:
     return setting == "on" or (setting == "auto" and model_looks_first(policy))
 
 
-def write_thoughts(policy: Any, conversations: list[list[dict]], options: Any) -> list[str | None]:
-    """Each conversation's `thought_prefix`, from one batched greedy reply per conversation (at most
-    ``options.thought_tokens`` tokens). Called under the model lock ViCrop holds for white-box calls, so it asks
-    the wrapped policy directly: a `MicroBatcher`'s queue would wait for that same lock."""
+def write_thoughts(policy: Any, conversations: list[list[dict]], options: Any) -> list[tuple[str | None, Any]]:
+    """Each conversation's (`thought_prefix`, the `ChatResult` it came from), from one batched greedy reply per
+    conversation (at most ``options.thought_tokens`` tokens). Called under the model lock ViCrop holds for
+    white-box calls, so it asks the wrapped policy directly: a `MicroBatcher`'s queue would wait for that lock."""
     if not conversations:
         return []
     inner = getattr(policy, "policy", policy)
     results = inner.chat(conversations, SamplingParams(max_new_tokens=options.thought_tokens))
-    return [thought_prefix(result.text) for result in results]
+    return [(thought_prefix(result.text), result) for result in results]

@@ -116,7 +116,8 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
     context = FoveateContext(policy=policy, store=store, max_new_tokens=6)
     state = build().invoke({"image": ref, "question": QUESTION}, config=config, context=context)
     assert policy.chats == 1  # one greedy reply, its thought kept up to the answer
-    look = state["steps"][0]
+    written, look = state["steps"][:2]  # the greedy reply is a model call of its own, then the probe
+    assert written["purpose"] == "thought" and written["outputs"] == [REPLY]
     assert look["node"] == "look" and look["thought"] == "<think>the small circle"
     question_map = next(s for s in state["steps"] if s.get("map_kind") == "attention")
     expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], 1, suffixes=[look["thought"]])[0]
