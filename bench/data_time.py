@@ -1,6 +1,6 @@
 """What the dataloader costs per SFT batch, part by part, beside what the training step itself costs.
 
-    python bench/data_time.py                         # ≈ 1 min; the demo recipe's full-mix stage
+    python bench/data_time.py                         # ≈ 1 min; the v1 demo recipe's full-mix stage
     python bench/data_time.py --config configs/probes/demo-v8.yaml --stage 5
 
 On a 2-core machine the dataloader worker and the training step's two torch threads share the cores, so every
@@ -95,7 +95,7 @@ def _images(example: dict) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     root = Path(__file__).parents[1]
-    parser.add_argument("--config", default=str(root / "configs" / "demo.yaml"), help="an SFT recipe")
+    parser.add_argument("--config", default=str(root / "configs" / "probes" / "demo-v1.yaml"), help="an SFT recipe")
     parser.add_argument("--stage", type=int, default=0, help="1-based stage of the recipe; 0 = its last stage")
     parser.add_argument("--batches", type=int, default=6, help="batches to time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training step")

@@ -3,7 +3,7 @@ never looked (its learning rates were too high for a from-scratch model).
 
     python bench/lr_probe.py --lrs 2e-3,3e-4
 
-Per learning rate: a fresh Qwen2-VL of the demo model's size (`configs/demo.yaml`), one coloured circle of
+Per learning rate: a fresh Qwen2-VL of the demo model's size (`configs/probes/demo-v1.yaml`), one coloured circle of
 random size and position on white (8 colours), "What colour is the object?", 250 AdamW steps of 16 examples
 through the real training collator (`rl.sft.ChatCollator`, assistant-only labels), no auxiliary loss; then
 first-token accuracy on 128 new images (chance 0.125). Seeded.
@@ -41,7 +41,7 @@ def example(rng: random.Random) -> dict:
 def run(lr: float, steps: int, workdir: Path) -> tuple[float, float, float]:
     """(final training loss, first-token accuracy, seconds) for one learning rate."""
     torch.manual_seed(0)
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-v1.yaml")
     model, processor, _ = build_model(recipe, workdir / f"lr{lr:g}")
     collator = ChatCollator(processor, max_length=512)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

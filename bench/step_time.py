@@ -2,11 +2,11 @@
 
     python bench/step_time.py            # ≈ 1 min
 
-For each model geometry (a fresh tiny Qwen2-VL of the demo model's size, `configs/demo.yaml`, with the input side
-and merge size of the row) and each data mix (the demo recipe's full mix; one-object questions), times the
-forward + backward + AdamW step of four prepared batches of 16 examples with the vision aux loss attached, as
-`rl.sft` trains, and prints the median seconds per step and its ratio to 224 px with a 2×2 merge measured in
-the same run. Batches are collated before timing, so the dataloader's rendering is not in the numbers.
+For each model geometry (a fresh tiny Qwen2-VL of the v1 demo model's size, `configs/probes/demo-v1.yaml`, with the
+input side and merge size of the row) and each data mix (the demo recipe's full mix; one-object questions), times
+the forward + backward + AdamW step of four prepared batches of 16 examples with the vision aux loss attached, as
+`rl.sft` trains, and prints the median seconds per step and its ratio to 224 px with a 2×2 merge measured in the
+same run. Batches are collated before timing, so the dataloader's rendering is not in the numbers.
 
 Measured on the 2-core machine (idle):
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    demo = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    demo = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-v1.yaml")
     mixes = {"full mix": demo.data, "one-object questions": DataMix(formats={"qa": 1.0}, presets={"single": 1.0})}
     results = {
         name: time_steps(demo, pixels, merge, mixes, args.batches) for name, (pixels, merge) in GEOMETRIES.items()

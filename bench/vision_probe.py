@@ -4,10 +4,10 @@
     python bench/vision_probe.py --runs max:large --steps 500     # one run, longer
     python bench/vision_probe.py --frozen /tmp/foveate-probes/demo-v2.work/stage1   # what a trained tower carries
 
-Trains only the vision tower of a fresh model of the demo model's size (configs/demo.yaml) plus one linear shape
-head on the merged tokens, through the real processor and `rl.vision_aux` targets, and prints the shape accuracy
-on held-out one-object scenes (the `single` preset, seed 999; 7 shapes, the most frequent is 22 %) every 100
-steps. A run is ``POOL:PRESET``:
+Trains only the vision tower of a fresh model of the v1 demo model's size (configs/probes/demo-v1.yaml) plus one
+linear shape head on the merged tokens, through the real processor and `rl.vision_aux` targets, and prints the shape
+accuracy on held-out one-object scenes (the `single` preset, seed 999; 7 shapes, the most frequent is 22 %) every
+100 steps. A run is ``POOL:PRESET``:
 
 - ``cell``: every cell an object covers by ≥ 30 % is labelled with its shape (like rl.vision_aux's
   ``shape_labels="cell"``); an object's prediction is the mean of its cells' logits;
@@ -105,7 +105,7 @@ class Batches(torch.utils.data.IterableDataset):
 def build_tower(seed: int, overrides: dict[str, int]):
     """The demo recipe's fresh model (vision tower and processor) with `overrides` of its TinyConfig fields; the
     decoder is built but never run."""
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-v1.yaml")
     recipe.model.seed = seed
     for key, value in overrides.items():
         setattr(recipe.model, key, value)

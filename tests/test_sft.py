@@ -131,7 +131,7 @@ def test_label_crops_labels_each_crop_from_its_window(collator: ChatCollator) ->
 
 
 def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-v1.yaml")
     first, last = recipe.all_stages()[0], recipe.all_stages()[-1]
     assert first.train.aux_weight > 0 and "single" in first.data.presets and first.train.aux_shape == "cell"
     probe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-vision-pretrain.yaml")
@@ -391,7 +391,6 @@ def test_a_question_first_model_sees_its_question_before_its_images(tmp_path: Pa
 def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
-    from foveate.policies.loading import load_processor
     from foveate.policies.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()  # a fresh build: bare answer words are single tokens
@@ -413,7 +412,7 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
     )
     assert isinstance(shape_only.color, torch.nn.Linear) and isinstance(shape_only.shape, vision_aux.WordAlignedHead)
     # A tokenizer that splits an answer word cannot align it: a clear error, not a silent first-piece match.
-    split = load_processor(Path(__file__).parents[1] / "foveate" / "assets" / "models" / "demo").tokenizer
+    split = build_tokenizer(bare_words=False)  # the v1 demo model's tokenizer
     with pytest.raises(ValueError, match="one token per class word"):
         vision_aux.word_ids(split, vision_aux.SHAPE_CLASSES)
 
@@ -444,7 +443,7 @@ def test_question_aligned_heads_pull_the_question_words_too(tiny_model_dir: Path
 
 
 def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
-    """configs/demo.yaml keeps the demo model's tokenizer (no bare-word training), vocabulary for vocabulary."""
+    """configs/demo.yaml rebuilds the shipped demo model's tokenizer, vocabulary for vocabulary."""
     from foveate.policies.tiny import build_tokenizer
 
     recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
@@ -452,6 +451,7 @@ def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
     shipped = json.loads((Path(__file__).parents[1] / "foveate/assets/models/demo/tokenizer.json").read_text())
     assert json.loads(rebuilt.backend_tokenizer.to_str())["model"]["vocab"] == shipped["model"]["vocab"]
     assert len(build_tokenizer()("star", add_special_tokens=False)["input_ids"]) == 1  # the default learns "star"
+    assert len(rebuilt("star", add_special_tokens=False)["input_ids"]) == 1  # one token per answer word (v6 on)
 
 
 def test_cell_coverage_counts_each_cells_pixels_like_a_per_cell_loop() -> None:
