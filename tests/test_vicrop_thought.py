@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from test_vicrop import QUESTION, scene, user  # the scene and question ViCrop's own tests probe
 from transformers import AutoModelForImageTextToText
 
 from foveate.agents.state import FoveateContext
@@ -26,20 +26,7 @@ from foveate.errors import FoveateError
 from foveate.policies.base import ChatResult, Completion
 from foveate.tools.store import ImageStore
 
-QUESTION = "What color is the small circle?"
 REPLY = "<think>the small circle red</think>red"
-
-
-def scene() -> Image.Image:
-    image = Image.new("RGB", (672, 672), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((20, 20, 224, 224), fill="blue")
-    draw.ellipse((400, 300, 416, 316), fill="red")
-    return image
-
-
-def user(image: Image.Image, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
 
 
 def test_thought_prefix_keeps_the_thought_up_to_its_answer() -> None:
