@@ -321,10 +321,12 @@ def look_attention_many(
         plans.append((key, layout, whole, target, first, len(questions)))
     suffixes, thought_calls = [""] * len(conversations), [None] * len(conversations)
     if wants_thoughts(policy, options.look_first):  # read inside a look-first model's thought
-        rows = [plan[4] for plan in plans if plan[2]]
-        written = write_thoughts(policy, [conversations[r] for r in rows], options)
-        for row, (thought, reply) in zip(rows, written, strict=True):
-            suffixes[row], thought_calls[row] = thought or "", reply
+        # One reply per question, on the whole image; a blocked image's blocks are probed after the same thought
+        # (it restates the question's referent, whatever part of the image a block shows).
+        written = write_thoughts(policy, [messages for _, messages, _ in requests], options)
+        for (*_, first, count), (thought, reply) in zip(plans, written, strict=True):
+            suffixes[first : first + count] = [thought or ""] * count
+            thought_calls[first] = reply
     results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep, suffixes=suffixes)
     generics = dict(generic_cached)
     for key, (start, layout) in batched_generics.items():

@@ -15,8 +15,9 @@ the answer. Replies not in the look-first form fall back to the paper's position
 
 Deviations: the extra greedy reply costs a prefill and a few decoded tokens per question (`bench/vicrop.py`
 reports it); the generic map of rel-att stays at the generic prompt's last token (it normalises where the model
-attends to any image, and a generic prompt has no referent to stop at); high-resolution blocks are probed at
-their last prompt token (each block is a new single-turn question whose thought was never written).
+attends to any image, and a generic prompt has no referent to stop at); a high-resolution image split into blocks
+gets one reply, on the whole image, and every block is probed after that thought (it restates the question's
+referent, which does not depend on the block; the paper's blocks are probed at their own last prompt token).
 """
 
 from __future__ import annotations

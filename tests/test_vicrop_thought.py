@@ -128,3 +128,23 @@ def test_answer_many_decodes_gated_answers_anew_after_a_thought(tiny_policy, tmp
     # Continuing the probed cache would go on after the thought; the answer is the model's own reply instead.
     direct = tiny_policy.chat_one(user(image, QUESTION), SamplingParams(max_new_tokens=6)).text.strip()
     assert out[0]["answer"] == direct and out[0]["box"] is None
+
+
+def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_thought(tiny_policy, tmp_path) -> None:
+    from foveate.agents.vicrop import look_attention, user_turn
+    from foveate.agents.vicrop_select import split_blocks, tile_maps
+
+    store = ImageStore(tmp_path / "images")
+    image = scene(size=(1344, 1344), dot=(900, 700))
+    ref = store.put(image)
+    policy = LookFirstReplies(tiny_policy)
+    options = load_vicrop_config(look_first="on", method="grad-att", high_res_block=1024)  # grad-att: no generic
+    look = look_attention(policy, store, ref, user(image, QUESTION), options, 1, 0)
+    assert policy.chats == 1 and look.thought == "<think>the small circle"  # one reply, on the whole image
+    blocks, layout = split_blocks(image.size, options.high_res_block)
+    assert layout == (2, 2)
+    crops = [image.crop(tuple(int(v) for v in block.to_list())) for block in blocks]
+    rows = tiny_policy.attention_probe(
+        [user_turn(crop, QUESTION) for crop in crops], 1, gradient=True, suffixes=[look.thought] * len(crops)
+    )
+    np.testing.assert_allclose(look.heat, tile_maps([r.maps[0].values for r in rows], layout), atol=1e-5)
