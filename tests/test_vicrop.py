@@ -186,7 +186,8 @@ def test_graph_appends_the_crop_and_traces_every_step(tiny_policy, store, name):
 
 def test_generic_map_is_cached_per_image(tiny_policy, store):
     ref = store.put(scene())
-    key = generic_cache_key(tiny_policy, load_vicrop_config(), resolve_layer(None, tiny_policy.num_layers), (1, 1))
+    options = load_vicrop_config()
+    key = generic_cache_key(tiny_policy, options, resolve_layer(options.layer, tiny_policy.num_layers), (1, 1))
     assert store.get_array(ref, key) is None
     first = run("vicrop-rel", {"image": ref, "question": QUESTION}, tiny_policy, store)
     cached = store.get_array(ref, key)

@@ -19,7 +19,7 @@ from test_vicrop import QUESTION, scene, user  # the scene and question ViCrop's
 from transformers import AutoModelForImageTextToText
 
 from foveate.agents.state import FoveateContext
-from foveate.agents.vicrop import build
+from foveate.agents.vicrop import build, resolve_layer
 from foveate.agents.vicrop_config import load_vicrop_config
 from foveate.agents.vicrop_thought import model_looks_first, thought_prefix, wants_thoughts
 from foveate.errors import FoveateError
@@ -107,7 +107,8 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
     assert written["purpose"] == "thought" and written["outputs"] == [REPLY]
     assert look["node"] == "look" and look["thought"] == "<think>the small circle"
     question_map = next(s for s in state["steps"] if s.get("map_kind") == "attention")
-    expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], 1, suffixes=[look["thought"]])[0]
+    layer = resolve_layer(load_vicrop_config().layer, tiny_policy.num_layers)  # configs/vicrop.yaml's
+    expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], layer, suffixes=[look["thought"]])[0]
     np.testing.assert_allclose(question_map["values"], expected.maps[0].values, atol=1e-5)
     assert np.isclose(look["confidence"], expected.prob, atol=1e-5)
     assert look["outputs"] == [expected.token]  # the gate reads the probability of the answer inside the thought
