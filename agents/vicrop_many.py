@@ -20,6 +20,7 @@ from foveate.agents.vicrop import (
 )
 from foveate.agents.vicrop_select import carve_image, select_box
 from foveate.errors import FoveateError
+from foveate.protocol import strip_thought
 from foveate.tools.crop import crop as crop_image
 from foveate.tools.store import ImageStore
 
@@ -31,10 +32,11 @@ def answer_many(
     options: ViCropConfig | None = None,
     max_new_tokens: int = 128,
 ) -> list[dict[str, Any]]:
-    """ViCrop (rel-att or grad-att) on several single-turn ``(image, question)`` items, every model call batched:
-    one probe forward for all questions (+ generic rows), one continuation batch for gated items and one
-    answer batch (reusing each question's cache) for the rest. Returns ``answer``, ``box`` and ``confidence``
-    per item. The graph does the same for one question with a trace; this is for bulk use and the benchmark."""
+    """ViCrop (rel-att or grad-att) on several single-turn ``(image, question)`` items, every model call batched: one
+    probe forward for all questions (+ generic rows), one continuation batch for gated items and one answer
+    batch (reusing each question's cache) for the rest. Returns ``answer`` (a leading thought stripped, as the
+    graph's answer), ``box`` and ``confidence`` per item. The graph does the same for one question with a trace;
+    this is for bulk use and the benchmark."""
     from foveate.tools.images import load_image
 
     options = options or load_vicrop_config()
@@ -69,7 +71,7 @@ def answer_many(
         thought = any(looks[index].thought for index, _ in gated)  # probed past the prompt: decode anew
         if len(sessions) == len(gated) and gated and not thought:
             for (index, _), result in zip(gated, policy.continue_probe(sessions, params), strict=True):
-                out[index]["answer"] = result.text.strip()
+                out[index]["answer"] = strip_thought(result.text)
         else:  # no caches kept (reuse off, or a model without sessions), or a thought: ask again
             answered += [(index, requests[index][1], session) for index, session in gated]
         if answered:
@@ -78,7 +80,7 @@ def answer_many(
             for (index, *_), result in zip(
                 answered, policy.chat_with_prefix(conversations, sessions, params), strict=True
             ):
-                out[index]["answer"] = result.text.strip()
+                out[index]["answer"] = strip_thought(result.text)
         if hasattr(policy, "release_sessions"):
             policy.release_sessions([look.session for look in looks])
     return out

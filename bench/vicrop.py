@@ -178,6 +178,7 @@ def worker(
     from foveate.api import make_policy, run_strategy
     from foveate.eval.metrics import score_answer
     from foveate.eval.runner import resolve_tasks
+    from foveate.protocol import strip_thought
     from foveate.tools.images import load_image
     from foveate.tools.store import ImageStore
 
@@ -201,11 +202,11 @@ def worker(
     def answer_chunk(store, chunk):
         """Answers to [(image or ref, question)]: one at a time, or as one batch for the batch variants."""
         if strategy is None:
-            return [reference.answer(image, question) for image, question in chunk]
+            return [strip_thought(reference.answer(image, question)) for image, question in chunk]
         if batch > 1 and strategy == "direct":
             images_ = [store.get(ref) if isinstance(ref, str) else ref for ref, _ in chunk]
             results = policy.chat([_user(image, q) for image, (_, q) in zip(images_, chunk, strict=True)], params)
-            return [r.text.strip() for r in results]
+            return [strip_thought(r.text) for r in results]  # as the strategies report answers
         if batch > 1:
             return [r["answer"] for r in answer_many(policy, store, chunk, max_new_tokens=max_new_tokens)]
         answers = []
