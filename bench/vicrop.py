@@ -24,6 +24,12 @@ Reported per task: seconds per item, the ratio to ``direct`` and (for ``vicrop-r
 memory growth over the loaded model (Linux ``VmHWM`` after the model is loaded, reset with ``clear_refs``),
 and accuracy on those items (the gate's effect on accuracy). Goals from the issue: ``vicrop-rel`` ≤ 2.0×
 direct on small-detail, ``vicrop-rel-gate`` ≤ 1.3× direct on large, reference-style ≥ 3× direct.
+
+Measured with the demo model v11 (look-first: ViCrop writes its reply before probing, `agents.vicrop_thought`),
+`--n 20 --repeats 1` on the 2-core machine, × direct: small detail vicrop-rel 4.15, no reuse 5.35, gate 4.00,
+reference-style 2.36; large 2.60, 2.78, 2.38 and 3.13. The reply is a third model call the reference does not make
+(it reads p("<think>") at the last prompt token, which says nothing for this model), so the goals are missed: the
+probe could reuse the reply's prefill, and a gate could read the reply's own answer probability and skip the rest.
 """
 
 from __future__ import annotations
