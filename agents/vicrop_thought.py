@@ -26,23 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from foveate.policies.base import SamplingParams
-from foveate.protocol import THOUGHT_CLOSE, THOUGHT_OPEN
+from foveate.protocol import THOUGHT_OPEN, look_parts
 
 LOOK_FIRST = ("auto", "on", "off")
 
 
 def thought_prefix(reply: str) -> str | None:
     """A look-first reply's thought up to the answer inside it: ``<think>the red`` from ``<think>the red
-    circle</think>circle``; None when the reply is not in that form (no thought, no answer after it, or a thought
-    that does not end with the answer)."""
-    thought, close, answer = reply.strip().partition(THOUGHT_CLOSE)
-    answer = answer.strip()
-    if not thought.startswith(THOUGHT_OPEN) or not close or not answer or "<" in answer:
+    circle</think>circle``; None when the reply is not in that form (`protocol.look_parts`) or its thought does
+    not end with the answer."""
+    parts = look_parts(reply)
+    if parts is None or not parts[0].endswith(" " + parts[1]):
         return None
-    if not thought.endswith(" " + answer):
-        return None
-    prefix = thought[: -len(answer) - 1]
-    return prefix if len(prefix.strip()) > len(THOUGHT_OPEN) else None
+    referent = parts[0][: -len(parts[1]) - 1]
+    return THOUGHT_OPEN + referent if referent.strip() else None
 
 
 def model_looks_first(policy: Any) -> bool:

@@ -61,6 +61,20 @@ def look_answer(referents: Sequence[str], answer: str) -> str:
     return f"{THOUGHT_OPEN}{'; '.join(referents)} {answer}{THOUGHT_CLOSE}{answer}"
 
 
+def look_parts(reply: str) -> tuple[str, str] | None:
+    """A look-first reply split into its thought (between the tags) and the answer after it: ("the red circle",
+    "circle") from ``<think>the red circle</think>circle``. None without a closed leading thought, or with an
+    empty answer or one that is not plain text (DeepEyes' ``<answer>…</answer>``, a tool call)."""
+    stripped = reply.strip()
+    if not stripped.startswith(THOUGHT_OPEN):
+        return None
+    thought, close, answer = stripped[len(THOUGHT_OPEN) :].partition(THOUGHT_CLOSE)
+    answer = answer.strip()
+    if not close or not answer or "<" in answer:
+        return None
+    return thought, answer
+
+
 def strip_thought(text: str) -> str:
     """The reply without a leading ``<think>…</think>`` block (reasoning models' and the look-first format's).
 

@@ -122,10 +122,8 @@ def supervised_turns(example: dict[str, Any]) -> list[tuple[int, str | None, lis
 
 def _look_first_answer(reply: str | None) -> str | None:
     """The answer of a look-first reply (``<think>the red circle</think>circle`` → "circle"), else None."""
-    if not isinstance(reply, str):
-        return None
-    thought, _, answer = reply.partition(protocol.THOUGHT_CLOSE)
-    return answer if thought.startswith(protocol.THOUGHT_OPEN) and answer and "<" not in answer else None
+    parts = protocol.look_parts(reply) if isinstance(reply, str) else None
+    return parts[1] if parts else None
 
 
 def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokenizer: Any = None) -> torch.Tensor:
