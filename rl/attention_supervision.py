@@ -181,9 +181,9 @@ def batch_targets(
         t, h, w = grids[image]
         grid_h, grid_w = h // merge_size, w // merge_size
         positions = (input_ids[row] == image_token_id).nonzero().squeeze(1)[: grid_h * grid_w]  # first image's
+        cut = len(positions) < grid_h * grid_w  # the image was truncated
         for slot, (_turn, _reply, boxes) in enumerate(supervised_turns(example)):
             # No boxes, truncated, or the image not before the answer: not supervised.
-            cut = len(positions) < grid_h * grid_w
             if not boxes or query[row, slot] < 0 or cut or positions[-1] >= query[row, slot]:
                 query[row, slot] = -1
                 continue
