@@ -22,6 +22,7 @@ referent, which does not depend on the block; the paper's blocks are probed at t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,22 @@ def thought_prefix(reply: str) -> str | None:
 
 def model_looks_first(policy: Any) -> bool:
     """Whether the policy's model was trained to answer look-first, from the recipe saved beside its weights
-    (`rl.answer_probe.looks_first`); False for a model without one (any real checkpoint)."""
-    from foveate.rl.answer_probe import looks_first
-
+    (`rl.answer_probe.looks_first`); False for a model without one (any real checkpoint). ViCrop asks on every
+    question, so the recipe is parsed once per file version."""
     inner = getattr(policy, "policy", policy)  # a MicroBatcher wraps the real policy
     path = getattr(inner, "model_path", None)
-    return bool(path) and Path(str(path)).is_dir() and looks_first(path)
+    recipe = Path(str(path)) / "foveate_recipe.json" if path else None
+    if recipe is None or not recipe.is_file():
+        return False
+    return _recipe_looks_first(str(recipe.parent), recipe.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _recipe_looks_first(directory: str, stamp: int) -> bool:
+    """`rl.answer_probe.looks_first` of a model directory whose recipe has modification time ``stamp``."""
+    from foveate.rl.answer_probe import looks_first
+
+    return looks_first(directory)
 
 
 def wants_thoughts(policy: Any, setting: str) -> bool:
