@@ -1,7 +1,7 @@
 """Supervised answers per second of SFT: one question per example against multi-turn chats of a scene's questions.
 
-    python bench/chat_throughput.py           # ≈ 3 min; stage 4 of configs/probes/demo-v11.yaml
-    python bench/chat_throughput.py --config configs/probes/demo-v11.yaml --stage 5
+    python bench/chat_throughput.py           # ≈ 30 s; stage 4 of configs/demo.yaml (the demo model v11)
+    python bench/chat_throughput.py --config configs/demo.yaml --stage 5
 
 `rl.sft_data.DataMix.chat_turns` asks a scene's qa and ground questions in one chat, so one vision pass and one
 scene image serve several answers. For the recipe stage's data mix as written (its chat settings) and the same mix
@@ -18,7 +18,7 @@ Measured on the 2-core machine (idle), batches of 16, seconds per batch (step / 
   attention supervision), 14.0 answers/s; chats 0.98 / 0.35 s, 41.0 answers (38.6), 30.7 answers/s: 2.19×.
 - stage 5 (`--stage 5`, the full mix; crop and tool formats stay one question per example): 1.06 / 0.48 s,
   17.8 answers, 11.5/s against 1.23 / 0.52 s, 26.2 answers, 14.9/s: 1.30×.
-What the extra answers did to binding at equal wall time is in configs/probes/demo-v11.yaml: nothing measurable.
+What the extra answers did to binding at equal wall time is in configs/demo.yaml: nothing measurable.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def measure(recipe, stage, mixes: dict[str, DataMix], batches: int) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     root = Path(__file__).parents[1]
-    parser.add_argument("--config", default=str(root / "configs" / "probes" / "demo-v11.yaml"), help="SFT recipe")
+    parser.add_argument("--config", default=str(root / "configs" / "demo.yaml"), help="SFT recipe")
     parser.add_argument("--stage", type=int, default=4, help="1-based stage whose data mix and losses are used")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per mix")
     args = parser.parse_args()
