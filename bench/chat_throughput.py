@@ -27,7 +27,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,11 +35,11 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import timed  # noqa: E402
+from timing import step_seconds, timed  # noqa: E402
 
 from foveate.policies import attention_capture  # noqa: E402
 from foveate.rl import attention_supervision, vision_aux  # noqa: E402
-from foveate.rl.sft import ChatCollator, TrainConfig, build_model, load_recipe  # noqa: E402
+from foveate.rl.sft import ChatCollator, build_model, load_recipe  # noqa: E402
 from foveate.rl.sft_data import DataMix, example_stream  # noqa: E402
 
 
@@ -53,25 +52,6 @@ def prepare(mix: DataMix, collator: ChatCollator, batch_size: int, batches: int,
         prepared.append(batch)
         seconds.append(cpu)
     return prepared, seconds
-
-
-def step_seconds(model, optimizer, batch: dict, train: TrainConfig) -> float:
-    """Wall seconds of one step with the stage's losses, as `rl.sft`'s trainer computes them."""
-    aux_targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS if key in batch}
-    attn_targets = {key: batch.pop(key) for key in attention_supervision.TARGET_KEYS if key in batch}
-    layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
-    started = time.perf_counter()
-    query = attn_targets["attn_query"].clamp_min(0) if attn_targets else -1
-    with attention_capture.capture_attention(layers if attn_targets else [], query_offset=query) as captured:
-        loss = model(**batch).loss
-    if attn_targets:
-        loss = loss + train.attn_weight * attention_supervision.loss(captured.rows, **attn_targets)
-    if aux_targets:
-        loss = loss + train.aux_weight * model.foveate_aux.loss(**aux_targets)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return time.perf_counter() - started
 
 
 def measure(recipe, stage, mixes: dict[str, DataMix], batches: int) -> dict[str, dict[str, float]]:
@@ -89,7 +69,9 @@ def measure(recipe, stage, mixes: dict[str, DataMix], batches: int) -> dict[str,
         prepared, data = prepare(mix, collator, train.batch_size, batches + 1, train.seed * 16)
         answers = [int(sum(len(s) for s in map(attention_supervision.labelled_spans, b["labels"]))) for b in prepared]
         attended = [int((b["attn_query"] >= 0).sum()) if "attn_query" in b else 0 for b in prepared]
-        steps = [step_seconds(model, optimizer, dict(b), train) for b in prepared][1:]  # the first warms up
+        layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
+        steps = [step_seconds(model, optimizer, dict(b), train.aux_weight, layers, train.attn_weight) for b in prepared]
+        steps = steps[1:]  # the first warms up
         step, data_s = statistics.median(steps), statistics.median(data[1:])
         results[name] = {
             "step": step,

@@ -12,19 +12,32 @@ def timed(function) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
-def aux_step_seconds(model, optimizer, batches: list[dict]) -> list[float]:
-    """Wall seconds of each batch's forward + backward + optimiser step, language loss plus the vision aux loss as
-    `rl.sft` trains (the model has `rl.vision_aux` attached; the batches carry its targets, popped here). The
-    first batch warms up and is not returned."""
-    from foveate.rl import vision_aux
+def step_seconds(model, optimizer, batch: dict, aux_weight: float = 1.0, attn_layers=(), attn_weight: float = 1.0):
+    """Wall seconds of one forward + backward + optimiser step with the losses `rl.sft` trains with: the language
+    loss, plus ``aux_weight`` × the vision aux loss when the batch carries its targets (the model has `rl.vision_aux`
+    attached), plus ``attn_weight`` × attention supervision at ``attn_layers`` when it carries attention targets
+    (the model runs `policies.attention_capture`'s attention). The targets are popped from ``batch`` first."""
+    from foveate.policies.attention_capture import capture_attention
+    from foveate.rl import attention_supervision, vision_aux
 
-    seconds = []
-    for batch in batches:
-        targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
-        started = time.perf_counter()
-        loss = model(**batch).loss + model.foveate_aux.loss(**targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        seconds.append(time.perf_counter() - started)
-    return seconds[1:]
+    aux_targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS if key in batch}
+    attn_targets = {key: batch.pop(key) for key in attention_supervision.TARGET_KEYS if key in batch}
+    started = time.perf_counter()
+    if attn_targets:
+        with capture_attention(attn_layers, query_offset=attn_targets["attn_query"].clamp_min(0)) as captured:
+            loss = model(**batch).loss
+        loss = loss + attn_weight * attention_supervision.loss(captured.rows, **attn_targets)
+    else:
+        loss = model(**batch).loss
+    if aux_targets:
+        loss = loss + aux_weight * model.foveate_aux.loss(**aux_targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return time.perf_counter() - started
+
+
+def aux_step_seconds(model, optimizer, batches: list[dict]) -> list[float]:
+    """`step_seconds` of each batch, language loss plus the vision aux loss (the batches carry its targets). The
+    first batch warms up and is not returned."""
+    return [step_seconds(model, optimizer, batch) for batch in batches][1:]
