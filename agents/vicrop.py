@@ -43,13 +43,16 @@ Efficiency (the reference runs eager attention with ``output_attentions=True`` o
 prefills, batch size 1):
 - only the wanted layer's last-token row is computed, under SDPA (`policies.attention_capture`); grad-att
   backpropagates only from that layer on;
-- the question and generic rows (and all high-res blocks) go through one batched forward;
-- the generic map is cached per image in the image store (``put_array``), keyed by model, weights, resolution,
-  layer, method and block size — a second question about the same image probes only itself;
+- the question and generic rows (and all high-res blocks) go through one batched forward; the generic map is
+  cached per image in the image store (``put_array``), keyed by model, weights, resolution, layer, method and
+  block size;
 - the question pass keeps its KV cache: the answer pass reuses it for the shared prefix (the original image
   and everything before it), so only the crop and the question are prefilled, and with the confidence ``gate``
   the answer is decoded straight from the question pass (rel-att and grad-att; pure-grad's gradient pass
   keeps no cache, so its answer pass is an ordinary ``chat``).
+- a look-first model's reply is decoded once with its attention recorded (`policies.reply_probe`): the map and
+  probability at the thought's answer position and the prompt's cache all come from that call, and a gated
+  question's answer is the finished reply itself (no further model call);
 - white-box calls run under a `MicroBatcher`'s model lock when the policy is wrapped in one (the evaluator
   and the server do), so they never interleave with batched generation.
 
@@ -76,19 +79,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from PIL import Image
 
+from foveate import protocol
 from foveate.agents.oracle_crop import model_input_side
 from foveate.agents.state import (
     AgentState,
@@ -118,11 +119,12 @@ from foveate.agents.vicrop_select import (
     split_blocks,
     tile_maps,
 )
-from foveate.agents.vicrop_thought import wants_thoughts, write_thoughts
+from foveate.agents.vicrop_thought import finished, wants_thoughts, write_thoughts
 from foveate.errors import PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.tools.store import ImageStore
-from foveate.trace import crop_step, map_step, model_call_step
+from foveate.tools.store import decoded as _images
+from foveate.trace import answer_step, crop_step, map_step, model_call_step
 
 REQUIRES_WHITE_BOX = True  # attention maps and gradients: not servable over an OpenAI-compatible endpoint
 
@@ -134,54 +136,10 @@ class ViCropState(AgentState, total=False):
     crop: str | None  # ref of the crop (or of the CARVE masked image); None when the image needs no zoom
     crop_box: list[float] | None  # the region cropped, original pixels
     thought: str | None  # look-first models: the thought up to the answer the map was read at (vicrop_thought)
+    reply: str | None  # look-first models: the whole greedy reply the thought came from, when it finished
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-class DecodedImages:
-    """The image store seen through a small in-process cache of decoded images.
-
-    A ViCrop run reads the same image in every node (and the crop it just wrote); refs are content addresses,
-    so a decoded image can be shared safely (nothing here mutates one). Everything else goes to the store.
-    The cache belongs to the store object (a weak-keyed table) and holds at most `size` images.
-    """
-
-    size = 16
-    _caches: weakref.WeakKeyDictionary[ImageStore, OrderedDict[str, Image.Image]] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
-    def __init__(self, store: ImageStore) -> None:
-        self.store = store
-        with self._lock:
-            self._images = self._caches.setdefault(store, OrderedDict())
-
-    def get(self, ref: str) -> Image.Image:
-        with self._lock:
-            if ref in self._images:
-                self._images.move_to_end(ref)
-                return self._images[ref]
-        image = self.store.get(ref)
-        self._remember(ref, image)
-        return image
-
-    def put(self, image: Image.Image) -> str:
-        ref = self.store.put(image)
-        self._remember(ref, image)
-        return ref
-
-    def _remember(self, ref: str, image: Image.Image) -> None:
-        with self._lock:
-            self._images[ref] = image
-            while len(self._images) > self.size:
-                self._images.popitem(last=False)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
-
-
-def _images(store: ImageStore) -> DecodedImages:
-    return store if isinstance(store, DecodedImages) else DecodedImages(store)
-
-
 def _require_white_box(policy: ChatPolicy) -> None:
     if not getattr(policy, "white_box", False) or not hasattr(policy, "attention_probe"):
         raise WhiteBoxUnsupported(
@@ -253,6 +211,7 @@ class Look:
     generic_cached: bool = False
     thought: str | None = None  # the assistant text the question map was read after (agents.vicrop_thought)
     thought_call: ChatResult | None = None  # the greedy reply that thought came from (a model call of its own)
+    probed_in_reply: bool = False  # the map and confidence were recorded while that reply was decoded
 
 
 def _relative(question: np.ndarray, generic: np.ndarray, eps: float) -> np.ndarray:
@@ -293,7 +252,8 @@ def look_attention_many(
     keep: list[bool] = []
     plans, generic_cached = [], {}
     batched_generics: dict[tuple[str, str], tuple[int, tuple[int, int]]] = {}
-    session_generics: dict[tuple[str, str], tuple[int, list[dict]]] = {}  # → (question row, generic conversation)
+    # → (question rows, generic conversations): one per block (one for a whole image), each reusing its row's cache
+    session_generics: dict[tuple[str, str], tuple[list[int], list[list[dict]]]] = {}
     for ref, messages, target in requests:
         image = store.get(ref)
         blocks, layout = split_blocks(image.size, options.high_res_block)
@@ -312,36 +272,63 @@ def look_attention_many(
             cached = store.get_array(ref, key[1]) if options.cache_generic else None
             if cached is not None:
                 generic_cached[key] = cached
-            elif whole and sessions_work:  # after the batch, reusing this question's cache of the image
-                session_generics[key] = (first, user_turn(image, options.generic_prompt))
+            elif sessions_work:  # after the batch, reusing each question row's cache of its image or block
+                rows = list(range(first, first + len(questions)))
+                keep[first : first + len(questions)] = [True] * len(questions)
+                session_generics[key] = (rows, [user_turn(block, options.generic_prompt) for block in block_images])
             else:  # the generic pass rides in the same batch as the questions
                 batched_generics[key] = (len(conversations), layout)
                 conversations += [user_turn(block, options.generic_prompt) for block in block_images]
                 keep += [False] * len(block_images)
         plans.append((key, layout, whole, target, first, len(questions)))
     suffixes, thought_calls = [""] * len(conversations), [None] * len(conversations)
+    results: list[Any] = [None] * len(conversations)  # rows a reply already measured are filled in here
+    reply_sessions: dict[int, str] = {}  # a blocked image's whole-image reply cache, for its answer pass
+    from_reply: set[int] = set()
     if wants_thoughts(policy, options.look_first):  # read inside a look-first model's thought
         # One reply per question, on the whole image; a blocked image's blocks are probed after the same thought
-        # (it restates the question's referent, whatever part of the image a block shows).
-        written = write_thoughts(policy, [messages for _, messages, _ in requests], options)
-        for (*_, first, count), (thought, reply) in zip(plans, written, strict=True):
+        # (it restates the question's referent, whatever part of the image a block shows). The reply records its
+        # own attention (agents.vicrop_thought.write_thoughts), so a whole image needs no second pass.
+        written = write_thoughts(
+            policy, [m for _, m, _ in requests], options, None if gradient else layer, [sessions_work] * len(plans)
+        )
+        for (_, _, whole, _, first, count), (thought, reply, probe) in zip(plans, written, strict=True):
             suffixes[first : first + count] = [thought or ""] * count
             thought_calls[first] = reply
-    results = policy.attention_probe(conversations, layer, gradient=gradient, keep=keep, suffixes=suffixes)
+            if probe is not None and whole:
+                results[first] = probe
+                from_reply.add(first)
+            elif probe is not None and probe.session is not None:
+                reply_sessions[first] = probe.session
+    todo = [row for row, result in enumerate(results) if result is None]
+    if todo:
+        probed = policy.attention_probe(
+            [conversations[row] for row in todo],
+            layer,
+            gradient=gradient,
+            keep=[keep[row] for row in todo],
+            suffixes=[suffixes[row] for row in todo],
+        )
+        for row, result in zip(todo, probed, strict=True):
+            results[row] = result
     generics = dict(generic_cached)
     for key, (start, layout) in batched_generics.items():
         maps = [r.maps[0].values for r in results[start : start + layout[0] * layout[1]]]
         generics[key] = maps[0] if layout == (1, 1) else tile_maps(maps, layout)
     if options.gate is not None:  # questions the gate will answer straight away need no generic map
-        needed = {plan[0] for plan in plans if plan[2] and results[plan[4]].prob < options.gate}
+        needed = {plan[0] for plan in plans if not plan[2] or results[plan[4]].prob < options.gate}  # no gate: blocks
         session_generics = {key: value for key, value in session_generics.items() if key in needed}
     if session_generics:
-        rows = list(session_generics.values())
-        probes = policy.attention_probe(
-            [conversation for _, conversation in rows], layer, sessions=[results[row].session for row, _ in rows]
-        )
-        for key, probe in zip(session_generics, probes, strict=True):
-            generics[key] = probe.maps[0].values
+        rows = [row for question_rows, _ in session_generics.values() for row in question_rows]
+        generic_turns = [turn for _, turns in session_generics.values() for turn in turns]
+        probes = iter(policy.attention_probe(generic_turns, layer, sessions=[results[row].session for row in rows]))
+        for key, (question_rows, _) in session_generics.items():
+            maps = [next(probes).maps[0].values for _ in question_rows]
+            generics[key] = maps[0] if len(maps) == 1 else tile_maps(maps, _layout_of(plans, key))
+    # block rows' caches served only their generic rows (a blocked image's answer reuses its reply's cache)
+    block_sessions = [r.session for plan in plans if not plan[2] for r in results[plan[4] : plan[4] + plan[5]]]
+    if any(block_sessions):
+        policy.release_sessions(block_sessions)
     if options.cache_generic:
         for key in [*batched_generics, *session_generics]:
             store.put_array(key[0], key[1], generics[key].astype(np.float32))
@@ -357,17 +344,22 @@ def look_attention_many(
                 question=None if generic is None else question,
                 generic=generic,
                 confidence=rows[0].prob if whole else None,
-                session=rows[0].session,
+                session=rows[0].session if whole else reply_sessions.get(start),
                 token=rows[0].token,
                 prompt_tokens=sum(r.prompt_tokens for r in rows),
                 latency_s=rows[0].latency_s,
-                rows=len(results) + len(session_generics),
+                rows=len(results) + sum(len(rows) for rows, _ in session_generics.values()),
                 generic_cached=key in generic_cached,
                 thought=suffixes[start] or None,
                 thought_call=thought_calls[start],
+                probed_in_reply=start in from_reply,
             )
         )
     return looks
+
+
+def _layout_of(plans: list[tuple], key: tuple[str, str]) -> tuple[int, int]:
+    return next(plan[1] for plan in plans if plan[0] == key)
 
 
 def look_pure_grad(
@@ -420,6 +412,25 @@ def intake_node(state: ViCropState, runtime: Runtime[FoveateContext]) -> dict[st
     return intake(state, resolve_context(runtime).store)
 
 
+def _look_steps(look: Look, prompt: list[dict], model: str, options: ViCropConfig) -> list[dict[str, Any]]:
+    """The look node's model calls: the look-first reply (carrying the probe when it was recorded while decoding),
+    then the probe pass (question and generic rows, or only the generic rows after such a reply)."""
+    probe = {"confidence": look.confidence, "rows": look.rows, "generic_cached": look.generic_cached}
+    steps = []
+    if look.thought_call is not None:  # the look-first reply whose thought the map is read in
+        extra = {**probe, "thought": look.thought, "probe_token": look.token} if look.probed_in_reply else {}
+        steps.append(model_call_step("look", prompt, look.thought_call, purpose="thought", **extra))
+    if look.probed_in_reply:
+        if look.rows > 1:  # the generic prompt's rows, a pass of their own
+            steps.append(_probe_step("look", prompt, "", 0, 0.0, model, purpose="generic", **probe))
+    elif look.rows and options.method != "pure-grad":
+        token, tokens, latency = look.token, look.prompt_tokens, look.latency_s
+        steps.append(_probe_step("look", prompt, token, tokens, latency, model, thought=look.thought, **probe))
+    elif look.rows:
+        steps.append(_probe_step("look", prompt, "", 0, 0.0, model, rows=look.rows, generic_cached=look.generic_cached))
+    return steps
+
+
 def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
     context, options = resolve_context(runtime), _options(config)
     policy, store = context.policy, _images(context.store)
@@ -433,38 +444,7 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
             look = look_pure_grad(policy, store, state["image"], messages, options, target)
         else:
             look = look_attention(policy, store, state["image"], messages, options, layer, target)
-    steps = []
-    if look.thought_call is not None:  # the look-first reply whose thought the map is read in
-        steps.append(model_call_step("look", prompt_for_trace(messages, refs), look.thought_call, purpose="thought"))
-    if look.rows and options.method != "pure-grad":
-        prompt = prompt_for_trace(messages, refs)
-        steps.append(
-            _probe_step(
-                "look",
-                prompt,
-                look.token,
-                look.prompt_tokens,
-                look.latency_s,
-                getattr(policy, "name", ""),
-                confidence=look.confidence,
-                rows=look.rows,
-                generic_cached=look.generic_cached,
-                thought=look.thought,
-            )
-        )
-    elif look.rows:
-        steps.append(
-            _probe_step(
-                "look",
-                prompt_for_trace(messages, refs),
-                "",
-                0,
-                0.0,
-                getattr(policy, "name", ""),
-                rows=look.rows,
-                generic_cached=look.generic_cached,
-            )
-        )
+    steps = _look_steps(look, prompt_for_trace(messages, refs), getattr(policy, "name", ""), options)
     label = layer if options.method != "pure-grad" else None
     if look.question is not None:
         steps.append(map_step("look", state["image"], look.question, "attention", label))
@@ -477,6 +457,8 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
         "confidence": look.confidence,
         "session": look.session,
         "thought": look.thought,
+        # a finished look-first reply is the model's answer to the question as asked: the gate returns it
+        "reply": look.thought_call.text if finished(look.thought_call) else None,
         "steps": steps,
     }
 
@@ -532,8 +514,14 @@ def _answer(
 def answer_now_node(state: ViCropState, runtime: Runtime[FoveateContext], config: RunnableConfig) -> dict[str, Any]:
     """The gate fired: the answer to the question pass itself, decoded from its cache when it is still there."""
     context = resolve_context(runtime)
-    messages = to_policy_messages(state["messages"], _images(context.store))
     params = context.sampling()
+    if state.get("reply") is not None and params.greedy and params.n == 1:
+        # the look-first reply (greedy) already answered the question as asked; its model call is in the trace
+        if state.get("session") is not None:
+            context.policy.release_sessions([state["session"]])
+        answer = protocol.strip_thought(state["reply"])
+        return {"answer": answer, "messages": [AIMessage(content=answer)], "steps": [answer_step("answer", answer)]}
+    messages = to_policy_messages(state["messages"], _images(context.store))
     # After a thought the probed text goes on past the prompt, so the answer is decoded anew (sharing its cache).
     same = not state.get("thought")
     result = _answer(context.policy, messages, state.get("session"), _options(config), params, same=same)

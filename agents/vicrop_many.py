@@ -19,6 +19,7 @@ from foveate.agents.vicrop import (
     user_turn,
 )
 from foveate.agents.vicrop_select import carve_image, select_box
+from foveate.agents.vicrop_thought import finished
 from foveate.errors import FoveateError
 from foveate.protocol import strip_thought
 from foveate.tools.crop import crop as crop_image
@@ -67,6 +68,11 @@ def answer_many(
                     carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
                 )
             answered.append((index, messages, look.session))
+        # A finished look-first reply (greedy) already answered the question as asked.
+        replied = {index for index, _ in gated if params.greedy and finished(looks[index].thought_call)}
+        for index in replied:
+            out[index]["answer"] = strip_thought(looks[index].thought_call.text)
+        gated = [(index, session) for index, session in gated if index not in replied]
         sessions = [s for _, s in gated if s is not None]
         thought = any(looks[index].thought for index, _ in gated)  # probed past the prompt: decode anew
         if len(sessions) == len(gated) and gated and not thought:

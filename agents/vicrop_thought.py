@@ -13,8 +13,12 @@ answer inside it (`thought_prefix`: ``<think>the red``), and probes the conversa
 the start of the assistant turn: the map and the gate's probability are then read at the position that predicts
 the answer. Replies not in the look-first form fall back to the paper's position.
 
-Deviations: the extra greedy reply costs a prefill and a few decoded tokens per question (`bench/vicrop.py`
-reports it); the generic map of rel-att stays at the generic prompt's last token (it normalises where the model
+On a policy with `reply_probe` (the transformers backend) the reply is decoded once with its attention recorded
+(`policies.reply_probe`), so the probe costs nothing beyond the reply, which is what ``direct`` decodes anyway; the
+prompt's cache is kept for the generic and answer passes, and when the gate fires the finished reply is the answer.
+Elsewhere the thought is probed as a suffix (a second prefill).
+
+Deviations: the generic map of rel-att stays at the generic prompt's last token (it normalises where the model
 attends to any image, and a generic prompt has no referent to stop at); a high-resolution image split into blocks
 gets one reply, on the whole image, and every block is probed after that thought (it restates the question's
 referent, which does not depend on the block; the paper's blocks are probed at their own last prompt token).
@@ -69,12 +73,37 @@ def wants_thoughts(policy: Any, setting: str) -> bool:
     return setting == "on" or (setting == "auto" and model_looks_first(policy))
 
 
-def write_thoughts(policy: Any, conversations: list[list[dict]], options: Any) -> list[tuple[str | None, Any]]:
-    """Each conversation's (`thought_prefix`, the `ChatResult` it came from), from one batched greedy reply per
-    conversation (at most ``options.thought_tokens`` tokens). Called under the model lock ViCrop holds for
-    white-box calls, so it asks the wrapped policy directly: a `MicroBatcher`'s queue would wait for that lock."""
+def write_thoughts(
+    policy: Any, conversations: list[list[dict]], options: Any, layer: Any = None, keep: list[bool] | None = None
+) -> list[tuple[str | None, Any, Any]]:
+    """Each conversation's (`thought_prefix`, the `ChatResult` it came from, the `ProbeResult` at the thought's
+    answer position or None), from one batched greedy reply per conversation (at most ``options.thought_tokens``
+    tokens). Called under the model lock ViCrop holds for white-box calls, so it asks the wrapped policy directly:
+    a `MicroBatcher`'s queue would wait for that lock.
+
+    With ``layer`` and a policy that has `reply_probe` (`policies.reply_probe`), the reply is decoded while its
+    attention is recorded, so the probe comes with it: the map and probability at the thought's last token, or at
+    the last prompt token (the paper's position) when the reply is not look-first; ``keep[i]`` keeps row i's prompt
+    cache as the probe's session. Otherwise the probe is None and the caller probes with the thought as a suffix."""
     if not conversations:
         return []
     inner = getattr(policy, "policy", policy)
-    results = inner.chat(conversations, SamplingParams(max_new_tokens=options.thought_tokens))
-    return [(thought_prefix(result.text), result) for result in results]
+    if layer is None or not getattr(inner, "supports_prefix_reuse", False) or not hasattr(inner, "reply_probe"):
+        results = inner.chat(conversations, SamplingParams(max_new_tokens=options.thought_tokens))
+        return [(thought_prefix(result.text), result, None) for result in results]
+    replies = inner.reply_probe(conversations, layer, options.thought_tokens, keep=keep)
+    written = []
+    for reply in replies:
+        thought = thought_prefix(reply.reply.text)
+        position = reply.position_after(thought, inner.decode_ids) if thought else 0
+        if position is None:  # the thought ends inside a token: probe it as a suffix instead
+            written.append((thought, reply.reply, None))
+            continue
+        probe = inner.probe_result(reply, position)
+        written.append((thought if position else None, reply.reply, probe))
+    return written
+
+
+def finished(reply: Any) -> bool:
+    """Whether a reply ended on its own (not cut at ``thought_tokens``), so it can stand as the answer."""
+    return reply is not None and reply.completions[0].finish_reason == "stop"

@@ -44,6 +44,7 @@ from foveate.policies.base import (
     smart_resize,
 )
 from foveate.policies.loading import load_processor, resolve_model_path
+from foveate.policies.reply_probe import ReplyProbeMixin
 from foveate.policies.whitebox import WhiteBoxMixin
 
 _CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>")  # Qwen-style control tokens: <|im_start|>, <|image_pad|>, …
@@ -109,7 +110,7 @@ def fit_for_model(image: Image.Image) -> Image.Image:
     return image
 
 
-class TransformersVLM(WhiteBoxMixin, ChatPolicy):
+class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
     """Chat and white-box access to a local transformers VLM."""
 
     white_box = True

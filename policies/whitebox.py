@@ -595,8 +595,11 @@ class WhiteBoxMixin:
             cache.update(keys, values, layer)
         return cache
 
-    def _greedy(self, cache, attention_mask, next_positions, logits, max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding from a filled cache; each row's tokens up to and including its first end token."""
+    def _greedy(
+        self, cache, attention_mask, next_positions, logits, max_new_tokens: int, on_step=None
+    ) -> list[list[int]]:
+        """Greedy decoding from a filled cache; each row's tokens up to and including its first end token.
+        ``on_step(logits)`` is called after every decoding forward (`policies.reply_probe` reads its capture)."""
         count = logits.shape[0]
         end_ids = torch.tensor(self.end_token_ids, device=logits.device)
         tokens: list[list[int]] = [[] for _ in range(count)]
@@ -619,6 +622,8 @@ class WhiteBoxMixin:
             )
             cache = _output_cache(output)
             token = output.logits[:, -1].argmax(dim=-1)
+            if on_step is not None:
+                on_step(output.logits[:, -1])
             positions += 1
         return tokens
 

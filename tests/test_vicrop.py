@@ -276,3 +276,31 @@ def test_answer_many_batches_several_questions_like_the_graph(tiny_policy, store
     gated = answer_many(tiny_policy, store, items, load_vicrop_config(gate=1e-9), max_new_tokens=6)
     assert all(g["box"] is None for g in gated)
     assert [g["answer"] for g in gated] == [r.text.strip() for r in tiny_policy.chat([user(*i) for i in items], GREEDY)]
+
+
+def test_block_generic_rows_reusing_the_block_caches_equal_a_fresh_pass(tiny_policy, store):
+    # A blocked image's generic rows reuse each block's question cache (only the generic prompt is prefilled);
+    # the maps must equal those of the batched pass without reuse.
+    class Recording:
+        def __init__(self, policy):
+            self.policy_, self.reused = policy, []
+
+        def attention_probe(self, conversations, layer, **kwargs):
+            self.reused.append(sum(s is not None for s in kwargs.get("sessions") or []))
+            return self.policy_.attention_probe(conversations, layer, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.policy_, name)
+
+    image = scene(HUGE, dot=(1500, 600))
+    ref = store.put(image)
+    looks, passes = [], []
+    for reuse in (True, False):
+        policy = Recording(tiny_policy)
+        options = load_vicrop_config(cache_generic=False, reuse_prefix=reuse)
+        looks.append(look_attention(policy, store, ref, user(image, QUESTION), options, 1, 0))
+        passes.append(policy.reused)
+    assert passes == [[0, 4], [0]]  # four block rows reused their caches; without reuse one batched pass
+    assert looks[0].generic.shape == GRIDS[HUGE]
+    for field in ("generic", "question", "heat"):
+        np.testing.assert_allclose(getattr(looks[0], field), getattr(looks[1], field), rtol=1e-4, atol=1e-6)

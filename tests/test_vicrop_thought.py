@@ -24,6 +24,7 @@ from foveate.agents.vicrop_config import load_vicrop_config
 from foveate.agents.vicrop_thought import model_looks_first, thought_prefix, wants_thoughts
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatResult, Completion
+from foveate.policies.reply_probe import ReplyProbe
 from foveate.tools.store import ImageStore
 
 REPLY = "<think>the small circle red</think>red"
@@ -74,8 +75,10 @@ def test_a_probe_with_a_suffix_reads_attention_at_the_suffixs_last_token(tiny_po
 
 
 class LookFirstReplies:
-    """The real tiny policy whose replies to `chat` are written in the look-first form (see the module docstring);
-    every other call, the probe and the answer with the crop, goes to the real model."""
+    """The real tiny policy whose greedy replies are written in the look-first form (see the module docstring):
+    `chat` and `reply_probe` return REPLY, and `reply_probe` reads REPLY's positions by teacher forcing it (a suffix
+    probe of the real model at each prefix). Every other call, and the answer with the crop, goes to the real
+    model."""
 
     def __init__(self, policy) -> None:
         self._real = policy  # not `.policy`: that names a MicroBatcher's wrapped policy
@@ -88,47 +91,80 @@ class LookFirstReplies:
             for r in self._real.chat(conversations, params)
         ]
 
+    def reply_probe(self, conversations, layer, max_new_tokens, *, keep=None):
+        self.chats += 1
+        real = self._real.reply_probe(conversations, layer, max_new_tokens, keep=keep)  # the prompts' sessions
+        return [self._forced(messages, layer, r) for messages, r in zip(conversations, real, strict=True)]
+
+    def _forced(self, messages, layer, real):
+        ids = self._real.tokenizer(REPLY, add_special_tokens=False)["input_ids"] + [self._real.end_token_ids[0]]
+        suffixes = [self._real.decode_ids(ids[:k]) for k in range(len(ids))]
+        probes = [self._real.attention_probe([messages], layer, suffixes=[suffix])[0] for suffix in suffixes]
+        reply = ChatResult([Completion(REPLY, len(ids))], real.reply.prompt_tokens, real.reply.latency_s)
+        forced = ReplyProbe(reply, ids, np.zeros((len(ids), 1)), [p.prob for p in probes], session=real.session)
+        forced.maps_at = lambda position: probes[position].maps
+        return forced
+
     def __getattr__(self, name):
         if name == "_real":  # before __init__ set it
             raise AttributeError(name)
         return getattr(self._real, name)
 
 
+class LookFirstChatOnly(LookFirstReplies):
+    """A policy with no `reply_probe`: ViCrop writes the reply with `chat`, then probes with its thought as a suffix."""
+
+    @property
+    def reply_probe(self):
+        raise AttributeError("reply_probe")
+
+    def __getattr__(self, name):  # a property's AttributeError falls through to __getattr__
+        if name == "reply_probe":
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+
 @pytest.mark.parametrize("gate", [None, 1e-9])
-def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_path, gate) -> None:
+@pytest.mark.parametrize("wrapper", [LookFirstReplies, LookFirstChatOnly])
+def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_path, gate, wrapper) -> None:
     store = ImageStore(tmp_path / "images")
     ref = store.put(scene())
-    policy = LookFirstReplies(tiny_policy)
+    policy = wrapper(tiny_policy)
     config = {"configurable": {"vicrop": {"look_first": "on", "gate": gate, "reuse_prefix": True}}}
     context = FoveateContext(policy=policy, store=store, max_new_tokens=6)
     state = build().invoke({"image": ref, "question": QUESTION}, config=config, context=context)
     assert policy.chats == 1  # one greedy reply, its thought kept up to the answer
-    written, look = state["steps"][:2]  # the greedy reply is a model call of its own, then the probe
+    calls = [s for s in state["steps"] if s["kind"] == "model_call"]
+    written = calls[0]  # the greedy reply is the first model call
     assert written["purpose"] == "thought" and written["outputs"] == [REPLY]
+    in_reply = wrapper is LookFirstReplies  # the probe was recorded while the reply was decoded
+    look = written if in_reply else calls[1]
     assert look["node"] == "look" and look["thought"] == "<think>the small circle"
     question_map = next(s for s in state["steps"] if s.get("map_kind") == "attention")
     layer = resolve_layer(load_vicrop_config().layer, tiny_policy.num_layers)  # configs/vicrop.yaml's
     expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], layer, suffixes=[look["thought"]])[0]
     np.testing.assert_allclose(question_map["values"], expected.maps[0].values, atol=1e-5)
-    assert np.isclose(look["confidence"], expected.prob, atol=1e-5)
-    assert look["outputs"] == [expected.token]  # the gate reads the probability of the answer inside the thought
+    assert np.isclose(look["confidence"], expected.prob, atol=1e-5)  # the probability of the answer in the thought
     nodes = [s["node"] for s in state["steps"] if s["kind"] == "answer"]
     assert nodes == ["answer"] and state["answer"] is not None
-    if gate:  # answered from the question pass's cache, decoded anew past the prompt, no crop
+    if gate and in_reply:  # the finished reply is the answer: no other model call, no crop
+        assert state["answer"] == "red" and len(calls) == 1
+    if gate:
         assert not any(s["kind"] == "crop" for s in state["steps"])
+    else:  # reply (+ probe), generic prompt, answer with the crop
+        assert [c.get("purpose") for c in calls] == ["thought", "generic", None] if in_reply else len(calls) == 3
 
 
-def test_answer_many_decodes_gated_answers_anew_after_a_thought(tiny_policy, tmp_path) -> None:
+@pytest.mark.parametrize("wrapper", [LookFirstReplies, LookFirstChatOnly])
+def test_answer_many_answers_gated_questions_with_the_finished_reply(tiny_policy, tmp_path, wrapper) -> None:
     from foveate.agents.vicrop_many import answer_many
-    from foveate.policies.base import SamplingParams
 
     store = ImageStore(tmp_path / "images")
-    image = scene()
-    options = load_vicrop_config(look_first="on", gate=1e-9)  # every question gated: answered from its pass
-    out = answer_many(LookFirstReplies(tiny_policy), store, [(image, QUESTION)], options, max_new_tokens=6)
-    # Continuing the probed cache would go on after the thought; the answer is the model's own reply instead.
-    direct = tiny_policy.chat_one(user(image, QUESTION), SamplingParams(max_new_tokens=6)).text.strip()
-    assert out[0]["answer"] == direct and out[0]["box"] is None
+    options = load_vicrop_config(look_first="on", gate=1e-9)  # every question gated
+    policy = wrapper(tiny_policy)
+    out = answer_many(policy, store, [(scene(), QUESTION)], options, max_new_tokens=6)
+    # The reply the thought came from is the model's answer to the question as asked: no second decode.
+    assert out[0]["answer"] == "red" and out[0]["box"] is None and policy.chats == 1
 
 
 def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_thought(tiny_policy, tmp_path) -> None:

@@ -24,9 +24,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -205,3 +208,49 @@ class ImageStore:
         except (OSError, ValueError, EOFError) as exc:
             logger.warning("ignoring unreadable cached array %s: %s", target, exc)
             return None
+
+
+class DecodedImages:
+    """The image store seen through a small in-process cache of decoded images.
+
+    A ViCrop run (agents.vicrop) reads the same image in every node (and the crop it just wrote); refs are content
+    addresses, so a decoded image can be shared safely (nothing here mutates one). Everything else goes to the
+    store. The cache belongs to the store object (a weak-keyed table) and holds at most `size` images.
+    """
+
+    size = 16
+    _caches: weakref.WeakKeyDictionary[ImageStore, OrderedDict[str, Image.Image]] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        with self._lock:
+            self._images = self._caches.setdefault(store, OrderedDict())
+
+    def get(self, ref: str) -> Image.Image:
+        with self._lock:
+            if ref in self._images:
+                self._images.move_to_end(ref)
+                return self._images[ref]
+        image = self.store.get(ref)
+        self._remember(ref, image)
+        return image
+
+    def put(self, image: Image.Image) -> str:
+        ref = self.store.put(image)
+        self._remember(ref, image)
+        return ref
+
+    def _remember(self, ref: str, image: Image.Image) -> None:
+        with self._lock:
+            self._images[ref] = image
+            while len(self._images) > self.size:
+                self._images.popitem(last=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def decoded(store: ImageStore) -> DecodedImages:
+    """``store`` behind its shared cache of decoded images (itself when it already is)."""
+    return store if isinstance(store, DecodedImages) else DecodedImages(store)
