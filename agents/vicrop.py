@@ -43,9 +43,9 @@ Efficiency (the reference runs eager attention with ``output_attentions=True`` o
 prefills, batch size 1):
 - only the wanted layer's last-token row is computed, under SDPA (`policies.attention_capture`); grad-att
   backpropagates only from that layer on;
-- the question and generic rows (and all high-res blocks) go through one batched forward; the generic map is
-  cached per image in the image store (``put_array``), keyed by model, weights, resolution, layer, method and
-  block size;
+- the question rows (and all high-res blocks) go through one batched forward that keeps their KV caches; the
+  generic rows then reuse them (only the generic prompt is prefilled); the generic map is cached per image in the
+  image store (``put_array``), keyed by model, weights, resolution, layer, method and block size;
 - the question pass keeps its KV cache: the answer pass reuses it for the shared prefix (the original image
   and everything before it), so only the crop and the question are prefilled, and with the confidence ``gate``
   the answer is decoded straight from the question pass (rel-att and grad-att; pure-grad's gradient pass
@@ -119,7 +119,7 @@ from foveate.agents.vicrop_select import (
     split_blocks,
     tile_maps,
 )
-from foveate.agents.vicrop_thought import finished, wants_thoughts, write_thoughts
+from foveate.agents.vicrop_thought import answers_as_asked, wants_thoughts, write_thoughts
 from foveate.errors import PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.tools.store import ImageStore
@@ -212,6 +212,7 @@ class Look:
     thought: str | None = None  # the assistant text the question map was read after (agents.vicrop_thought)
     thought_call: ChatResult | None = None  # the greedy reply that thought came from (a model call of its own)
     probed_in_reply: bool = False  # the map and confidence were recorded while that reply was decoded
+    generic_pass: bool = False  # the generic map was computed for this question (not cached, not gated away)
 
 
 def _relative(question: np.ndarray, generic: np.ndarray, eps: float) -> np.ndarray:
@@ -241,11 +242,12 @@ def look_attention_many(
 ) -> list[Look]:
     """rel-att / grad-att maps for several questions ``(image ref, conversation, target image index)``.
 
-    One batched forward over every question row (and every high-res block row) keeps each whole-image question's
-    KV cache; the generic rows for images whose generic map is not cached yet then reuse those caches, so they
-    cost only the generic prompt's tokens (no second pass over the image). Without prefix reuse (option off, or
-    a model without sessions) the generic rows simply join the first batch. Blocks are tiled per question;
-    generic maps are stored for the next question about the same image."""
+    One batched forward over every question row (and every high-res block row) keeps the rows' KV caches; the
+    generic rows for images whose generic map is not cached yet then reuse those caches, so they cost only the
+    generic prompt's tokens (no second pass over the image or block). A look-first model's whole-image rows come
+    from its reply instead (`agents.vicrop_thought.write_thoughts`). Without prefix reuse (option off, or a model
+    without sessions) the generic rows simply join the first batch. Blocks are tiled per question; generic maps
+    are stored for the next question about the same image."""
     gradient = options.method == "grad-att"
     sessions_work = options.reuse_prefix and getattr(policy, "supports_prefix_reuse", False)
     conversations: list[list[dict]] = []
@@ -353,6 +355,7 @@ def look_attention_many(
                 thought=suffixes[start] or None,
                 thought_call=thought_calls[start],
                 probed_in_reply=start in from_reply,
+                generic_pass=key in batched_generics or key in session_generics,
             )
         )
     return looks
@@ -421,7 +424,7 @@ def _look_steps(look: Look, prompt: list[dict], model: str, options: ViCropConfi
         extra = {**probe, "thought": look.thought, "probe_token": look.token} if look.probed_in_reply else {}
         steps.append(model_call_step("look", prompt, look.thought_call, purpose="thought", **extra))
     if look.probed_in_reply:
-        if look.rows > 1:  # the generic prompt's rows, a pass of their own
+        if look.generic_pass:  # the generic prompt's rows, a pass of their own
             steps.append(_probe_step("look", prompt, "", 0, 0.0, model, purpose="generic", **probe))
     elif look.rows and options.method != "pure-grad":
         token, tokens, latency = look.token, look.prompt_tokens, look.latency_s
@@ -457,8 +460,8 @@ def look_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Runn
         "confidence": look.confidence,
         "session": look.session,
         "thought": look.thought,
-        # a finished look-first reply is the model's answer to the question as asked: the gate returns it
-        "reply": look.thought_call.text if finished(look.thought_call) else None,
+        # a look-first reply that is the model's answer to the question as asked: the gate returns it
+        "reply": look.thought_call.text if answers_as_asked(look.thought_call, context.sampling()) else None,
         "steps": steps,
     }
 
@@ -515,12 +518,12 @@ def answer_now_node(state: ViCropState, runtime: Runtime[FoveateContext], config
     """The gate fired: the answer to the question pass itself, decoded from its cache when it is still there."""
     context = resolve_context(runtime)
     params = context.sampling()
-    if state.get("reply") is not None and params.greedy and params.n == 1:
-        # the look-first reply (greedy) already answered the question as asked; its model call is in the trace
+    if state.get("reply") is not None:  # the look-first reply already answered; its model call is in the trace
         if state.get("session") is not None:
             context.policy.release_sessions([state["session"]])
         answer = protocol.strip_thought(state["reply"])
-        return {"answer": answer, "messages": [AIMessage(content=answer)], "steps": [answer_step("answer", answer)]}
+        steps = [answer_step("answer", answer)]
+        return {"answer": answer, "messages": [AIMessage(content=answer)], "steps": steps, "session": None}
     messages = to_policy_messages(state["messages"], _images(context.store))
     # After a thought the probed text goes on past the prompt, so the answer is decoded anew (sharing its cache).
     same = not state.get("thought")

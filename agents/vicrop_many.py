@@ -4,6 +4,7 @@ deviations from the paper are described there."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from foveate.agents.oracle_crop import model_input_side
@@ -19,8 +20,8 @@ from foveate.agents.vicrop import (
     user_turn,
 )
 from foveate.agents.vicrop_select import carve_image, select_box
-from foveate.agents.vicrop_thought import finished
-from foveate.errors import FoveateError
+from foveate.agents.vicrop_thought import answers_as_asked
+from foveate.errors import FoveateError, PolicyError
 from foveate.protocol import strip_thought
 from foveate.tools.crop import crop as crop_image
 from foveate.tools.store import ImageStore
@@ -68,17 +69,22 @@ def answer_many(
                     carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
                 )
             answered.append((index, messages, look.session))
-        # A finished look-first reply (greedy) already answered the question as asked.
-        replied = {index for index, _ in gated if params.greedy and finished(looks[index].thought_call)}
+        # A finished look-first reply already answered the question as asked.
+        replied = {index for index, _ in gated if answers_as_asked(looks[index].thought_call, params)}
         for index in replied:
             out[index]["answer"] = strip_thought(looks[index].thought_call.text)
         gated = [(index, session) for index, session in gated if index not in replied]
         sessions = [s for _, s in gated if s is not None]
-        thought = any(looks[index].thought for index, _ in gated)  # probed past the prompt: decode anew
-        if len(sessions) == len(gated) and gated and not thought:
-            for (index, _), result in zip(gated, policy.continue_probe(sessions, params), strict=True):
+        # A thought probed as a suffix is in its session's cache: decode anew (a reply's session is its prompt's).
+        suffixed = any(looks[index].thought and not looks[index].probed_in_reply for index, _ in gated)
+        continued = None
+        if len(sessions) == len(gated) and gated and not suffixed:
+            with contextlib.suppress(PolicyError):  # a session evicted meanwhile: ask again below
+                continued = policy.continue_probe(sessions, params)
+        if continued is not None:
+            for (index, _), result in zip(gated, continued, strict=True):
                 out[index]["answer"] = strip_thought(result.text)
-        else:  # no caches kept (reuse off, or a model without sessions), or a thought: ask again
+        else:  # no caches kept (reuse off, or a model without sessions), a suffix thought, or evicted: ask again
             answered += [(index, requests[index][1], session) for index, session in gated]
         if answered:
             conversations = [messages for _, messages, _ in answered]

@@ -96,7 +96,8 @@ def write_thoughts(
     for reply in replies:
         thought = thought_prefix(reply.reply.text)
         position = reply.position_after(thought, inner.decode_ids) if thought else 0
-        if position is None:  # the thought ends inside a token: probe it as a suffix instead
+        if position is None:  # the thought ends inside a token: probe it as a suffix instead (a session of its own)
+            inner.release_sessions([reply.session])
             written.append((thought, reply.reply, None))
             continue
         probe = inner.probe_result(reply, position)
@@ -104,6 +105,11 @@ def write_thoughts(
     return written
 
 
-def finished(reply: Any) -> bool:
-    """Whether a reply ended on its own (not cut at ``thought_tokens``), so it can stand as the answer."""
-    return reply is not None and reply.completions[0].finish_reason == "stop"
+def answers_as_asked(reply: Any, params: SamplingParams) -> bool:
+    """Whether a look-first reply can stand as the answer to a caller decoding with ``params``: it ended on its own
+    (not cut at ``thought_tokens``), and the caller decodes greedily, once, with no stop strings and a token budget
+    the reply fits in (the answer it would get is then exactly this reply)."""
+    if reply is None or reply.completions[0].finish_reason != "stop":
+        return False
+    plain = params.greedy and params.n == 1 and not params.stop
+    return plain and reply.completion_tokens <= params.max_new_tokens

@@ -6,8 +6,8 @@ then a probe of the conversation with the thought appended, every question pays 
 the reply is decoded once under the capturing attention (`policies.attention_capture`), and each decoded
 position's attention row at the wanted layers is kept, with the probability of the token it predicted: the row
 at any prefix of the reply is then the map a probe with that prefix as suffix would read, and the reply itself is
-the answer a confident gate returns. Only the image columns of a row are kept (the prompt's keys; a row is [prompt
-length] floats per decoded token).
+the answer a confident gate returns. A row keeps the prompt's columns only (image and text keys of the padded
+prompt: [prompt length] floats per decoded token), which is all a map reads.
 
 Hand-written rather than ``generate(output_attentions=True)`` because that returns every layer's attention over
 every head in eager mode, which is what the capture exists to avoid; the decoding loop is the sessions' own
@@ -36,7 +36,9 @@ class ReplyProbe:
 
     reply: ChatResult
     token_ids: list[int]  # the reply's tokens as decoded (an end token included when it stopped)
-    rows: np.ndarray  # [positions, prompt keys]: row 0 = the last prompt token, row k = the reply's k-th token fed
+    # [positions, prompt keys]: row 0 = the last prompt token (predicting token 0); row k ≥ 1 = the forward that fed
+    # token k - 1 (predicting token k)
+    rows: np.ndarray
     probs: list[float]  # probs[k]: probability of the token predicted at row k (the reply's token k)
     session: str | None = None  # the prompt's cache, kept as in `attention_probe(keep=…)`
     maps_at: Any = field(default=None, repr=False)  # k → [ImageMap per image] at row k (bound by reply_probe)

@@ -131,7 +131,7 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
     ref = store.put(scene())
     policy = wrapper(tiny_policy)
     config = {"configurable": {"vicrop": {"look_first": "on", "gate": gate, "reuse_prefix": True}}}
-    context = FoveateContext(policy=policy, store=store, max_new_tokens=6)
+    context = FoveateContext(policy=policy, store=store, max_new_tokens=32)
     state = build().invoke({"image": ref, "question": QUESTION}, config=config, context=context)
     assert policy.chats == 1  # one greedy reply, its thought kept up to the answer
     calls = [s for s in state["steps"] if s["kind"] == "model_call"]
@@ -162,7 +162,7 @@ def test_answer_many_answers_gated_questions_with_the_finished_reply(tiny_policy
     store = ImageStore(tmp_path / "images")
     options = load_vicrop_config(look_first="on", gate=1e-9)  # every question gated
     policy = wrapper(tiny_policy)
-    out = answer_many(policy, store, [(scene(), QUESTION)], options, max_new_tokens=6)
+    out = answer_many(policy, store, [(scene(), QUESTION)], options, max_new_tokens=32)
     # The reply the thought came from is the model's answer to the question as asked: no second decode.
     assert out[0]["answer"] == "red" and out[0]["box"] is None and policy.chats == 1
 
@@ -185,3 +185,16 @@ def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_though
         [user_turn(crop, QUESTION) for crop in crops], 1, gradient=True, suffixes=[look.thought] * len(crops)
     )
     np.testing.assert_allclose(look.heat, tile_maps([r.maps[0].values for r in rows], layout), atol=1e-5)
+
+
+def test_a_reply_answers_only_a_caller_that_would_get_exactly_it() -> None:
+    from foveate.agents.vicrop_thought import answers_as_asked
+    from foveate.policies.base import SamplingParams
+
+    reply = ChatResult([Completion(REPLY, 10)], 80, 0.1)
+    assert answers_as_asked(reply, SamplingParams(max_new_tokens=10))
+    assert not answers_as_asked(reply, SamplingParams(max_new_tokens=9))  # the caller's budget would cut it
+    assert not answers_as_asked(reply, SamplingParams(max_new_tokens=32, stop=["</think>"]))
+    assert not answers_as_asked(reply, SamplingParams(max_new_tokens=32, temperature=0.7))
+    assert not answers_as_asked(ChatResult([Completion(REPLY[:12], 24, "length")], 80, 0.1), SamplingParams())
+    assert not answers_as_asked(None, SamplingParams())
