@@ -27,7 +27,8 @@ import torch
 from foveate.errors import PolicyError
 from foveate.policies.attention_capture import capture_attention
 from foveate.policies.base import ChatResult, Conversation, ImageMap, SamplingParams
-from foveate.policies.whitebox import ProbeResult, _output_cache
+from foveate.policies.sessions import _output_cache
+from foveate.policies.whitebox import ProbeResult
 
 
 @dataclass
