@@ -495,22 +495,36 @@ def select_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Ru
 
 
 def _answer(
-    policy: Any, messages: list[dict], session: str | None, options: ViCropConfig, params, *, same: bool = False
+    policy: Any,
+    messages: list[dict],
+    session: str | None,
+    options: ViCropConfig,
+    params,
+    *,
+    same: bool = False,
+    start: str | None = None,
 ) -> ChatResult:
     """Answer ``messages``, reusing the question pass's cache when it is still there (then drop it).
 
     ``same``: ``messages`` is exactly the probed conversation, so decoding continues from the cache directly.
+    ``start``: the look-first thought to continue (``<think>the red``), prefilled rather than decoded again
+    (greedy decoding on a model with sessions only; elsewhere the model writes its thought anew).
     """
-    if session is not None and options.reuse_prefix and hasattr(policy, "chat_with_prefix"):
+    plain = params.greedy and params.n == 1
+    start = start if start and plain and getattr(policy, "supports_prefix_reuse", False) else None
+    reuse = session is not None and options.reuse_prefix
+    if hasattr(policy, "chat_with_prefix") and (reuse or start):
         with _locked(policy):
             try:
-                if same and params.greedy and params.n == 1:
+                if same and plain and reuse and not start:
                     return policy.continue_probe([session], params)[0]
-                return policy.chat_with_prefix([messages], [session], params)[0]
+                kept = session if reuse else None
+                return policy.chat_with_prefix([messages], [kept], params, starts=[start or ""])[0]
             except PolicyError:  # the session was evicted meanwhile: answer the ordinary way
                 pass
             finally:
-                policy.release_sessions([session])
+                if session is not None:
+                    policy.release_sessions([session])
     return policy.chat_one(messages, params)
 
 
@@ -542,7 +556,9 @@ def answer_node(state: ViCropState, runtime: Runtime[FoveateContext], config: Ru
         # CARVE: the masked image replaces the original; ViCrop: the original first, then the crop
         shown = [crop_ref] if options.feed == "mask" else [state["image"], crop_ref]
         messages, refs = reshow_last_turn(messages, refs, shown, store)
-    result = _answer(context.policy, messages, state.get("session"), options, context.sampling())
+    # after a look-first reply, the answer continues its thought (the referent it restated) with the crop in view
+    start = state.get("thought") if crop_ref is not None else None
+    result = _answer(context.policy, messages, state.get("session"), options, context.sampling(), start=start)
     return {**answer_update("answer", prompt_for_trace(messages, refs), result), "session": None}
 
 

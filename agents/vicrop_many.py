@@ -68,7 +68,7 @@ def answer_many(
                 messages = user_turn(
                     carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
                 )
-            answered.append((index, messages, look.session))
+            answered.append((index, messages, look.session, look.thought or ""))  # continue the reply's thought
         # A finished look-first reply already answered the question as asked.
         replied = {index for index, _ in gated if answers_as_asked(looks[index].thought_call, params)}
         for index in replied:
@@ -85,12 +85,14 @@ def answer_many(
             for (index, _), result in zip(gated, continued, strict=True):
                 out[index]["answer"] = strip_thought(result.text)
         else:  # no caches kept (reuse off, or a model without sessions), a suffix thought, or evicted: ask again
-            answered += [(index, requests[index][1], session) for index, session in gated]
+            answered += [(index, requests[index][1], session, "") for index, session in gated]
         if answered:
-            conversations = [messages for _, messages, _ in answered]
-            sessions = [session if options.reuse_prefix else None for *_, session in answered]
+            conversations = [messages for _, messages, _, _ in answered]
+            sessions = [session if options.reuse_prefix else None for _, _, session, _ in answered]
+            plain = params.greedy and params.n == 1 and getattr(policy, "supports_prefix_reuse", False)
+            starts = [start if plain else "" for *_, start in answered]
             for (index, *_), result in zip(
-                answered, policy.chat_with_prefix(conversations, sessions, params), strict=True
+                answered, policy.chat_with_prefix(conversations, sessions, params, starts=starts), strict=True
             ):
                 out[index]["answer"] = strip_thought(result.text)
         if hasattr(policy, "release_sessions"):

@@ -167,36 +167,44 @@ class SessionsMixin:
         conversations: Sequence[Conversation],
         sessions: Sequence[str | None],
         params: SamplingParams | None = None,
+        starts: Sequence[str] | None = None,
     ) -> list[ChatResult]:
         """`chat`, reusing each session's cached keys/values for the tokens its conversation shares with it.
 
         The shared prefix is the longest common token prefix, cut back so it never ends inside an image and
         never includes an image whose pixels differ from the session's. Only the suffix is prefilled (and only
         its images encoded). Falls back to `chat` for sampling, ``n > 1`` or models without prefix reuse.
+        ``starts``: text each reply begins with, taken as already written by the model (prefilled after the
+        generation prompt, part of the returned text, not of its token count or budget; greedy only).
         """
         params = params or SamplingParams()
-        if len(sessions) != len(conversations):
-            raise PolicyError("chat_with_prefix needs one session (or None) per conversation")
+        starts = [""] * len(conversations) if starts is None else list(starts)
+        if len(sessions) != len(conversations) or len(starts) != len(conversations):
+            raise PolicyError("chat_with_prefix needs one session (or None) and one start per conversation")
         if not params.greedy or params.n != 1 or not self.supports_prefix_reuse:
+            if any(starts):
+                raise PolicyError("a reply's start is prefilled only under greedy decoding with prefix reuse")
             return self.chat(conversations, params)
         results: list[ChatResult] = []
-        for start in range(0, len(conversations), self.max_batch_size):
-            stop = start + self.max_batch_size
-            results += self._chat_with_prefix_batch(conversations[start:stop], sessions[start:stop], params)
+        for first in range(0, len(conversations), self.max_batch_size):
+            rows = slice(first, first + self.max_batch_size)
+            results += self._chat_with_prefix_batch(conversations[rows], sessions[rows], params, starts[rows])
         return results
 
-    def _chat_with_prefix_batch(self, conversations, sessions, params: SamplingParams) -> list[ChatResult]:
+    def _chat_with_prefix_batch(self, conversations, sessions, params: SamplingParams, starts) -> list[ChatResult]:
         started = time.perf_counter()
         with torch.no_grad():
-            logits, state, prompt_tokens, _layout = self._prefill_with_prefix(conversations, sessions)
+            logits, state, prompt_tokens, _layout = self._prefill_with_prefix(conversations, sessions, starts)
             generated = self._greedy(*state, logits, params.max_new_tokens)
         latency = time.perf_counter() - started
-        return [
-            ChatResult([self._completion(tokens, params)], count, latency, self.name)
-            for tokens, count in zip(generated, prompt_tokens, strict=True)
-        ]
+        results = []
+        for tokens, count, start in zip(generated, prompt_tokens, starts, strict=True):
+            completion = self._completion(tokens, params)
+            completion.text = start + completion.text
+            results.append(ChatResult([completion], count, latency, self.name))
+        return results
 
-    def _prefill_with_prefix(self, conversations, sessions):
+    def _prefill_with_prefix(self, conversations, sessions, starts: Sequence[str] | None = None):
         """Prefill only what each row does not share with its session.
 
         Each conversation is rendered; the leading images it shares with its session (the same image object, or
@@ -207,8 +215,10 @@ class SessionsMixin:
         token spans in key coordinates (cache positions, then suffix positions).
         """
         rows, suffix_texts, suffix_images = [], [], []
-        for messages, session_id in zip(conversations, sessions, strict=True):
+        starts = [""] * len(conversations) if starts is None else starts
+        for messages, session_id, start in zip(conversations, sessions, starts, strict=True):
             text, images = self.render(messages)
+            text += start
             session = self._get_session(session_id)
             shared, cut = _shared_images(session, text, images)
             prefix = session.images[shared - 1][1] + 1 if shared else 0  # through the shared image's end token

@@ -304,3 +304,25 @@ def test_block_generic_rows_reusing_the_block_caches_equal_a_fresh_pass(tiny_pol
     assert looks[0].generic.shape == GRIDS[HUGE]
     for field in ("generic", "question", "heat"):
         np.testing.assert_allclose(getattr(looks[0], field), getattr(looks[1], field), rtol=1e-4, atol=1e-6)
+
+
+def test_a_reply_start_is_prefilled_and_continued_greedily(tiny_policy):
+    # chat_with_prefix(starts=…) continues text taken as written by the model: the same as greedy generation
+    # over the rendered prompt with that text appended, with or without a session for the shared image.
+    image = scene()
+    question = user(image, QUESTION)
+    answer = user(image, image.crop((300, 200, 524, 424)), QUESTION)
+    start = "<think>the small circle"
+    text, images = tiny_policy.render(answer)
+    batch = tiny_policy.encode([text + start], images)
+    with torch.no_grad():
+        generated = tiny_policy.model.generate(**batch, max_new_tokens=6, do_sample=False)
+    continued = tiny_policy._completion(generated[0, batch["input_ids"].shape[1] :].tolist(), GREEDY)
+    session = tiny_policy.attention_probe([question], 1, keep=[True])[0].session
+    with_session = tiny_policy.chat_with_prefix([answer], [session], GREEDY, starts=[start])[0]
+    without = tiny_policy.chat_with_prefix([answer, question], [None, None], GREEDY, starts=[start, ""])
+    assert with_session.text == without[0].text == start + continued.text
+    assert with_session.completion_tokens == continued.completion_tokens  # the start is not counted again
+    assert without[1].text == tiny_policy.chat([question], GREEDY)[0].text  # rows without a start are unchanged
+    with pytest.raises(FoveateError, match="greedy"):
+        tiny_policy.chat_with_prefix([answer], [None], SamplingParams(max_new_tokens=4, temperature=0.7), [start])
