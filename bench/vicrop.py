@@ -10,10 +10,13 @@ its own. Images are put in a fresh image store before timing (so the generic-map
 variant makes ``--repeats`` timed passes of which the fastest counts (the machine may be shared):
 
 - ``direct``: the direct strategy (one generate call);
-- ``vicrop-rel``: the strategy as shipped (SDPA capture of one row, question + generic in one batch, generic
-  map cached per image, the answer pass reusing the question pass's KV cache);
+- ``vicrop-rel``: the strategy as shipped (SDPA capture of one row; for a look-first model the reply records it;
+  generic rows reusing the question's KV cache, generic map cached per image, the answer pass reusing the image's
+  cache);
 - ``vicrop-rel (no reuse)``: the same without prefix reuse and without the generic cache (what they save);
-- ``vicrop-rel-gate``: with the confidence gate (``gate: 0.9``) that answers from the question pass;
+- ``vicrop-rel-gate``: with the confidence gate (``gate: 0.5``, as registered) that answers from the question pass;
+- ``… (no blocks)``: the same with ``high_res_block: null``: small detail's 1344-px scenes are then mapped whole, as
+  the reference-style baseline maps them (over 1024 px ViCrop maps 2 × 2 blocks by default, as the paper does);
 - ``reference-style``: the baseline the paper's code follows, kept only here: eager attention with
   ``output_attentions=True`` over all layers, two separate batch-1 prefills (question, generic), a Python
   double loop over window positions, then ``generate`` on image + crop;
@@ -25,11 +28,21 @@ memory growth over the loaded model (Linux ``VmHWM`` after the model is loaded, 
 and accuracy on those items (the gate's effect on accuracy). Goals from the issue: ``vicrop-rel`` ≤ 2.0×
 direct on small-detail, ``vicrop-rel-gate`` ≤ 1.3× direct on large, reference-style ≥ 3× direct.
 
-Measured with the demo model v11 (look-first: ViCrop writes its reply before probing, `agents.vicrop_thought`),
-`--n 20 --repeats 1` on the 2-core machine, × direct: small detail vicrop-rel 4.15, no reuse 5.35, gate 4.00,
-reference-style 2.36; large 2.60, 2.78, 2.38 and 3.13. The reply is a third model call the reference does not make
-(it reads p("<think>") at the last prompt token, which says nothing for this model), so the goals are missed: the
-probe could reuse the reply's prefill, and a gate could read the reply's own answer probability and skip the rest.
+Measured with the demo model v11, `--n 30 --repeats 2` on the 2-core machine (one run; two identical
+configurations on large, gate with and without blocks, differ by 0.15, which is the noise), × direct:
+
+| task | vicrop-rel | no reuse | gate | no blocks | gate, no blocks | reference-style |
+|---|---|---|---|---|---|---|
+| small detail | 3.40 | 5.44 | 3.31 | **1.63** | 1.27 | 2.72 |
+| large | 1.61 | 2.67 | **1.23** | 1.63 | 1.38 | 2.44 |
+
+A look-first model's reply records its own attention (`policies.reply_probe`), so the probe costs no pass of its
+own; the answer pass reuses the reply's cache of the image and continues its thought; a gated question's answer is
+the reply. What remains on small detail is the four blocks: mapped whole, the same items cost 1.63×
+(`foveate eval --task world:small-detail --strategies vicrop-rel --n 150` scores 37.3 with blocks and with
+`FOVEATE_VICROP_CONFIG=` a copy of configs/vicrop.yaml saying `high_res_block: null`: the blocks buy this model
+nothing). The reference reads p("<think>") at the last prompt token and writes no thought, which is why
+it is cheaper than the 3× the issue expected.
 """
 
 from __future__ import annotations
@@ -50,6 +63,9 @@ VARIANTS = {
     "vicrop-rel": ("vicrop-rel", {}),
     "vicrop-rel (no reuse)": ("vicrop-rel", {"reuse_prefix": False, "cache_generic": False}),
     "vicrop-rel-gate": ("vicrop-rel-gate", {}),
+    # Images over 1024 px (small detail's 1344-px scenes) are mapped in blocks; the reference maps the whole image.
+    "vicrop-rel (no blocks)": ("vicrop-rel", {"high_res_block": None}),
+    "vicrop-rel-gate (no blocks)": ("vicrop-rel-gate", {"high_res_block": None}),
     "reference-style": (None, {}),
     "direct (batch 8)": ("direct", {"batch": 8}),
     "vicrop-rel (batch 8)": ("vicrop-rel", {"batch": 8}),

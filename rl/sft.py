@@ -195,6 +195,9 @@ class ChatCollator:
         batch = dict(batch)
         batch["labels"] = self.assistant_labels(batch["input_ids"])
         batch["labels"][batch["attention_mask"] == 0] = IGNORE
+        for row, example in enumerate(examples):
+            if example.get("open_reply"):  # the reply is only a beginning (format copy): its end is not a target
+                batch["labels"][row][batch["labels"][row] == self.end_id] = IGNORE
         if self.aux_targets and "image_grid_thw" in batch:
             from foveate.rl.vision_aux import batch_targets
 

@@ -283,7 +283,38 @@ def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: Data
     return {"messages": messages, "views": _views(used)}
 
 
-BUILDERS = {"qa": qa, "qa_crop": qa_crop, "ground": ground, "describe": describe, "deepeyes": deepeyes, "visrl": visrl}
+def copy_thought(
+    image: Image.Image, rng: random.Random, mix: DataMix, foreign: list[dict[str, Any]] = (), **_: Any
+) -> Example | None:
+    """A question from ANOTHER scene, asked about this image, with only its look-first thought's referents as the
+    target (``<think>the large pink``; no answer, no end of turn: `open_reply`). The referent is then unrelated to
+    the image, so only copying the question's words predicts it.
+
+    Why (format ``copy``): the demo model v11 restates the question's referent wrongly in its thought, and on a blank
+    grey image just as often, so the fault is the text copy, not the image: teacher-forced, a colour word after a
+    size word is copied for 0.63 of attribute questions ("the medium-sized purple" → "red") and "large" becomes
+    "tiny" (`python bench/thought_copy.py DIR`). In ordinary examples the referent describes the object the image
+    shows, so a prior over the scene's likely words competes with copying."""
+    candidates = [row for row in foreign if world_referents(row["question"])]
+    if not mix.look_first or not candidates:
+        return None
+    row = rng.choice(candidates)
+    referents = world_referents(row["question"])
+    if mix.look_trim_object:
+        referents = [key_phrase(phrase) for phrase in referents]
+    thought = protocol.THOUGHT_OPEN + "; ".join(referents)
+    return {"messages": [_user(image, row["question"]), _assistant(thought)], "open_reply": True}
+
+
+BUILDERS = {
+    "qa": qa,
+    "qa_crop": qa_crop,
+    "ground": ground,
+    "describe": describe,
+    "deepeyes": deepeyes,
+    "visrl": visrl,
+    "copy": copy_thought,
+}
 # Formats that need a question row; the others are built from the scene alone.
 ROW_FORMATS = {"qa", "qa_crop", "deepeyes", "visrl"}
 # One scene image, one question, one short reply: the formats `chat_examples` merges into chats. A description
@@ -359,9 +390,17 @@ def scene_rows(scene: Scene, rows: list[dict[str, Any]], preset: str, rng: rando
     return [row for row in rows if asks(row, mix.questions)]
 
 
-def scene_examples(image: Image.Image, scene: Scene, rows: list[dict[str, Any]], rng: random.Random, mix: DataMix):
+def scene_examples(
+    image: Image.Image,
+    scene: Scene,
+    rows: list[dict[str, Any]],
+    rng: random.Random,
+    mix: DataMix,
+    foreign: list[dict[str, Any]] = (),
+):
     """Every example of one scene: two different formats per question (more supervision per rendered scene, no
-    duplicates), one format per question with `one_per_scene` or a one-format mix."""
+    duplicates), one format per question with `one_per_scene` or a one-format mix. ``foreign``: the previous
+    scene's question rows (the ``copy`` format asks them about this image)."""
     format_names, format_weights = zip(*mix.formats.items(), strict=True)
     for row in rows[:1] if mix.one_per_scene else rows:
         first = rng.choices(format_names, format_weights)[0]
@@ -370,7 +409,7 @@ def scene_examples(image: Image.Image, scene: Scene, rows: list[dict[str, Any]],
         if others and not mix.one_per_scene:
             names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
         for name in names:
-            kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix}
+            kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix, "foreign": foreign}
             example = BUILDERS[name](**kwargs)
             if example is not None:
                 example["format"] = name
@@ -386,7 +425,7 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
     rng = random.Random(f"foveate-sft/{seed}")
     streams = {name: iter_scenes(seed, name) for name in mix.presets}
     preset_names, preset_weights = zip(*mix.presets.items(), strict=True)
-    skipped = 0
+    skipped, foreign = 0, []
     while True:
         preset = rng.choices(preset_names, preset_weights)[0]
         scene, rows = next(streams[preset])
@@ -396,7 +435,8 @@ def example_stream(seed: int, mix: DataMix | None = None) -> Iterator[Example]:
             raise ValueError(f"no question of kinds {mix.questions} in {skipped} scenes of presets {preset_names}")
         if not rows:
             continue
-        examples = scene_examples(render_scene(scene), scene, rows, rng, mix)
+        examples = scene_examples(render_scene(scene), scene, rows, rng, mix, foreign)
+        foreign = rows
         if mix.chat_turns == 1:
             yield from examples
             continue

@@ -580,3 +580,26 @@ def test_trimmed_thoughts_end_on_the_word_the_answer_is_looked_up_by(tmp_path: P
     assert changed > 10
     (tmp_path / "foveate_recipe.json").write_text(json.dumps({"data": dataclasses.asdict(trimmed)}, default=list))
     assert answer_format(tmp_path)["look_trim_object"] is True
+
+
+def test_copy_examples_ask_the_previous_scenes_question_and_supervise_only_the_referent(collator) -> None:
+    from foveate.world.questions import referents
+
+    mix = DataMix(formats={"qa": 1.0, "copy": 1.0}, presets={"default": 1.0}, look_first=True, look_trim_object=True)
+    examples = list(itertools.islice(example_stream(3, mix), 40))
+    copies = [e for e in examples if e["format"] == "copy"]
+    assert copies and all(e["open_reply"] for e in copies)
+    for example in copies:
+        question = example["messages"][0]["content"][-1]["text"]
+        thought = example["messages"][1]["content"]
+        # the question was asked of an earlier scene: its qa example came before, with another image
+        earlier = next(
+            e for e in examples if e["format"] == "qa" and e["messages"][0]["content"][-1]["text"] == question
+        )
+        assert earlier["scene"] is not example["scene"]
+        assert thought.startswith("<think>") and "</think>" not in thought
+        assert referents(question)[0].split()[:2] == thought.removeprefix("<think>").split()[:2]
+    batch = collator(copies[:2])
+    for row, example in enumerate(copies[:2]):
+        labelled = batch["input_ids"][row][batch["labels"][row] != IGNORE]
+        assert collator.tokenizer.decode(labelled) == example["messages"][1]["content"]  # no <|im_end|> target
