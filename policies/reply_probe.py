@@ -77,6 +77,13 @@ class ReplyProbeMixin:
             raise PolicyError("keep needs one flag per conversation")
         if not self.supports_prefix_reuse:
             raise PolicyError("reply_probe decodes from the prompt's cache: a Qwen2-VL-family model is needed")
+        results: list[ReplyProbe] = []
+        for first in range(0, len(conversations), self.max_batch_size):  # batches no larger than `chat`'s
+            rows = slice(first, first + self.max_batch_size)
+            results += self._reply_probe_batch(conversations[rows], layers, max_new_tokens, keep[rows])
+        return results
+
+    def _reply_probe_batch(self, conversations, layers: list[int], max_new_tokens: int, keep: list[bool]):
         started = time.perf_counter()
         texts, images_per_row = [], []
         for messages in conversations:

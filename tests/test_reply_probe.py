@@ -71,3 +71,12 @@ def test_bad_arguments_are_refused(tiny_policy) -> None:
         tiny_policy.reply_probe(conversations(), LAYER, 4, keep=[True])
     with pytest.raises(PolicyError, match="layer"):
         tiny_policy.reply_probe(conversations(), 99, 4)
+
+
+def test_batches_are_split_like_chats(tiny_policy, monkeypatch) -> None:
+    together = tiny_policy.reply_probe(conversations(), LAYER, 6)
+    monkeypatch.setattr(tiny_policy, "max_batch_size", 1)
+    apart = tiny_policy.reply_probe(conversations(), LAYER, 6)
+    assert [r.reply.text for r in apart] == [r.reply.text for r in together]
+    for one, other in zip(apart, together, strict=True):
+        np.testing.assert_allclose(one.rows, other.rows[:, -one.rows.shape[1] :], atol=1e-5)  # left padding
