@@ -85,11 +85,7 @@ class ReplyProbeMixin:
 
     def _reply_probe_batch(self, conversations, layers: list[int], max_new_tokens: int, keep: list[bool]):
         started = time.perf_counter()
-        texts, images_per_row = [], []
-        for messages in conversations:
-            text, images = self.render(messages)
-            texts.append(text)
-            images_per_row.append(images)
+        texts, images_per_row = self.render_all(conversations)
         batch = self.encode(texts, [image for images in images_per_row for image in images])
         prompt_length = batch["input_ids"].shape[1]
         steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per position: ([batch, prompt keys], [batch] prob)

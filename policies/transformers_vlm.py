@@ -257,12 +257,13 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
             raise PolicyError(f"the processor rejected the input: {error}") from error
         return {key: value.to(self.device) if hasattr(value, "to") else value for key, value in batch.items()}
 
+    def render_all(self, conversations: Sequence[Conversation]) -> tuple[list[str], list[list[Image.Image]]]:
+        """`render` of each conversation: the texts and each one's images."""
+        rendered = [self.render(messages) for messages in conversations]
+        return [text for text, _ in rendered], [images for _, images in rendered]
+
     def prepare(self, conversations: Sequence[Conversation]) -> tuple[dict[str, torch.Tensor], list[list[Image.Image]]]:
-        texts, images_per_row = [], []
-        for messages in conversations:
-            text, images = self.render(messages)
-            texts.append(text)
-            images_per_row.append(images)
+        texts, images_per_row = self.render_all(conversations)
         batch = self.encode(texts, [image for images in images_per_row for image in images])
         return batch, images_per_row
 
