@@ -1,6 +1,6 @@
 """Does a look-first model copy the question's referent into its thought? Teacher-forced, per kind of word.
 
-    python bench/thought_copy.py DIR [--preset large] [--n 150]
+    python bench/thought_copy.py DIR [--preset large] [--n 150] [--context]
 
 `bench/look_first.py` generates whole replies and counts referents named exactly; this bench finds WHICH words go
 wrong. For each held-out attribute / relation / comparison question (world seed 777, never a training seed) the
@@ -8,7 +8,8 @@ right look-first reply (`rl.sft_data.short_answer`) is fed to the model, and at 
 model's argmax is compared with the reply's token: the referent's words by kind (article, size, colour, shape,
 other) and the answer inside the thought. Each question is run twice in the same batch of work: with its scene,
 and with a plain grey image of the same size. When copying fails as often on the grey image, the fault is the text
-copy, not a competing percept.
+copy, not a competing percept. ``--context`` splits each kind by the kind of the word before it ("colour after
+size": the "purple" of "the medium-sized purple"; a word split into several tokens counts as "other").
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def word_kind(token_text: str) -> str:
     return "article" if word in ("the", "a") else "other"
 
 
-def copy_hits(policy, image, question: str, reply: str) -> list[tuple[str, bool]]:
-    """(kind, argmax right) for every token of ``reply``'s thought after ``<think>``, teacher-forced."""
+def copy_hits(policy, image, question: str, reply: str) -> list[tuple[str, str, bool]]:
+    """(kind, the previous token's kind, argmax right) for every token of ``reply``'s thought after ``<think>``,
+    teacher-forced."""
     thought = reply[: reply.index("</think>")]
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     text, images = policy.render(messages)
@@ -52,10 +54,11 @@ def copy_hits(policy, image, question: str, reply: str) -> list[tuple[str, bool]
     with torch.no_grad():
         logits = policy.model(**batch).logits[0]
     ids = batch["input_ids"][0]
+    kinds = [word_kind(policy.tokenizer.decode([int(token)])) for token in ids]
     hits = []
     for position in range(lengths[0] + 1, ids.shape[0]):  # from the token after <think>
-        kind = word_kind(policy.tokenizer.decode([int(ids[position])])) if position < lengths[1] else "ANSWER"
-        hits.append((kind, bool(logits[position - 1].argmax() == ids[position])))
+        kind = kinds[position] if position < lengths[1] else "ANSWER"
+        hits.append((kind, kinds[position - 1], bool(logits[position - 1].argmax() == ids[position])))
     return hits
 
 
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--preset", default="large")
     parser.add_argument("--n", type=int, default=150, help="questions")
     parser.add_argument("--seed", type=int, default=777)
+    parser.add_argument("--context", action="store_true", help="split each kind by the previous word's kind")
     args = parser.parse_args()
     torch.set_num_threads(2)
     policy = TransformersVLM(args.model)
@@ -78,7 +82,8 @@ def main() -> None:
         image = render_scene(scene)
         reply = short_answer(row, mix, scene)
         for shown, picture in (("scene", image), ("grey", Image.new("RGB", image.size, (128, 128, 128)))):
-            for kind, right in copy_hits(policy, picture, row["question"], reply):
+            for kind, before, right in copy_hits(policy, picture, row["question"], reply):
+                kind = f"{kind} after {before}" if args.context and kind != "ANSWER" else kind
                 counts = tally[(row["family"], kind, shown)]
                 counts[0] += right
                 counts[1] += 1
