@@ -18,10 +18,14 @@ On a policy with `reply_probe` (the transformers backend) the reply is decoded o
 prompt's cache is kept for the generic and answer passes, and when the gate fires the finished reply is the answer.
 Elsewhere the thought is probed as a suffix (a second prefill).
 
-Deviations: the generic map of rel-att stays at the generic prompt's last token (it normalises where the model
-attends to any image, and a generic prompt has no referent to stop at); a high-resolution image split into blocks
-gets one reply, on the whole image, and every block is probed after that thought (it restates the question's
-referent, which does not depend on the block; the paper's blocks are probed at their own last prompt token).
+Deviations:
+- the answer pass after the crop continues the reply's thought (prefilled, `chat_with_prefix(starts=…)`) rather
+  than writing it anew with the crop in view (the thought restates the question's words);
+- the generic map of rel-att stays at the generic prompt's last token (it normalises where the model attends to
+  any image, and a generic prompt has no referent to stop at);
+- a high-resolution image split into blocks gets one reply, on the whole image, and every block is probed after
+  that thought (it restates the question's referent, which does not depend on the block; the paper's blocks are
+  probed at their own last prompt token).
 """
 
 from __future__ import annotations
