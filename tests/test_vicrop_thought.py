@@ -198,3 +198,32 @@ def test_a_reply_answers_only_a_caller_that_would_get_exactly_it() -> None:
     assert not answers_as_asked(reply, SamplingParams(max_new_tokens=32, temperature=0.7))
     assert not answers_as_asked(ChatResult([Completion(REPLY[:12], 24, "length")], 80, 0.1), SamplingParams())
     assert not answers_as_asked(None, SamplingParams())
+
+
+@pytest.mark.parametrize("gate", [1e-9, 1.0])
+def test_the_gate_answers_a_blocked_image_from_its_whole_image_reply(tiny_policy, tmp_path, gate) -> None:
+    class Counting(LookFirstReplies):
+        probes = 0
+
+        def attention_probe(self, *args, **kwargs):
+            self.probes += 1
+            return self._real.attention_probe(*args, **kwargs)
+
+    store = ImageStore(tmp_path / "images")
+    image = scene(size=(1344, 1344), dot=(900, 700))
+    ref = store.put(image)
+    policy = Counting(tiny_policy)
+    config = {"configurable": {"vicrop": {"look_first": "on", "gate": gate, "high_res_block": 1024}}}
+    context = FoveateContext(policy=policy, store=store, max_new_tokens=32)
+    state = build().invoke({"image": ref, "question": QUESTION}, config=config, context=context)
+    calls = [s for s in state["steps"] if s["kind"] == "model_call"]
+    assert policy.chats == 1 and 0 < state["confidence"] < 1.0  # read inside the whole-image reply
+    if gate < 1:  # sure enough: the reply answers, no block is probed, no crop
+        assert policy.probes == 0 and len(calls) == 1 and state["answer"] == "red"
+        assert not any(s["kind"] == "crop" for s in state["steps"])
+        layer = resolve_layer(load_vicrop_config().layer, tiny_policy.num_layers)
+        whole = tiny_policy.attention_probe([user(image, QUESTION)], layer, suffixes=["<think>the small circle"])[0]
+        heat = next(s for s in state["steps"] if s.get("map_kind") == "attention")["values"]
+        np.testing.assert_allclose(heat, whole.maps[0].values, atol=1e-5)  # the reply's whole-image map
+    else:  # the four blocks (and their generic rows) are probed, then the crop is answered
+        assert policy.probes == 2 and any(s["kind"] == "crop" for s in state["steps"])
