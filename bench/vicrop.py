@@ -36,6 +36,12 @@ configurations on large, gate with and without blocks, differ by 0.15, which is 
 | small detail | 3.40 | 5.44 | 3.31 | **1.63** | 1.27 | 2.72 |
 | large | 1.61 | 2.67 | **1.23** | 1.63 | 1.38 | 2.44 |
 
+Since then the gate also answers a blocked image from its whole-image reply (the reply sees the whole image with
+the question): `--tasks world:small-detail --variants direct,vicrop-rel,vicrop-rel-gate --n 30 --repeats 2` gives
+vicrop-rel 2.91, gate **1.83** (3.31 before), at the same accuracy on those items; `foveate eval --task
+world:small-detail --strategies vicrop-rel-gate --n 150` scores 36.0 (vicrop-rel 37.3, direct 34.0), the gate
+answering 101 of 150 items from the reply.
+
 A look-first model's reply records its own attention (`policies.reply_probe`), so the probe costs no pass of its
 own; the answer pass reuses the reply's cache of the image and continues its thought; a gated question's answer is
 the reply. What remains on small detail is the four blocks: mapped whole, the same items cost 1.63×
