@@ -65,8 +65,9 @@ Deliberate deviations from the paper, and why:
 - High-resolution blocks use ceil division (no zero-width block for thin images, a bug in the reference).
 - Optional confidence gate (off by default, not in the paper): if the question pass's first answer token has
   probability ≥ ``gate``, answer from that pass without cropping — cheaper on questions the model already
-  sees well. Not available for pure-grad, nor for blocked high-res images unless a look-first reply saw the whole
-  image with the question (its passes otherwise do not see it as ``direct`` would).
+  sees well. Not available for pure-grad, nor for blocked high-res images (their passes do not see the whole image
+  with the question as ``direct`` would) unless a look-first model's reply was recorded on the whole image
+  (rel-att on a backend with `reply_probe` and sessions, a thought ending on a token boundary).
 - ``feed: mask`` (``vicrop-carve``) is not ViCrop but the CARVE alternative ("Focusing by Contrastive
   Attention", 2025): the contrast map fades unattended pixels toward grey and the masked image *replaces* the
   original. CARVE builds its mask from several deeper layers; here from the configured ``layer`` (a list works).
@@ -263,7 +264,7 @@ def _answer(
     ``start``: the look-first thought to continue (``<think>the red``), prefilled rather than decoded again
     (greedy decoding on a model with sessions only; elsewhere the model writes its thought anew).
     """
-    plain = params.greedy and params.n == 1
+    plain = params.greedy and params.n == 1 and not params.stop
     start = start if start and plain and getattr(policy, "supports_prefix_reuse", False) else None
     reuse = session is not None and options.reuse_prefix
     if hasattr(policy, "chat_with_prefix") and (reuse or start):

@@ -110,7 +110,8 @@ def look_attention_many(
     generic prompt's tokens (no second pass over the image or block). A look-first model's whole-image rows come
     from its reply instead (`agents.vicrop_thought.write_thoughts`). Without prefix reuse (option off, or a model
     without sessions) the generic rows simply join the first batch. Blocks are tiled per question; generic maps
-    are stored for the next question about the same image."""
+    are stored for the next question about the same image. With a ``gate``, a blocked image whose whole-image reply
+    is sure enough is not probed at all (`_unneeded_rows`): its Look carries the reply's map and confidence."""
     gradient = options.method == "grad-att"
     sessions_work = options.reuse_prefix and getattr(policy, "supports_prefix_reuse", False)
     conversations: list[list[dict]] = []
@@ -221,7 +222,7 @@ def look_attention_many(
                 generic=generic,
                 confidence=rows[0].prob if whole else getattr(reply_probes.get(start), "prob", None),
                 session=rows[0].session if whole else getattr(reply_probes.get(start), "session", None),
-                token=rows[0].token,
+                token=rows[0].token if whole else getattr(reply_probes.get(start), "token", rows[0].token),
                 prompt_tokens=sum(r.prompt_tokens for r in rows),
                 latency_s=rows[0].latency_s,
                 rows=len(results) + sum(len(rows) for rows, _ in session_generics.values()),

@@ -68,7 +68,8 @@ def answer_many(
                 messages = user_turn(
                     carve_image(image, look.heat, options.carve_keep, options.carve_floor), items[index][1]
                 )
-            answered.append((index, messages, look.session, look.thought or ""))  # continue the reply's thought
+            zoomed = out[index]["box"] is not None or options.feed == "mask"  # as the graph: only beside a new view
+            answered.append((index, messages, look.session, (look.thought or "") if zoomed else ""))
         # A finished look-first reply already answered the question as asked.
         replied = {index for index, _ in gated if answers_as_asked(looks[index].thought_call, params)}
         for index in replied:
@@ -89,7 +90,9 @@ def answer_many(
         if answered:
             conversations = [messages for _, messages, _, _ in answered]
             sessions = [session if options.reuse_prefix else None for _, _, session, _ in answered]
-            plain = params.greedy and params.n == 1 and getattr(policy, "supports_prefix_reuse", False)
+            plain = (
+                params.greedy and params.n == 1 and not params.stop and getattr(policy, "supports_prefix_reuse", False)
+            )
             starts = [start if plain else "" for *_, start in answered]
             for (index, *_), result in zip(
                 answered, policy.chat_with_prefix(conversations, sessions, params, starts=starts), strict=True

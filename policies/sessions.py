@@ -181,6 +181,8 @@ class SessionsMixin:
         starts = [""] * len(conversations) if starts is None else list(starts)
         if len(sessions) != len(conversations) or len(starts) != len(conversations):
             raise PolicyError("chat_with_prefix needs one session (or None) and one start per conversation")
+        if any(starts) and params.stop:  # stop strings would have to see the start too
+            raise PolicyError("a reply's start cannot be combined with stop strings")
         if not params.greedy or params.n != 1 or not self.supports_prefix_reuse:
             if any(starts):
                 raise PolicyError("a reply's start is prefilled only under greedy decoding with prefix reuse")

@@ -94,6 +94,8 @@ class DataMix:
             raise ValueError(f"existence_thought must be one of {EXISTENCE_THOUGHTS}, not {self.existence_thought!r}")
         if self.chat_turns < 1:
             raise ValueError(f"chat_turns must be at least 1, not {self.chat_turns}")
+        if self.formats.get("copy") and not self.look_first:
+            raise ValueError("format copy restates a look-first thought: it needs look_first: true")
         if self.scene_questions is not None and not 1 <= self.scene_questions[0] <= self.scene_questions[1]:
             raise ValueError(f"scene_questions must be (low, high) with 1 <= low <= high, not {self.scene_questions}")
 
@@ -295,7 +297,9 @@ def copy_thought(
     size word is copied for 0.63 of attribute questions ("the medium-sized purple" → "red") and "large" becomes
     "tiny" (`python bench/thought_copy.py DIR`). In ordinary examples the referent describes the object the image
     shows, so a prior over the scene's likely words competes with copying."""
-    candidates = [row for row in foreign if world_referents(row["question"])]
+    # With percept existence thoughts an existence question's thought is not its words: not a copy target.
+    percept = mix.existence_thought == "percept"
+    candidates = [r for r in foreign if world_referents(r["question"]) and not (percept and r["family"] == "existence")]
     if not mix.look_first or not candidates:
         return None
     row = rng.choice(candidates)

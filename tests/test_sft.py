@@ -603,3 +603,8 @@ def test_copy_examples_ask_the_previous_scenes_question_and_supervise_only_the_r
     for row, example in enumerate(copies[:2]):
         labelled = batch["input_ids"][row][batch["labels"][row] != IGNORE]
         assert collator.tokenizer.decode(labelled) == example["messages"][1]["content"]  # no <|im_end|> target
+
+
+def test_copy_needs_look_first_thoughts() -> None:
+    with pytest.raises(ValueError, match="look_first"):
+        DataMix(formats={"qa": 1.0, "copy": 1.0}, look_first=False)

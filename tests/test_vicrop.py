@@ -326,3 +326,5 @@ def test_a_reply_start_is_prefilled_and_continued_greedily(tiny_policy):
     assert without[1].text == tiny_policy.chat([question], GREEDY)[0].text  # rows without a start are unchanged
     with pytest.raises(FoveateError, match="greedy"):
         tiny_policy.chat_with_prefix([answer], [None], SamplingParams(max_new_tokens=4, temperature=0.7), [start])
+    with pytest.raises(FoveateError, match="stop"):  # a stop string would have to see the start too
+        tiny_policy.chat_with_prefix([answer], [None], SamplingParams(max_new_tokens=4, stop=["x"]), [start])
