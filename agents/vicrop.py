@@ -125,7 +125,7 @@ from foveate.agents.vicrop_select import (
     carve_image,
     select_box,
 )
-from foveate.agents.vicrop_thought import answers_as_asked
+from foveate.agents.vicrop_thought import answers_as_asked, continues_thought
 from foveate.errors import PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.tools.store import decoded as _images
@@ -264,13 +264,12 @@ def _answer(
     ``start``: the look-first thought to continue (``<think>the red``), prefilled rather than decoded again
     (greedy decoding on a model with sessions only; elsewhere the model writes its thought anew).
     """
-    plain = params.greedy and params.n == 1 and not params.stop
-    start = start if start and plain and getattr(policy, "supports_prefix_reuse", False) else None
+    start = start if start and continues_thought(policy, params) else None
     reuse = session is not None and options.reuse_prefix
     if hasattr(policy, "chat_with_prefix") and (reuse or start):
         with _locked(policy):
             try:
-                if same and plain and reuse and not start:
+                if same and params.greedy and params.n == 1 and reuse and not start:
                     return policy.continue_probe([session], params)[0]
                 kept = session if reuse else None
                 return policy.chat_with_prefix([messages], [kept], params, starts=[start or ""])[0]

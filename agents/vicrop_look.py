@@ -118,8 +118,9 @@ def look_attention_many(
     keep: list[bool] = []
     plans, generic_cached = [], {}
     batched_generics: dict[tuple[str, str], tuple[int, tuple[int, int]]] = {}
-    # → (question rows, generic conversations): one per block (one for a whole image), each reusing its row's cache
-    session_generics: dict[tuple[str, str], tuple[list[int], list[list[dict]]]] = {}
+    # → (question rows, generic conversations, layout): one row per block (one for a whole image), each generic row
+    # reusing its question row's cache
+    session_generics: dict[tuple[str, str], tuple[list[int], list[list[dict]], tuple[int, int]]] = {}
     for ref, messages, target in requests:
         image = store.get(ref)
         blocks, layout = split_blocks(image.size, options.high_res_block)
@@ -141,7 +142,8 @@ def look_attention_many(
             elif sessions_work:  # after the batch, reusing each question row's cache of its image or block
                 rows = list(range(first, first + len(questions)))
                 keep[first : first + len(questions)] = [True] * len(questions)
-                session_generics[key] = (rows, [user_turn(block, options.generic_prompt) for block in block_images])
+                generic_turns = [user_turn(block, options.generic_prompt) for block in block_images]
+                session_generics[key] = (rows, generic_turns, layout)
             else:  # the generic pass rides in the same batch as the questions
                 batched_generics[key] = (len(conversations), layout)
                 conversations += [user_turn(block, options.generic_prompt) for block in block_images]
@@ -167,8 +169,8 @@ def look_attention_many(
             elif probe is not None:
                 reply_probes[first] = probe
     # The gate answers a blocked image from its whole-image reply too, before any block is probed.
-    gated_blocks = {p[4] for p in plans if options.gate is not None and p[4] in reply_probes}
-    gated_blocks = {start for start in gated_blocks if reply_probes[start].prob >= options.gate}
+    gated = options.gate is not None
+    gated_blocks = {start for start, reply in reply_probes.items() if gated and reply.prob >= options.gate}
     skip, batched_generics, session_generics = _unneeded_rows(plans, gated_blocks, batched_generics, session_generics)
     todo = [row for row, result in enumerate(results) if result is None and row not in skip]
     if todo:
@@ -189,12 +191,12 @@ def look_attention_many(
         needed = {plan[0] for plan in plans if not plan[2] or results[plan[4]].prob < options.gate}  # no gate: blocks
         session_generics = {key: value for key, value in session_generics.items() if key in needed}
     if session_generics:
-        rows = [row for question_rows, _ in session_generics.values() for row in question_rows]
-        generic_turns = [turn for _, turns in session_generics.values() for turn in turns]
+        rows = [row for question_rows, *_ in session_generics.values() for row in question_rows]
+        generic_turns = [turn for _, turns, _ in session_generics.values() for turn in turns]
         probes = iter(policy.attention_probe(generic_turns, layer, sessions=[results[row].session for row in rows]))
-        for key, (question_rows, _) in session_generics.items():
+        for key, (question_rows, _, layout) in session_generics.items():
             maps = [next(probes).maps[0].values for _ in question_rows]
-            generics[key] = maps[0] if len(maps) == 1 else tile_maps(maps, _layout_of(plans, key))
+            generics[key] = maps[0] if layout == (1, 1) else tile_maps(maps, layout)
     # block rows' caches served only their generic rows (a blocked image's answer reuses its reply's cache)
     block_rows = [r for plan in plans if not plan[2] for r in results[plan[4] : plan[4] + plan[5]]]
     block_sessions = [r.session for r in block_rows if r is not None]
@@ -211,7 +213,7 @@ def look_attention_many(
             looks.append(Look(heat=heat, confidence=reply.prob, session=reply.session, token=reply.token, rows=1,
                               thought=suffixes[start] or None, thought_call=call, probed_in_reply=True))  # fmt: skip
             continue
-        rows = results[start : start + count]
+        rows, reply = results[start : start + count], reply_probes.get(start)
         maps = [r.maps[target if whole else 0].values for r in rows]
         question = maps[0] if whole else tile_maps(maps, layout)
         generic = None if gradient else generics.get(key)  # None: gated before a generic map was needed
@@ -220,12 +222,12 @@ def look_attention_many(
                 heat=question if generic is None else _relative(question, generic, options.rel_eps),
                 question=None if generic is None else question,
                 generic=generic,
-                confidence=rows[0].prob if whole else getattr(reply_probes.get(start), "prob", None),
-                session=rows[0].session if whole else getattr(reply_probes.get(start), "session", None),
-                token=rows[0].token if whole else getattr(reply_probes.get(start), "token", rows[0].token),
+                confidence=rows[0].prob if whole else getattr(reply, "prob", None),
+                session=rows[0].session if whole else getattr(reply, "session", None),
+                token=rows[0].token if whole else getattr(reply, "token", rows[0].token),
                 prompt_tokens=sum(r.prompt_tokens for r in rows),
                 latency_s=rows[0].latency_s,
-                rows=len(results) + sum(len(rows) for rows, _ in session_generics.values()),
+                rows=len(results) + sum(len(rows) for rows, *_ in session_generics.values()),
                 generic_cached=key in generic_cached,
                 thought=suffixes[start] or None,
                 thought_call=thought_calls[start],
@@ -242,16 +244,12 @@ def _unneeded_rows(plans: list[tuple], gated_blocks: set[int], batched: dict, by
     question needs. Returns (rows to skip, the generic plans still needed: batched, by session)."""
     wanted = {plan[0] for plan in plans if plan[4] not in gated_blocks}
     by_session = {key: value for key, value in by_session.items() if key in wanted}
-    kept = {row for rows, _ in by_session.values() for row in rows}
+    kept = {row for rows, *_ in by_session.values() for row in rows}
     skip = {row for plan in plans if plan[4] in gated_blocks for row in range(plan[4], plan[4] + plan[5])} - kept
     for key, (start, layout) in batched.items():
         if key not in wanted:
             skip.update(range(start, start + layout[0] * layout[1]))
     return skip, {key: value for key, value in batched.items() if key in wanted}, by_session
-
-
-def _layout_of(plans: list[tuple], key: tuple[str, str]) -> tuple[int, int]:
-    return next(plan[1] for plan in plans if plan[0] == key)
 
 
 def look_pure_grad(

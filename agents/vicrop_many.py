@@ -20,7 +20,7 @@ from foveate.agents.vicrop import (
     user_turn,
 )
 from foveate.agents.vicrop_select import carve_image, select_box
-from foveate.agents.vicrop_thought import answers_as_asked
+from foveate.agents.vicrop_thought import answers_as_asked, continues_thought
 from foveate.errors import FoveateError, PolicyError
 from foveate.protocol import strip_thought
 from foveate.tools.crop import crop as crop_image
@@ -90,9 +90,7 @@ def answer_many(
         if answered:
             conversations = [messages for _, messages, _, _ in answered]
             sessions = [session if options.reuse_prefix else None for _, _, session, _ in answered]
-            plain = (
-                params.greedy and params.n == 1 and not params.stop and getattr(policy, "supports_prefix_reuse", False)
-            )
+            plain = continues_thought(policy, params)
             starts = [start if plain else "" for *_, start in answered]
             for (index, *_), result in zip(
                 answered, policy.chat_with_prefix(conversations, sessions, params, starts=starts), strict=True

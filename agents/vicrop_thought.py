@@ -109,6 +109,13 @@ def write_thoughts(
     return written
 
 
+def continues_thought(policy: Any, params: SamplingParams) -> bool:
+    """Whether an answer can continue a reply's thought (`chat_with_prefix(starts=…)`): greedy, once, no stop
+    strings (they would have to see the prefilled start), on a model with sessions."""
+    plain = params.greedy and params.n == 1 and not params.stop
+    return plain and getattr(policy, "supports_prefix_reuse", False)
+
+
 def answers_as_asked(reply: Any, params: SamplingParams) -> bool:
     """Whether a look-first reply can stand as the answer to a caller decoding with ``params``: it ended on its own
     (not cut at ``thought_tokens``), and the caller decodes greedily, once, with no stop strings and a token budget

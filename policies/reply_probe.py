@@ -98,10 +98,8 @@ class ReplyProbeMixin:
             output = self.model(**batch, use_cache=True, logits_to_keep=1)
             logits, cache = output.logits[:, -1].float(), _output_cache(output)
             record(captured, logits)
-            kept = self._keep_sessions(batch, texts, images_per_row, logits, cache, keep) if any(keep) else {}
-            positions = self._rope_positions(batch)
-            mask = batch["attention_mask"]
-            next_positions = positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2)) + 1
+            next_positions, mask = self._next_positions(batch), batch["attention_mask"]
+            kept = self._keep_sessions(batch, texts, images_per_row, logits, cache, keep, next_positions)
             generated = self._greedy(
                 cache, mask, next_positions, logits, max_new_tokens, on_step=lambda step: record(captured, step)
             )

@@ -96,10 +96,19 @@ class SessionsMixin:
         )
         return positions
 
-    def _keep_sessions(self, batch, texts, images_per_row, logits, cache, keep) -> dict[int, str]:
+    def _next_positions(self, batch) -> torch.Tensor:
+        """[batch]: each row's mrope text position of the first token after its prompt."""
+        mask = batch["attention_mask"].bool()
+        return self._rope_positions(batch).masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1
+
+    def _keep_sessions(
+        self, batch, texts, images_per_row, logits, cache, keep, next_positions: torch.Tensor | None = None
+    ) -> dict[int, str]:
+        """Keep the rows flagged in ``keep`` as sessions; ``next_positions`` (`_next_positions`) when the caller
+        has them already."""
         if cache is None:
             return {}
-        positions = self._rope_positions(batch)
+        next_positions = self._next_positions(batch) if next_positions is None else next_positions
         spans = self.image_spans(batch["input_ids"], batch["image_grid_thw"], [len(i) for i in images_per_row])
         grids = batch.get("image_grid_thw")
         mask = batch["attention_mask"].bool()
@@ -123,7 +132,7 @@ class SessionsMixin:
                 keys=[k[row][:, where].detach().clone() for k, _ in layers],
                 values=[v[row][:, where].detach().clone() for _, v in layers],
                 logits=logits[row].detach().clone(),
-                next_position=int(positions[:, row][:, where].max()) + 1,
+                next_position=int(next_positions[row]),
                 images=images,
             )
             name = uuid.uuid4().hex
