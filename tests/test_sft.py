@@ -163,6 +163,13 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         assert percept.data.existence_thought == "percept" and control.data.existence_thought == "referent"
         assert dataclasses.replace(percept.data, existence_thought="referent") == control.data
         assert percept.train == control.train and percept.init_from == control.init_from
+    # configs/probes/demo-v12.yaml's header: v11's recipe with a longer vision stage and nothing else changed.
+    v11, v12 = recipes["demo"], recipes["demo-v12"]
+    assert v12.model == v11.model and v12.data == v11.data and v12.train == v11.train
+    first_v11, *rest_v11 = v11.all_stages()
+    first_v12, *rest_v12 = v12.all_stages()
+    assert rest_v12 == rest_v11 and first_v12.data == first_v11.data
+    assert first_v12.train == dataclasses.replace(first_v11.train, max_steps=800, max_minutes=40, stop_after_steps=698)
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
