@@ -64,7 +64,7 @@ cells instead, closer to what one attention read of the decoder sees. Measured o
 The probe also scores held-out objects of `large` scenes (seed 998, 633 objects, tiny ones included): v11 0.859
 (max) / 0.782 (mean), demo-v12's stage1 0.897 / 0.777. So 43 % more steps of the recipe's vision stage, which trains
 word-aligned colour and shape heads together, gain nothing on this probe. This probe fits a new head on 2387 frozen
-objects, so it is not the measurement behind the 0.97-0.99 above (a head trained with the tower on about 60,000);
+objects, so it is not the measurement behind the 0.97-0.99 above (a head trained with the tower on about 96,000);
 whether the recipe's heads are what holds its tower back is open until a tower trained here is probed the same way.
 
 ``--frozen`` also prints the held-out confusion matrix: at 224 px hexagon (0.36) and star (0.47) are the shapes
