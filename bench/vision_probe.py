@@ -221,10 +221,11 @@ def frozen_probe(model_dir: str, pool: str = "max") -> None:
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        fitted = (head((train_x - mean) / std).argmax(dim=1) == train_y).float().mean().item()
-        predicted = head((test_x - mean) / std).argmax(dim=1)
-        held_out = (predicted == test_y).float().mean().item()
-        in_scenes = (head((scene_x - mean) / std).argmax(dim=1) == scene_y).float().mean().item()
+        train_pred, predicted, scene_pred = (head((x - mean) / std).argmax(dim=1) for x in (train_x, test_x, scene_x))
+    fitted, held_out, in_scenes = (
+        (pred == truth).float().mean().item()
+        for pred, truth in ((train_pred, train_y), (predicted, test_y), (scene_pred, scene_y))
+    )
     print(
         f"| tower of | fitted on ({len(train_y)} objects) | held-out single ({len(test_y)} objects) "
         f"| held-out large scenes ({len(scene_y)} objects) |"
