@@ -277,6 +277,26 @@ def test_small_detail_targets_are_illegible_at_input_and_full_size_in_the_oracle
             assert side * scale_crop >= 3.9 * side * scale_direct and side * scale_crop >= 20
 
 
+def test_objects_preset_draws_objects_at_the_demo_inputs_scale() -> None:
+    """`objects` (vision pretraining) draws a 168 px scene whose objects have the side a 672 px scene's objects have
+    at a 336 px input, so a processor that keeps 168 px as drawn sees them at the demo model's scale."""
+    from foveate.world.scenes import SIZE_RANGES_672
+
+    for scene, questions in scenes_of("objects", 30):
+        assert (scene.width, scene.height) == (168, 168) and 1 <= len(scene.objects) <= 3
+        for obj in scene.objects:
+            lo, hi = SIZE_RANGES_672[obj.size_class]
+            assert round(lo / 2) <= obj.box[2] - obj.box[0] <= round(hi / 2)
+        assert questions and all(q["split"] == "large" for q in questions)
+    # The demo processor (336 px at most, 14 px patches, 3x3 merge) keeps a 168 px scene as drawn: 12x12 patches.
+    from foveate.api import DEMO_MODEL_DIR
+    from foveate.policies.loading import load_processor
+
+    scene, _ = next(iter(scenes_of("objects", 1)))
+    processed = load_processor(DEMO_MODEL_DIR).image_processor(images=[render_scene(scene)], return_tensors="pt")
+    assert processed["image_grid_thw"].tolist() == [[1, 12, 12]]
+
+
 def test_every_preset_generates(tmp_path: Path) -> None:
     for name in PRESETS:
         rows = [row for _, _, row in iter_items(2, seed=1, preset=name)] if name != "highres" else []

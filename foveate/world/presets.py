@@ -16,6 +16,8 @@ highres        2048 px scenes (square, landscape, portrait), objects at 0.6x rel
 cluttered      like default but every background is textured (noise, stripes or random lines)
 single         training curriculum: one medium/large object on a plain background (colour/shape/existence)
 simple         training curriculum: 1-4 medium/large objects on plain backgrounds
+objects        vision pretraining: 168 px scenes of 1-3 objects at the size a 672 px scene's have at a 336 px
+               input, a quarter of the pixels per image for the vision tower
 grounding      "Locate the ..." only, all target sizes (IoU >= 0.5 accuracy per split)
 =============  ==============================================================================================
 """
@@ -130,6 +132,22 @@ PRESETS: dict[str, WorldConfig] = {
             family_weights=(("attribute", 4.0), ("existence", 2.0), ("counting", 1.0), ("relation", 1.0)),
             splits=("large",),
         ),
+    ),
+    # Vision pretraining at a quarter of the pixels: a 168 px canvas with objects at the size a 672 px scene's have
+    # at a 336 px input (object_scale 2 × 168 / 672 = 0.5), so a processor that keeps 168 px as it is sees them at
+    # the demo model's scale in 144 patches instead of 576 (the vision tower's cost per image falls about 4×).
+    "objects": WorldConfig(
+        name="objects",
+        scene=SceneConfig(
+            canvas_sizes=((168, 168),),
+            object_scale=2.0,
+            n_objects=(1, 3),
+            size_weights=(("small", 0.2), ("medium", 0.5), ("large", 0.3)),
+            min_size_counts=(("medium", 1),),
+            label_prob=0.3,
+        ),
+        questions=QuestionConfig(family_weights=(("attribute", 4.0), ("existence", 2.0)), splits=("large",)),
+        questions_per_scene=(1, 2),
     ),
     # Grounding only ("Locate the …"), all target sizes; the eval reports IoU >= 0.5 accuracy per split.
     "grounding": WorldConfig(
