@@ -19,7 +19,9 @@ language loss. Linear on purpose: they ask those tokens to carry the attributes 
 - Shape, per cell (``shape_labels="cell"``, what the shipped demo model v1 was trained with): the colour rule
   with the object's shape as the label. ``"both"`` adds this per-cell head to the per-object one: once a tower
   knows an object's shape (after a per-object stage) it asks every cell of the object to carry it, so the
-  decoder's attention, a weighted mean over cells, can read it as easily as colour. Measured, it does not: after
+  decoder's attention, a weighted mean over cells, can read it as easily as colour (with word-aligned heads the
+  per-cell head is word-aligned too, so every cell points at the shape word). Measured with a linear per-cell
+  head, it does not: after
   600 steps of stage 2 from the probe recipe's stage-1 tower, a linear probe of the mean over an object's cells
   names 62 % of held-out shapes with it and 64 % without (`bench/vision_probe.py --frozen DIR --frozen-pool
   mean`), and the decoder's first-token shape accuracy on one-object scenes is 0.38 (`bench/first_token.py`).
@@ -318,8 +320,15 @@ class VisionAuxHeads(nn.Module):
             if aligned == "question"
             else None
         )
-        # "both": a second, per-cell shape head beside the per-object one.
-        self.cell_shape = nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES)) if shape_labels == "both" else None
+        # "both": a second, per-cell shape head beside the per-object one; word-aligned when the heads are, so every
+        # cell of an object points at its shape word (what one attention read, a weighted mean of cells, sees).
+        self.cell_shape: nn.Module | None = None
+        if shape_labels == "both":
+            self.cell_shape = (
+                WordAlignedHead(embedding, word_ids(tokenizer, CELL_SHAPE_CLASSES))
+                if aligned != "none"
+                else nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES))
+            )
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
 
     def loss(

@@ -170,6 +170,23 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     first_v12, *rest_v12 = v12.all_stages()
     assert rest_v12 == rest_v11 and first_v12.data == first_v11.data
     assert first_v12.train == dataclasses.replace(first_v11.train, max_steps=800, max_minutes=40, stop_after_steps=698)
+    # configs/probes/demo-v13.yaml: v11's recipe with its vision stage on small scenes (more steps, same minutes).
+    v13 = recipes["demo-v13"]
+    assert v13.model == v11.model and v13.data == v11.data and v13.train == v11.train
+    first_v13, *rest_v13 = v13.all_stages()
+    assert rest_v13 == rest_v11 and first_v13.data.presets == {"objects": 0.85, "large": 0.15}
+    assert first_v13.data == dataclasses.replace(first_v11.data, presets=first_v13.data.presets)
+    assert first_v13.train == dataclasses.replace(first_v11.train, max_steps=1800, stop_after_steps=1800)
+    # configs/probes/demo-v14.yaml: demo-v13 with shape labelled per cell as well as per object, in every stage.
+    v14 = recipes["demo-v14"]
+    assert v14.model == v13.model and v14.data == v13.data
+    assert [dataclasses.replace(stage.train, aux_shape="object") for stage in v14.all_stages()] == [
+        stage.train for stage in v13.all_stages()
+    ]
+    assert all(
+        stage.train.aux_shape == "both" and stage.data == v13_stage.data
+        for stage, v13_stage in zip(v14.all_stages(), v13.all_stages(), strict=True)
+    )
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
@@ -418,6 +435,14 @@ def test_word_aligned_heads_score_classes_by_the_answer_words_embeddings(tiny_mo
         model.config.text_config.hidden_size, embedding=embedding, tokenizer=tokenizer, aligned="shape"
     )
     assert isinstance(shape_only.color, torch.nn.Linear) and isinstance(shape_only.shape, vision_aux.WordAlignedHead)
+    # "both" with aligned heads: the per-cell shape head scores cells by the shape words too ("star" scores star).
+    both = vision_aux.VisionAuxHeads(
+        model.config.text_config.hidden_size, "both", embedding=embedding, tokenizer=tokenizer, aligned="all"
+    )
+    star = vision_aux.CELL_SHAPE_CLASSES.index("star")
+    star_word = embedding.weight[tokenizer("star", add_special_tokens=False)["input_ids"][0]]
+    assert isinstance(both.cell_shape, vision_aux.WordAlignedHead)
+    assert both.cell_shape(star_word[None]).argmax().item() == star
     # A tokenizer that splits an answer word cannot align it: a clear error, not a silent first-piece match.
     split = build_tokenizer(bare_words=False)  # the v1 demo model's tokenizer
     with pytest.raises(ValueError, match="one token per class word"):
