@@ -21,10 +21,10 @@ language loss. Linear on purpose: they ask those tokens to carry the attributes 
   knows an object's shape (after a per-object stage) it asks every cell of the object to carry it, so the
   decoder's attention, a weighted mean over cells, can read it as easily as colour (with word-aligned heads the
   per-cell head is word-aligned too, so every cell points at the shape word). Measured with a linear per-cell
-  head, it does not: after
-  600 steps of stage 2 from the probe recipe's stage-1 tower, a linear probe of the mean over an object's cells
-  names 62 % of held-out shapes with it and 64 % without (`bench/vision_probe.py --frozen DIR --frozen-pool
-  mean`), and the decoder's first-token shape accuracy on one-object scenes is 0.38 (`bench/first_token.py`).
+  head, it does not: after 600 steps of stage 2 from the probe recipe's stage-1 tower, a linear probe of the mean
+  over an object's cells names 62 % of held-out shapes with it and 64 % without (`bench/vision_probe.py --frozen
+  DIR --frozen-pool mean`), and the decoder's first-token shape accuracy on one-object scenes is 0.38
+  (`bench/first_token.py`).
   `python bench/vision_probe.py` compares the two (and mean pooling) on a fresh tower; `--frozen DIR` measures
   what a trained tower carries (configs/probes/demo-vision-pretrain.yaml's stage 1: 74 % on held-out objects).
 

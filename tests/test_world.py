@@ -288,11 +288,10 @@ def test_objects_preset_draws_objects_at_the_demo_inputs_scale() -> None:
             lo, hi = SIZE_RANGES_672[obj.size_class]
             assert round(lo / 2) <= obj.box[2] - obj.box[0] <= round(hi / 2)
         assert questions and all(q["split"] == "large" for q in questions)
-    # The demo processor (336 px at most, 14 px patches, 3x3 merge) keeps a 168 px scene as drawn: 12x12 patches.
+    # The demo processor (336 px at most, 14 px patches, 3x3 merge) keeps the last scene as drawn: 12x12 patches.
     from foveate.api import DEMO_MODEL_DIR
     from foveate.policies.loading import load_processor
 
-    scene, _ = next(iter(scenes_of("objects", 1)))
     processed = load_processor(DEMO_MODEL_DIR).image_processor(images=[render_scene(scene)], return_tensors="pt")
     assert processed["image_grid_thw"].tolist() == [[1, 12, 12]]
 
