@@ -1,6 +1,6 @@
 """Supervised answers per second of SFT: one question per example against multi-turn chats of a scene's questions.
 
-    python bench/chat_throughput.py           # ≈ 30 s; stage 4 of configs/demo.yaml (the demo model v11)
+    python bench/chat_throughput.py           # ≈ 30 s; stage 4 of configs/demo.yaml (the demo model's recipe)
     python bench/chat_throughput.py --config configs/demo.yaml --stage 5
 
 `rl.sft_data.DataMix.chat_turns` asks a scene's qa and ground questions in one chat, so one vision pass and one
@@ -18,7 +18,7 @@ Measured on the 2-core machine (idle), batches of 16, seconds per batch (step / 
   attention supervision), 14.0 answers/s; chats 0.98 / 0.35 s, 41.0 answers (38.6), 30.7 answers/s: 2.19×.
 - stage 5 (`--stage 5`, the full mix; crop and tool formats stay one question per example): 1.06 / 0.48 s,
   17.8 answers, 11.5/s against 1.23 / 0.52 s, 26.2 answers, 14.9/s: 1.30×.
-What the extra answers did to binding at equal wall time is in configs/demo.yaml: nothing measurable.
+What the extra answers did to binding at equal wall time is in configs/probes/demo-v11.yaml: nothing measurable.
 """
 
 from __future__ import annotations

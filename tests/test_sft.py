@@ -164,7 +164,7 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         assert dataclasses.replace(percept.data, existence_thought="referent") == control.data
         assert percept.train == control.train and percept.init_from == control.init_from
     # configs/probes/demo-v12.yaml's header: v11's recipe with a longer vision stage and nothing else changed.
-    v11, v12 = recipes["demo"], recipes["demo-v12"]
+    v11, v12 = recipes["demo-v11"], recipes["demo-v12"]
     assert v12.model == v11.model and v12.data == v11.data and v12.train == v11.train
     first_v11, *rest_v11 = v11.all_stages()
     first_v12, *rest_v12 = v12.all_stages()
@@ -177,12 +177,13 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     assert rest_v13 == rest_v11 and first_v13.data.presets == {"objects": 0.85, "large": 0.15}
     assert first_v13.data == dataclasses.replace(first_v11.data, presets=first_v13.data.presets)
     assert first_v13.train == dataclasses.replace(first_v11.train, max_steps=1800, stop_after_steps=1800)
-    # configs/probes/demo-v14.yaml: demo-v13 with shape labelled per cell as well as per object, in every stage.
-    v14 = recipes["demo-v14"]
+    # configs/demo.yaml (v14): demo-v13 with shape labelled per cell as well as per object, in every stage, and its
+    # vision stage stopped after the 1735 steps its first build ran in 20 minutes.
+    v14 = recipes["demo"]
     assert v14.model == v13.model and v14.data == v13.data
-    assert [dataclasses.replace(stage.train, aux_shape="object") for stage in v14.all_stages()] == [
-        stage.train for stage in v13.all_stages()
-    ]
+    first_v14, *rest_v14 = (dataclasses.replace(stage.train, aux_shape="object") for stage in v14.all_stages())
+    assert rest_v14 == [stage.train for stage in rest_v13]
+    assert first_v14 == dataclasses.replace(first_v13.train, max_minutes=45, stop_after_steps=1735)
     assert all(
         stage.train.aux_shape == "both" and stage.data == v13_stage.data
         for stage, v13_stage in zip(v14.all_stages(), v13.all_stages(), strict=True)
