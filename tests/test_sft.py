@@ -188,6 +188,19 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         stage.train.aux_shape == "both" and stage.data == v13_stage.data
         for stage, v13_stage in zip(v14.all_stages(), v13.all_stages(), strict=True)
     )
+    # configs/probes/demo-v15.yaml: v14 with a vision stage twice as long, and nothing else changed.
+    v15 = recipes["demo-v15"]
+    assert (v15.model, v15.data, v15.train, v15.all_stages()[1:]) == (
+        v14.model,
+        v14.data,
+        v14.train,
+        v14.all_stages()[1:],
+    )
+    first_v15, first_v14 = v15.all_stages()[0], v14.all_stages()[0]
+    assert first_v15.data == first_v14.data
+    assert first_v15.train == dataclasses.replace(
+        first_v14.train, max_steps=3600, max_minutes=60, stop_after_steps=3600
+    )
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
