@@ -44,11 +44,9 @@ def test_the_shipped_model_was_built_by_the_documented_recipe() -> None:
 def test_the_readme_main_command_answers_its_example_right() -> None:
     from foveate import ask
 
-    task = next(
-        json.loads(line)
-        for line in (ROOT / "examples" / "world" / "tasks.jsonl").read_text().splitlines()
-        if json.loads(line)["question"] == README_QUESTION and README_IMAGE.endswith(json.loads(line)["image"])
-    )
-    assert README_QUESTION in (ROOT / "README.md").read_text() and README_IMAGE in (ROOT / "README.md").read_text()
+    tasks = [json.loads(line) for line in (ROOT / "examples" / "world" / "tasks.jsonl").read_text().splitlines()]
+    task = next(t for t in tasks if t["question"] == README_QUESTION and README_IMAGE.endswith(t["image"]))
+    readme = (ROOT / "README.md").read_text()
+    assert README_QUESTION in readme and README_IMAGE in readme
     result = ask(str(ROOT / README_IMAGE), README_QUESTION)  # no model given: the demo model
     assert result.trace.model_calls and result.answer == task["answers"][0]

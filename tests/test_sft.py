@@ -196,10 +196,10 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         v14.train,
         v14.all_stages()[1:],
     )
-    first_v15, first_v14 = v15.all_stages()[0], v14.all_stages()[0]
-    assert first_v15.data == first_v14.data
-    assert first_v15.train == dataclasses.replace(
-        first_v14.train, max_steps=3600, max_minutes=60, stop_after_steps=3600
+    vision_v15, vision_v14 = v15.all_stages()[0], v14.all_stages()[0]
+    assert vision_v15.data == vision_v14.data
+    assert vision_v15.train == dataclasses.replace(
+        vision_v14.train, max_steps=3600, max_minutes=60, stop_after_steps=3600
     )
 
 
