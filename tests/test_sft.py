@@ -201,6 +201,12 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     assert vision_v15.train == dataclasses.replace(
         vision_v14.train, max_steps=3600, max_minutes=60, stop_after_steps=3600
     )
+    # configs/probes/demo-v16.yaml: v14 with a 4 × 256 decoder (8 heads, MLP 704), and nothing else changed.
+    v16 = recipes["demo-v16"]
+    assert v16.model == dataclasses.replace(
+        v14.model, hidden_size=256, num_layers=4, num_heads=8, intermediate_size=704
+    )
+    assert (v16.data, v16.train, v16.all_stages()) == (v14.data, v14.train, v14.all_stages())
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
