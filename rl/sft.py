@@ -62,6 +62,9 @@ class TrainConfig:
     # Label the crops of crop formats (qa_crop, deepeyes, visrl) too, so the tower names small objects that a
     # crop shows at full size; off = only each example's scene image is labelled.
     aux_label_crops: bool = False
+    # Label every cell an object covers with its size class too (tiny / small / medium / large), the head
+    # word-aligned to the size words as questions write them (rl.vision_aux, size=True).
+    aux_size: bool = False
     # Attention supervision (rl.attention_supervision): weight of −log(attention mass of the answer-predicting token
     # on the evidence cells of the scene image); 0 = off. attn_layers: the decoder layers supervised (None = the
     # middle one, the layer ViCrop reads by default).
@@ -367,7 +370,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer)
+        vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer, train.aux_size)
     if train.attn_weight:  # the attention rows are captured by foveate's SDPA wrapper (logits unchanged)
         from foveate.policies import attention_capture
 

@@ -56,6 +56,12 @@ stage-3 model, 300 steps of 1-4-object questions (its stage 4's data, seed 2) gi
 1-4-object scenes and 0.30 on `large` with it, 0.62 and 0.37 without (shape 0.42 / 0.29 and 0.43 / 0.29;
 `python bench/first_token.py DIR --presets single,simple,large`, about 80 and 46 questions).
 
+Size, per cell (``size=True``, `TrainConfig.aux_size`): the colour rule with the object's size class as the label,
+word-aligned to the size words as questions write them (" tiny", " medium-sized": sizes are never answers, only the
+words a lookup keys on). Why: 40 % of `world:large` attribute questions name their target by a size word ("the
+medium-sized square", `python bench/reference_words.py`), and no other head asks the tokens to carry size. Not yet
+measured in a demo build.
+
 Only the full scene image of an example is labelled, unless `TrainConfig.aux_label_crops` labels the crops of the
 crop formats too (each crop's cells are covered by the scene's objects inside its window, `labelled_images`): a
 tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
@@ -70,15 +76,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from foveate.world.scenes import COLORS, SHAPES, Scene, object_mask
+from foveate.world.describe import SIZE_WORDS
+from foveate.world.scenes import COLORS, SHAPES, SIZE_CLASSES, Scene, object_mask
 
 IGNORE = -100
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
+CELL_SIZE_CLASSES: tuple[str, ...] = ("background", *SIZE_CLASSES)  # per-cell size labels (size=True)
+SIZE_QUESTION_WORDS: tuple[str, ...] = ("background", *(SIZE_WORDS[size] for size in SIZE_CLASSES))
 SHAPE_LABELS = ("object", "cell", "both")
 ALIGNED_HEADS = ("none", "all", "shape", "question")  # which heads are word-aligned ("question": see VisionAuxHeads)
-TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")  # what `batch_targets` adds to a batch
+# What `batch_targets` adds to a batch.
+TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape", "aux_size")
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -135,17 +145,30 @@ def cell_targets(
     """Colour and (per-cell) shape class ids, or IGNORE, for each cell of a grid_h × grid_w grid, in raster order.
     ``coverage``: `cell_coverage` of the same grid when the caller has it already."""
     coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
+    colors = _cell_labels(scene, coverage, min_cover, lambda obj: COLOR_CLASSES.index(obj.color))
+    shapes = _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SHAPE_CLASSES.index(obj.shape))
+    return colors, shapes
+
+
+def cell_sizes(
+    scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3, coverage: np.ndarray | None = None
+) -> np.ndarray:
+    """Size class ids (`CELL_SIZE_CLASSES`), or IGNORE, per cell by `cell_targets`' rule."""
+    coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
+    return _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SIZE_CLASSES.index(obj.size_class))
+
+
+def _cell_labels(scene: Scene, coverage: np.ndarray, min_cover: float, label_of: Any) -> np.ndarray:
+    """Per cell, raster order: ``label_of(obj)`` of the object covering the most of it when that is at least
+    `min_cover`, 0 (background) where no object pixel shows, IGNORE elsewhere (edges, slivers of tiny objects)."""
     n_objects = len(scene.objects)
-    best = coverage[:n_objects].argmax(axis=0) if n_objects else np.zeros((grid_h, grid_w), dtype=int)
-    best_cover = coverage[:n_objects].max(axis=0) if n_objects else np.zeros((grid_h, grid_w))
-    colors = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
-    shapes = np.full((grid_h, grid_w), IGNORE, dtype=np.int64)
-    colors[coverage[n_objects] == 1.0] = shapes[coverage[n_objects] == 1.0] = 0
-    for number, obj in enumerate(scene.objects):
-        cells = (best == number) & (best_cover >= min_cover)
-        colors[cells] = COLOR_CLASSES.index(obj.color)
-        shapes[cells] = CELL_SHAPE_CLASSES.index(obj.shape)
-    return colors.ravel(), shapes.ravel()
+    labels = np.full(coverage.shape[1:], IGNORE, dtype=np.int64)
+    labels[coverage[n_objects] == 1.0] = 0
+    if n_objects:
+        best, best_cover = coverage[:n_objects].argmax(axis=0), coverage[:n_objects].max(axis=0)
+        for number, obj in enumerate(scene.objects):
+            labels[(best == number) & (best_cover >= min_cover)] = label_of(obj)
+    return labels.ravel()
 
 
 def object_members(
@@ -197,11 +220,11 @@ def batch_targets(
 
     ``scene_image_index``: each example's first image (its scene). ``label_crops``: label crops too (see
     `labelled_images`).
-    ``aux_color`` / ``aux_cell_shape``: one class id (or IGNORE) per merged token; ``aux_members``: [objects,
-    merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
+    ``aux_color`` / ``aux_cell_shape`` / ``aux_size``: one class id (or IGNORE) per merged token; ``aux_members``:
+    [objects, merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
     """
     labelled = labelled_images(examples, scene_image_index, label_crops)
-    colors, cell_shapes, object_rows, shapes, offset = [], [], [], [], 0
+    colors, cell_shapes, sizes, object_rows, shapes, offset = [], [], [], [], [], 0
     n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
     index_maps: dict[int, np.ndarray] = {}  # id(scene) → its object_index_map, shared by the scene and its crops
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
@@ -210,11 +233,12 @@ def batch_targets(
             scene, window = labelled[image]
             if id(scene) not in index_maps:
                 index_maps[id(scene)] = object_index_map(scene)
-            # One coverage per image, shared by both label kinds.
+            # One coverage per image, shared by every label kind.
             coverage = cell_coverage(scene, grid_h, grid_w, window, index_maps[id(scene)])
             color, cell_shape = cell_targets(scene, grid_h, grid_w, coverage=coverage)
             colors.append(np.tile(color, t))
             cell_shapes.append(np.tile(cell_shape, t))
+            sizes.append(np.tile(cell_sizes(scene, grid_h, grid_w, coverage=coverage), t))
             members, object_shapes = object_members(scene, grid_h, grid_w, coverage=coverage)
             rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
             rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
@@ -223,10 +247,12 @@ def batch_targets(
         else:
             colors.append(np.full(t * grid_h * grid_w, IGNORE))
             cell_shapes.append(colors[-1])
+            sizes.append(colors[-1])
         offset += t * grid_h * grid_w
     return {
         "aux_color": torch.from_numpy(np.concatenate(colors)),
         "aux_cell_shape": torch.from_numpy(np.concatenate(cell_shapes)),
+        "aux_size": torch.from_numpy(np.concatenate(sizes)),
         "aux_members": torch.from_numpy(np.concatenate(object_rows) if object_rows else np.zeros((0, n_tokens), bool)),
         "aux_shape": torch.from_numpy(np.concatenate(shapes) if shapes else np.zeros(0, np.int64)),
     }
@@ -290,6 +316,7 @@ class VisionAuxHeads(nn.Module):
         embedding: nn.Embedding | None = None,
         tokenizer: Any = None,
         aligned: str = "none",
+        size: bool = False,
     ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
@@ -329,6 +356,15 @@ class VisionAuxHeads(nn.Module):
                 if aligned != "none"
                 else nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES))
             )
+        # ``size``: a per-cell size head, word-aligned (when the heads are) to the size words as questions write
+        # them (" tiny", " medium-sized"): sizes are never answers, only the words a lookup keys on.
+        self.size: nn.Module | None = None
+        if size:
+            self.size = (
+                WordAlignedHead(embedding, question_word_ids(tokenizer, SIZE_QUESTION_WORDS))
+                if aligned != "none"
+                else nn.Linear(hidden_size, len(CELL_SIZE_CLASSES))
+            )
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
 
     def loss(
@@ -338,8 +374,10 @@ class VisionAuxHeads(nn.Module):
         aux_shape: torch.Tensor,
         aux_cell_shape: torch.Tensor | None = None,
         background_weight: float | None = None,
+        aux_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell.
+        """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell (+ per-cell
+        size cross-entropy with a size head).
 
         Per-cell terms, ``background_weight=None``: the mean over every labelled cell; a number w: the mean over
         object cells + w × the mean over background cells (about 60 of a scene's 64 cells are background, so the
@@ -353,6 +391,10 @@ class VisionAuxHeads(nn.Module):
         if self.question_heads is not None:
             question = self._heads_loss(*self.question_heads, features, *targets, background_weight)
             total = (total + question) / 2
+        if self.size is not None:
+            if aux_size is None:
+                raise RuntimeError("a size head needs aux_size targets")
+            total = total + _cell_loss(self.size(features), aux_size.to(features.device), background_weight)
         return total
 
     def _heads_loss(
@@ -396,11 +438,14 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def attach(model: Any, shape_labels: str = "object", aligned: str = "none", tokenizer: Any = None) -> VisionAuxHeads:
+def attach(
+    model: Any, shape_labels: str = "object", aligned: str = "none", tokenizer: Any = None, size: bool = False
+) -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
-    ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings."""
+    ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings.
+    ``size``: add the per-cell size head."""
     embedding = model.get_input_embeddings() if aligned != "none" else None
-    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer, aligned)
+    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer, aligned, size)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:

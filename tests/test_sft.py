@@ -75,6 +75,47 @@ def test_cell_targets_label_covered_empty_and_ambiguous_cells() -> None:
     assert colors.reshape(4, 4)[1, 1] == vision_aux.COLOR_CLASSES.index("red")  # a triangle covers half its box
 
 
+def test_cell_sizes_follow_the_colour_rule_and_a_size_head_learns_from_them(collator: ChatCollator) -> None:
+    square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[0, 0, 56, 56])
+    half = WorldObject(id="o1", shape="triangle", color="red", size_class="medium", box=[56, 56, 84, 112])
+    other = WorldObject(id="o2", shape="circle", color="green", size_class="small", box=[168, 168, 224, 224])
+    scene = _scene([square, half, other])
+    sizes = vision_aux.cell_sizes(scene, 4, 4).reshape(4, 4)
+    colors, _ = vision_aux.cell_targets(scene, 4, 4)
+    assert sizes[0, 0] == vision_aux.CELL_SIZE_CLASSES.index("large")
+    assert sizes[3, 3] == vision_aux.CELL_SIZE_CLASSES.index("small")
+    assert ((sizes.ravel() == IGNORE) == (colors == IGNORE)).all() and ((sizes.ravel() == 0) == (colors == 0)).all()
+    # Word-aligned to the size words as questions write them: " medium-sized" is several tokens (their mean).
+    model_dir = collator.processor.tokenizer.name_or_path
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    heads = vision_aux.attach(model, "object", "all", collator.tokenizer, size=True)
+    assert heads.size is not None and heads.size.token_ids.shape[0] == len(vision_aux.CELL_SIZE_CLASSES)
+    examples = list(itertools.islice(example_stream(0, DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})), 4))
+    batch = collator(examples)
+    assert batch["aux_size"].shape == batch["aux_color"].shape and (batch["aux_size"] > 0).any()
+    targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
+    optimizer = torch.optim.AdamW(heads.size.parameters(), lr=0.05)
+    losses = []
+    for _ in range(8):  # the size head alone: its loss must fall on a fixed batch
+        model(**batch)
+        size_logits = heads.size(heads.merged)
+        loss = torch.nn.functional.cross_entropy(size_logits, targets["aux_size"], ignore_index=IGNORE)
+        heads.merged = None
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    model(**batch)
+    assert torch.isfinite(heads.loss(**targets))
+    heads.merged = None
+    with pytest.raises(RuntimeError, match="aux_size"):
+        model(**batch)
+        heads.loss(**{key: value for key, value in targets.items() if key != "aux_size"})
+
+
 def test_object_members_label_objects_that_fill_some_cell() -> None:
     # 224 px scene, 4×4 grid of 56-px cells: a square over four cells' corners, a triangle covering a quarter of
     # one cell (about 1/8 of it: below min_cover, not labelled), a tiny circle (not labelled).
