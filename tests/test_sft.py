@@ -248,6 +248,14 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         v14.model, hidden_size=256, num_layers=4, num_heads=8, intermediate_size=704
     )
     assert (v16.data, v16.train, v16.all_stages()) == (v14.data, v14.train, v14.all_stages())
+    # configs/probes/demo-v17.yaml: v14 with the per-cell size head in every stage, and nothing else changed.
+    v17 = recipes["demo-v17"]
+    assert (v17.model, v17.data) == (v14.model, v14.data)
+    assert v17.train == dataclasses.replace(v14.train, aux_size=True)
+    assert all(
+        stage.data == v14_stage.data and stage.train == dataclasses.replace(v14_stage.train, aux_size=True)
+        for stage, v14_stage in zip(v17.all_stages(), v14.all_stages(), strict=True)
+    )
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
