@@ -4,10 +4,11 @@
 
 For each object of held-out scenes (seed 999, never a training seed) the merged vision tokens it covers (at least
 10 % of a cell) are averaged, and the colour (shape) word whose tied embedding has the highest cosine with that
-mean is compared with the object's colour (shape). No head is fitted: this reads the tokens the way a
+mean is compared with the object's colour (shape; size, against the size words as questions write them, " tiny" …
+" medium-sized", which `rl.vision_aux`'s size head scores). No head is fitted: this reads the tokens the way a
 word-aligned aux head (`rl/vision_aux.py`, ``aligned="all"``) scores them, so it separates "the tower does not
 carry the attribute in the answer word's direction" from "the decoder does not copy it" (compare with
-`bench/first_token.py`). Chance is 1/8 for colour and 1/7 for shape. Needs one-token answer words
+`bench/first_token.py`). Chance is 1/8 for colour, 1/7 for shape and 1/4 for size. Needs one-token answer words
 (`policies.tiny` tokenizers with bare words).
 
 ``--decoder`` follows the same objects into the decoder: the mean of their image tokens' hidden states at the
@@ -25,12 +26,20 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.vision_aux import COLOR_CLASSES, SHAPE_CLASSES, cell_coverage, word_ids
+from foveate.rl.vision_aux import (
+    COLOR_CLASSES,
+    SHAPE_CLASSES,
+    SIZE_QUESTION_WORDS,
+    cell_coverage,
+    question_word_ids,
+    word_ids,
+)
 from foveate.world import iter_scenes, render_scene
+from foveate.world.scenes import SIZE_CLASSES
 
 
-def readout(model_dir: str, preset: str, n_scenes: int) -> tuple[float, float, int]:
-    """(colour accuracy, shape accuracy, objects) of the nearest-word read of each object's mean vision token."""
+def readout(model_dir: str, preset: str, n_scenes: int) -> tuple[float, float, float, int]:
+    """(colour, shape, size accuracy, objects) of the nearest-word read of each object's mean vision token."""
     from transformers import AutoModelForImageTextToText
 
     from foveate.policies.loading import load_processor
@@ -44,10 +53,13 @@ def readout(model_dir: str, preset: str, n_scenes: int) -> tuple[float, float, i
         return torch.nn.functional.normalize(embedding[word_ids(processor.tokenizer, names)], dim=-1)
 
     color_words, shape_words = unit_words(colors), unit_words(shapes)
+    # Size words as questions write them (" medium-sized" is several tokens: their mean), as the size head scores.
+    size_pieces = question_word_ids(processor.tokenizer, SIZE_QUESTION_WORDS[1:])
+    size_words = torch.nn.functional.normalize(torch.stack([embedding[ids].mean(dim=0) for ids in size_pieces]), dim=-1)
     merged: dict[str, torch.Tensor] = {}
     model.model.visual.merger.register_forward_hook(lambda _m, _i, output: merged.__setitem__("tokens", output))
     merge = processor.image_processor.merge_size
-    color_hits = shape_hits = objects = 0
+    color_hits = shape_hits = size_hits = objects = 0
     for scene, _rows in itertools.islice(iter_scenes(999, preset), n_scenes):
         inputs = processor.image_processor(images=[render_scene(scene)], return_tensors="pt")
         _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
@@ -61,8 +73,9 @@ def readout(model_dir: str, preset: str, n_scenes: int) -> tuple[float, float, i
             mean_token = torch.nn.functional.normalize(merged["tokens"][cells].mean(dim=0), dim=-1)
             color_hits += colors[int((mean_token @ color_words.T).argmax())] == obj.color
             shape_hits += shapes[int((mean_token @ shape_words.T).argmax())] == obj.shape
+            size_hits += SIZE_CLASSES[int((mean_token @ size_words.T).argmax())] == obj.size_class
             objects += 1
-    return color_hits / max(objects, 1), shape_hits / max(objects, 1), objects
+    return color_hits / max(objects, 1), shape_hits / max(objects, 1), size_hits / max(objects, 1), objects
 
 
 def decoder_readout(model_dir: str, preset: str, n_scenes: int) -> list[tuple[float, int]]:
@@ -111,11 +124,11 @@ def main() -> None:
     parser.add_argument("--decoder", action="store_true", help="also read the decoder's image-token states")
     args = parser.parse_args()
     table = Table(title=f"nearest answer word of each object's mean vision token ({args.preset}, seed 999)")
-    for column in ("model", "colour", "shape", "objects"):
+    for column in ("model", "colour", "shape", "size", "objects"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for model_dir in args.models:
-        color, shape, objects = readout(model_dir, args.preset, args.scenes)
-        table.add_row(model_dir, f"{color:.2f}", f"{shape:.2f}", str(objects))
+        color, shape, size, objects = readout(model_dir, args.preset, args.scenes)
+        table.add_row(model_dir, f"{color:.2f}", f"{shape:.2f}", f"{size:.2f}", str(objects))
     Console().print(table)
     if args.decoder:
         decoder = Table(
