@@ -24,8 +24,6 @@ A step's time is the vision tower's (576 patches per 336-px image) and the data'
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,11 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import aux_step_seconds  # noqa: E402
+from timing import mix_step_medians  # noqa: E402
 
-from foveate.rl import vision_aux  # noqa: E402
-from foveate.rl.sft import ChatCollator, build_model, load_recipe  # noqa: E402
-from foveate.rl.sft_data import example_stream  # noqa: E402
+from foveate.rl.sft import build_model, load_recipe  # noqa: E402
 
 # name → (layers, hidden, heads, kv heads, MLP width)
 VARIANTS = {
@@ -75,14 +71,7 @@ def main() -> None:
             intermediate_size=mlp,
         )
         model, processor, _ = build_model(replace(recipe, model=model_config), Path(f"/tmp/foveate-decoder/{name}"))
-        vision_aux.attach(model)
-        collator = ChatCollator(processor, max_length=1024, aux_targets=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        medians = {}
-        for mix_name, mix in mixes.items():
-            stream = example_stream(0, mix)
-            prepared = [collator(list(itertools.islice(stream, 16))) for _ in range(args.batches + 1)]
-            medians[mix_name] = statistics.median(aux_step_seconds(model, optimizer, prepared))
+        medians = mix_step_medians(model, processor, mixes, args.batches, max_length=1024)
         baseline = baseline or medians
         rows.append((name, parameters(model), medians))
     table = Table(title="seconds per step of 16 examples (2 threads; ratio to the demo's decoder)")

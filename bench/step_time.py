@@ -20,8 +20,6 @@ Measured on the 2-core machine (idle):
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,11 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import aux_step_seconds  # noqa: E402
+from timing import mix_step_medians  # noqa: E402
 
-from foveate.rl import vision_aux  # noqa: E402
-from foveate.rl.sft import ChatCollator, SFTRecipe, build_model, load_recipe  # noqa: E402
-from foveate.rl.sft_data import DataMix, example_stream  # noqa: E402
+from foveate.rl.sft import SFTRecipe, build_model, load_recipe  # noqa: E402
+from foveate.rl.sft_data import DataMix  # noqa: E402
 
 GEOMETRIES = {"224 px, 2×2": (224 * 224, 2), "336 px, 3×3": (336 * 336, 3), "336 px, 2×2": (336 * 336, 2)}
 
@@ -46,15 +43,7 @@ def time_steps(
     """Median seconds per optimiser step for each mix, on a fresh model of the demo recipe's size at this geometry."""
     recipe = replace(demo, model=replace(demo.model, max_pixels=max_pixels, merge_size=merge_size))
     model, processor, _ = build_model(recipe, Path(f"/tmp/foveate-step-time/{max_pixels}-{merge_size}"))
-    vision_aux.attach(model)
-    collator = ChatCollator(processor, max_length=512, aux_targets=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    medians = {}
-    for name, mix in mixes.items():
-        stream = example_stream(0, mix)
-        prepared = [collator(list(itertools.islice(stream, 16))) for _ in range(batches + 1)]
-        medians[name] = statistics.median(aux_step_seconds(model, optimizer, prepared))
-    return medians
+    return mix_step_medians(model, processor, mixes, batches)
 
 
 def main() -> None:

@@ -41,3 +41,26 @@ def aux_step_seconds(model, optimizer, batches: list[dict]) -> list[float]:
     """`step_seconds` of each batch, language loss plus the vision aux loss (the batches carry its targets). The
     first batch warms up and is not returned."""
     return [step_seconds(model, optimizer, batch) for batch in batches][1:]
+
+
+def mix_step_medians(model, processor, mixes: dict, batches: int, max_length: int = 512) -> dict[str, float]:
+    """Median `aux_step_seconds` over ``batches`` prepared batches of 16 examples of each `DataMix` in ``mixes``
+    (stream seed 0), on ``model`` with `rl.vision_aux` heads attached here; collated before timing."""
+    import itertools
+    import statistics
+
+    import torch
+
+    from foveate.rl import vision_aux
+    from foveate.rl.sft import ChatCollator
+    from foveate.rl.sft_data import example_stream
+
+    vision_aux.attach(model)
+    collator = ChatCollator(processor, max_length=max_length, aux_targets=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    medians = {}
+    for name, mix in mixes.items():
+        stream = example_stream(0, mix)
+        prepared = [collator(list(itertools.islice(stream, 16))) for _ in range(batches + 1)]
+        medians[name] = statistics.median(aux_step_seconds(model, optimizer, prepared))
+    return medians
