@@ -131,7 +131,7 @@ def load_recipe(path: str | Path) -> SFTRecipe:
 def _data_mix(data: dict[str, Any]) -> DataMix:
     data = dict(data)
     for key in ("crop_scale", "crop_min_side", "zoom_sizes", "questions", "scene_questions"):
-        if key in data:
+        if data.get(key) is not None:  # null (as a run's foveate_recipe.json writes an unset one) stays None
             data[key] = tuple(data[key])
     return DataMix(**data)
 
