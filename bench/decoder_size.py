@@ -18,7 +18,9 @@ Measured on the 2-core machine (idle; 3 timed steps per cell, so about ± 10 %):
 | 6 × 192 | 2.72 | 1.81 s (1.06×) | 2.45 s (1.32×) |
 | 3 × 256 | 2.60 | 1.40 s (0.82×) | 1.80 s (0.97×) |
 
-A step's time is the vision tower's (576 patches per 336-px image) and the data's, not the decoder's.
+Three steps are few: a second run with one timed step, beside another job, gave 3 × 256 1.33× on stage 5 and 2.15×
+on stage 4. The real build is the better measure: configs/probes/demo-v16.yaml (4 × 256) ran stage 4 in 25 min
+against v14's 18 (1.4×, on a machine not always idle), stages 1-3 as fast as v14's.
 """
 
 from __future__ import annotations
