@@ -36,7 +36,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from foveate.rl.vision_aux import IGNORE, cell_coverage
+from foveate.rl.vision_aux import IGNORE, cell_coverage, cell_owners
+from foveate.tools.boxes import Box, BoxError, iou
 from foveate.world import iter_scenes, render_scene
 
 BINS = 51  # edges at 0, 1/50, ..., 50/50 of the image side
@@ -48,27 +49,22 @@ def edge_bins(box: tuple[int, int, int, int], width: int, height: int) -> list[i
     return [round(50 * value / side) for value, side in ((x1, width), (y1, height), (x2, width), (y2, height))]
 
 
-def cell_box_targets(scene, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(targets [cells, 4] bins or IGNORE, owner [cells] object index or -1) for one scene's merged grid."""
-    coverage = cell_coverage(scene, grid_h, grid_w)[: len(scene.objects)].reshape(len(scene.objects), -1)
-    targets = np.full((grid_h * grid_w, 4), IGNORE, dtype=np.int64)
-    owner = np.full(grid_h * grid_w, -1)
-    if not scene.objects:
-        return targets, owner
-    best, best_cover = coverage.argmax(axis=0), coverage.max(axis=0)
+def cell_box_targets(scene, coverage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(targets [cells, 4] bins or IGNORE, owner [cells] object index or -1) for one scene's `cell_coverage`; a
+    cell belongs to an object by the aux labels' rule (`cell_owners`: covered by it at least 30 %)."""
+    owner = cell_owners(coverage, len(scene.objects))
+    targets = np.full((owner.size, 4), IGNORE, dtype=np.int64)
     for number, obj in enumerate(scene.objects):
-        cells = (best == number) & (best_cover >= 0.3)
-        targets[cells] = edge_bins(obj.box, scene.width, scene.height)
-        owner[cells] = number
+        targets[owner == number] = edge_bins(obj.box, scene.width, scene.height)
     return targets, owner
 
 
-def iou(a, b) -> float:
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def box_iou(values: list[float], truth: tuple[int, int, int, int]) -> float:
+    """IoU of a decoded (x1, y1, x2, y2) with the true box; an empty or inverted decoded box scores 0."""
+    try:
+        return iou(Box(*values), Box(*truth))
+    except BoxError:
+        return 0.0
 
 
 def encode(model, processor, scenes) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -92,9 +88,8 @@ def train(model, processor, head, preset: str, steps: int, minutes: float, froze
         scenes = [scene for scene, _ in itertools.islice(stream, batch)]
         with torch.set_grad_enabled(True):
             tokens, grids = encode(model, processor, scenes)
-            targets = torch.from_numpy(
-                np.concatenate([cell_box_targets(s, gh, gw)[0] for s, (gh, gw) in zip(scenes, grids, strict=True)])
-            )
+            per_scene = [cell_box_targets(s, cell_coverage(s, *grid))[0] for s, grid in zip(scenes, grids, strict=True)]
+            targets = torch.from_numpy(np.concatenate(per_scene))
             logits = head(tokens).view(-1, 4, BINS)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, BINS), targets.reshape(-1), ignore_index=IGNORE)
         optimizer.zero_grad()
@@ -113,9 +108,9 @@ def evaluate(model, processor, head, preset: str, n_scenes: int) -> dict[str, li
     results: dict[str, list[float]] = {}
     for scene, _rows in itertools.islice(iter_scenes(999, preset), n_scenes):
         tokens, [(grid_h, grid_w)] = encode(model, processor, [scene])
-        _, owner = cell_box_targets(scene, grid_h, grid_w)
-        scores = head(tokens).view(-1, 4, BINS)
         coverage = cell_coverage(scene, grid_h, grid_w)
+        _, owner = cell_box_targets(scene, coverage)
+        scores = head(tokens).view(-1, 4, BINS)
         for number, obj in enumerate(scene.objects):
             cells = torch.from_numpy(owner == number)
             if not cells.any():
@@ -126,8 +121,8 @@ def evaluate(model, processor, head, preset: str, n_scenes: int) -> dict[str, li
             rows, cols = np.nonzero(coverage[number] >= 0.1)
             cell_box = [cols.min() * scene.width / grid_w, rows.min() * scene.height / grid_h]
             cell_box += [(cols.max() + 1) * scene.width / grid_w, (rows.max() + 1) * scene.height / grid_h]
-            results.setdefault(f"{obj.size_class} head", []).append(iou(box, obj.box))
-            results.setdefault(f"{obj.size_class} cells", []).append(iou(cell_box, obj.box))
+            results.setdefault(f"{obj.size_class} head", []).append(box_iou(box, obj.box))
+            results.setdefault(f"{obj.size_class} cells", []).append(box_iou(cell_box, obj.box))
     return results
 
 

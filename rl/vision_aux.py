@@ -160,17 +160,25 @@ def cell_sizes(
     return _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SIZE_CLASSES.index(obj.size_class))
 
 
+def cell_owners(coverage: np.ndarray, n_objects: int, min_cover: float = 0.3) -> np.ndarray:
+    """Per cell of a `cell_coverage` grid, raster order: the index of the object covering the most of it when that
+    is at least `min_cover`, else -1 (background, an object edge, a sliver of a tiny object)."""
+    if not n_objects:
+        return np.full(coverage[0].size, -1)
+    objects = coverage[:n_objects].reshape(n_objects, -1)
+    return np.where(objects.max(axis=0) >= min_cover, objects.argmax(axis=0), -1)
+
+
 def _cell_labels(scene: Scene, coverage: np.ndarray, min_cover: float, label_of: Any) -> np.ndarray:
-    """Per cell, raster order: ``label_of(obj)`` of the object covering the most of it when that is at least
-    `min_cover`, 0 (background) where no object pixel shows, IGNORE elsewhere (edges, slivers of tiny objects)."""
+    """Per cell, raster order: ``label_of(obj)`` of its `cell_owners` object, 0 (background) where no object pixel
+    shows, IGNORE elsewhere (edges, slivers of tiny objects)."""
     n_objects = len(scene.objects)
-    labels = np.full(coverage.shape[1:], IGNORE, dtype=np.int64)
-    labels[coverage[n_objects] == 1.0] = 0
-    if n_objects:
-        best, best_cover = coverage[:n_objects].argmax(axis=0), coverage[:n_objects].max(axis=0)
-        for number, obj in enumerate(scene.objects):
-            labels[(best == number) & (best_cover >= min_cover)] = label_of(obj)
-    return labels.ravel()
+    labels = np.full(coverage[0].size, IGNORE, dtype=np.int64)
+    labels[coverage[n_objects].ravel() == 1.0] = 0
+    owners = cell_owners(coverage, n_objects, min_cover)
+    for number, obj in enumerate(scene.objects):
+        labels[owners == number] = label_of(obj)
+    return labels
 
 
 def object_members(
