@@ -36,27 +36,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from foveate.rl.box_aux import BOX_BINS, cell_boxes
 from foveate.rl.vision_aux import IGNORE, cell_coverage, cell_owners
 from foveate.tools.boxes import Box, BoxError, iou
 from foveate.world import iter_scenes, render_scene
 
-BINS = 51  # edges at 0, 1/50, ..., 50/50 of the image side
-
-
-def edge_bins(box: tuple[int, int, int, int], width: int, height: int) -> list[int]:
-    """The box's (x1, y1, x2, y2) as bins of 1/50 of the image side."""
-    x1, y1, x2, y2 = box
-    return [round(50 * value / side) for value, side in ((x1, width), (y1, height), (x2, width), (y2, height))]
-
-
-def cell_box_targets(scene, coverage: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(targets [cells, 4] bins or IGNORE, owner [cells] object index or -1) for one scene's `cell_coverage`; a
-    cell belongs to an object by the aux labels' rule (`cell_owners`: covered by it at least 30 %)."""
-    owner = cell_owners(coverage, len(scene.objects))
-    targets = np.full((owner.size, 4), IGNORE, dtype=np.int64)
-    for number, obj in enumerate(scene.objects):
-        targets[owner == number] = edge_bins(obj.box, scene.width, scene.height)
-    return targets, owner
+BINS = BOX_BINS  # edges at 0, 1/50, ..., 50/50 of the image side (rl.box_aux: steps of 20 thousandths)
 
 
 def box_iou(values: list[float], truth: tuple[int, int, int, int]) -> float:
@@ -88,7 +73,7 @@ def train(model, processor, head, preset: str, steps: int, minutes: float, froze
         scenes = [scene for scene, _ in itertools.islice(stream, batch)]
         with torch.set_grad_enabled(True):
             tokens, grids = encode(model, processor, scenes)
-            per_scene = [cell_box_targets(s, cell_coverage(s, *grid))[0] for s, grid in zip(scenes, grids, strict=True)]
+            per_scene = [cell_boxes(s, cell_coverage(s, *grid)) for s, grid in zip(scenes, grids, strict=True)]
             targets = torch.from_numpy(np.concatenate(per_scene))
             logits = head(tokens).view(-1, 4, BINS)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, BINS), targets.reshape(-1), ignore_index=IGNORE)
@@ -109,7 +94,7 @@ def evaluate(model, processor, head, preset: str, n_scenes: int) -> dict[str, li
     for scene, _rows in itertools.islice(iter_scenes(999, preset), n_scenes):
         tokens, [(grid_h, grid_w)] = encode(model, processor, [scene])
         coverage = cell_coverage(scene, grid_h, grid_w)
-        _, owner = cell_box_targets(scene, coverage)
+        owner = cell_owners(coverage, len(scene.objects))
         scores = head(tokens).view(-1, 4, BINS)
         for number, obj in enumerate(scene.objects):
             cells = torch.from_numpy(owner == number)

@@ -146,7 +146,10 @@ def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokeni
             if answer is not None:
                 span_labels = torch.full_like(labels[row], -100)
                 span_labels[start:end] = labels[row, start:end]
-                length = len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
+                # A look-first box answer (`rl.sft_data.DataMix.ground_look_first`, "<think>the red star</think>{…}")
+                # is not restated in its thought: the lookup is at the referent's last word, before "</think>".
+                is_box = answer.startswith("{")
+                length = 0 if is_box else len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
                 query[row, slot] = look_answer_position(span_labels, close_id, length)
     return query
 

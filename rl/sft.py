@@ -65,6 +65,12 @@ class TrainConfig:
     # Label every cell an object covers with its size class too (tiny / small / medium / large), the head
     # word-aligned to the size words as questions write them (rl.vision_aux, size=True).
     aux_size: bool = False
+    # A per-cell box head (rl.box_aux): each cell of an object names the object's four edges, word-aligned to the
+    # coordinate tokens when the heads are (needs a tokenizer built with box_tokens), so the tokens carry the
+    # absolute position grounding answers copy.
+    aux_box: bool = False
+    # The box head linear even when the other heads are word-aligned (rl.box_aux: BoxHead without an embedding).
+    aux_box_linear: bool = False
     # Attention supervision (rl.attention_supervision): weight of −log(attention mass of the answer-predicting token
     # on the evidence cells of the scene image); 0 = off. attn_layers: the decoder layers supervised (None = the
     # middle one, the layer ViCrop reads by default).
@@ -266,7 +272,8 @@ def aux_trainer_class():
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if train.aux_weight:
                 aux = model.foveate_aux.loss(**targets, background_weight=train.aux_background_weight)
-                self._logged = (*self._logged, ("aux_loss", aux.item()))
+                parts = tuple((f"aux_{name}_loss", value) for name, value in model.foveate_aux.parts.items())
+                self._logged = (*self._logged, ("aux_loss", aux.item()), *parts)
                 result = (
                     (result[0] + train.aux_weight * aux, result[1])
                     if return_outputs
@@ -370,7 +377,9 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer, train.aux_size)
+        aligned, tokenizer = train.aux_word_aligned, processor.tokenizer
+        box = "linear" if train.aux_box and train.aux_box_linear else train.aux_box
+        vision_aux.attach(model, train.aux_shape, aligned, tokenizer, train.aux_size, box)
     if train.attn_weight:  # the attention rows are captured by foveate's SDPA wrapper (logits unchanged)
         from foveate.policies import attention_capture
 

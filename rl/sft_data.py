@@ -84,6 +84,15 @@ class DataMix:
     # Questions drawn per scene (inclusive range) instead of the preset's 1-3, so chats have turns to hold;
     # None = the preset's. The stream's own seed draws them (world.questions.generate_questions).
     scene_questions: tuple[int, int] | None = None
+    # Grounding answers rounded to multiples of this many thousandths (rl.box_aux.snap_thousand); None = exact.
+    # 20 writes each coordinate as one token of a tokenizer built with box_tokens, the bins of the box head
+    # (rl.box_aux), so the answer is a copy of what the object's vision tokens name.
+    box_step: int | None = None
+    # Grounding answers name their referent first, "<think>the red star</think>{"bbox_2d": […]}" (the referent as
+    # `look_trim_object` keys it), so the object is looked up at its own word, as look-first qa answers are; the
+    # attention loss supervises that word (rl.attention_supervision.query_positions). Why: bench/binding_symbolic.py's
+    # decoder reads a random object when the answer is not predicted at the referent's word.
+    ground_look_first: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -228,14 +237,22 @@ def qa_crop(
     return {"messages": messages, "views": _views(used)}
 
 
-def ground(image: Image.Image, scene: Scene, rng: random.Random, **_: Any) -> Example | None:
+def ground(image: Image.Image, scene: Scene, rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
     candidates = [(obj, unique_reference(scene, obj)) for obj in scene.objects]
     candidates = [(obj, ref) for obj, ref in candidates if ref is not None]
     if not candidates:
         return None
     obj, (phrase, _) = rng.choice(candidates)
     prompt = protocol.GROUNDING_PROMPT.format(reference=phrase.removeprefix("the "))
-    answer = protocol.box_json(_thousand(obj.box, image.size))
+    box = _thousand(obj.box, image.size)
+    if mix.box_step:
+        from foveate.rl.box_aux import snap_thousand
+
+        box = snap_thousand(box, mix.box_step)
+    answer = protocol.box_json(box)
+    if mix.ground_look_first:
+        referent = key_phrase(phrase) if mix.look_trim_object else phrase
+        answer = f"{protocol.THOUGHT_OPEN}{referent}{protocol.THOUGHT_CLOSE}{answer}"
     return {"messages": [_user(image, prompt), _assistant(answer)], "evidence": [list(obj.box)]}
 
 

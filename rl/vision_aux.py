@@ -64,6 +64,9 @@ demo model's grid (84 scene px per cell) tiny and small objects never cover 30 %
 large are labelled. The demo model v14, trained without it, names the size word for 0.29 of objects (chance 0.25;
 `python bench/word_readout.py DIR --preset large`).
 
+Box, per cell (``box=True``, `TrainConfig.aux_box`): the four edges of the cell's object (`rl.box_aux`, which has the
+head, its targets and why).
+
 Only the full scene image of an example is labelled, unless `TrainConfig.aux_label_crops` labels the crops of the
 crop formats too (each crop's cells are covered by the scene's objects inside its window, `labelled_images`): a
 tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
@@ -90,7 +93,7 @@ SIZE_QUESTION_WORDS: tuple[str, ...] = ("background", *(SIZE_WORDS[size] for siz
 SHAPE_LABELS = ("object", "cell", "both")
 ALIGNED_HEADS = ("none", "all", "shape", "question")  # which heads are word-aligned ("question": see VisionAuxHeads)
 # What `batch_targets` adds to a batch.
-TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape", "aux_size")
+TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape", "aux_size", "aux_box")
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -230,11 +233,14 @@ def batch_targets(
 
     ``scene_image_index``: each example's first image (its scene). ``label_crops``: label crops too (see
     `labelled_images`).
-    ``aux_color`` / ``aux_cell_shape`` / ``aux_size``: one class id (or IGNORE) per merged token; ``aux_members``:
+    ``aux_color`` / ``aux_cell_shape`` / ``aux_size``: one class id (or IGNORE) per merged token; ``aux_box``: per
+    merged token its owner's four edge bins (`rl.box_aux.cell_boxes`) or IGNORE; ``aux_members``:
     [objects, merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
     """
+    from foveate.rl.box_aux import cell_boxes  # box_aux builds on this module's cell rule
+
     labelled = labelled_images(examples, scene_image_index, label_crops)
-    colors, cell_shapes, sizes, object_rows, shapes, offset = [], [], [], [], [], 0
+    colors, cell_shapes, sizes, boxes, object_rows, shapes, offset = [], [], [], [], [], [], 0
     n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
     index_maps: dict[int, np.ndarray] = {}  # id(scene) → its object_index_map, shared by the scene and its crops
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
@@ -249,6 +255,7 @@ def batch_targets(
             colors.append(np.tile(color, t))
             cell_shapes.append(np.tile(cell_shape, t))
             sizes.append(np.tile(cell_sizes(scene, grid_h, grid_w, coverage=coverage), t))
+            boxes.append(np.tile(cell_boxes(scene, coverage, window), (t, 1)))
             members, object_shapes = object_members(scene, grid_h, grid_w, coverage=coverage)
             rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
             rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
@@ -258,11 +265,13 @@ def batch_targets(
             colors.append(np.full(t * grid_h * grid_w, IGNORE))
             cell_shapes.append(colors[-1])
             sizes.append(colors[-1])
+            boxes.append(np.full((t * grid_h * grid_w, 4), IGNORE))
         offset += t * grid_h * grid_w
     return {
         "aux_color": torch.from_numpy(np.concatenate(colors)),
         "aux_cell_shape": torch.from_numpy(np.concatenate(cell_shapes)),
         "aux_size": torch.from_numpy(np.concatenate(sizes)),
+        "aux_box": torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)),
         "aux_members": torch.from_numpy(np.concatenate(object_rows) if object_rows else np.zeros((0, n_tokens), bool)),
         "aux_shape": torch.from_numpy(np.concatenate(shapes) if shapes else np.zeros(0, np.int64)),
     }
@@ -327,6 +336,7 @@ class VisionAuxHeads(nn.Module):
         tokenizer: Any = None,
         aligned: str = "none",
         size: bool = False,
+        box: bool | str = False,
     ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
@@ -375,7 +385,17 @@ class VisionAuxHeads(nn.Module):
                 if aligned != "none"
                 else nn.Linear(hidden_size, len(CELL_SIZE_CLASSES))
             )
+        # ``box``: per-cell edge bins of the cell's object (rl.box_aux), word-aligned to the coordinate tokens when
+        # the heads are, unless ``box="linear"``.
+        self.box: nn.Module | None = None
+        if box:
+            from foveate.rl.box_aux import BoxHead
+
+            word_aligned = aligned != "none" and box != "linear"
+            self.box = BoxHead(hidden_size, *((embedding, tokenizer) if word_aligned else ()))
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
+        # Terms of the latest loss worth logging apart from the total (the trainer logs them as aux_<name>_loss).
+        self.parts: dict[str, float] = {}
 
     def loss(
         self,
@@ -385,6 +405,7 @@ class VisionAuxHeads(nn.Module):
         aux_cell_shape: torch.Tensor | None = None,
         background_weight: float | None = None,
         aux_size: torch.Tensor | None = None,
+        aux_box: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell (+ per-cell
         size cross-entropy with a size head).
@@ -405,6 +426,12 @@ class VisionAuxHeads(nn.Module):
             if aux_size is None:
                 raise RuntimeError("a size head needs aux_size targets")
             total = total + _cell_loss(self.size(features), aux_size.to(features.device), background_weight)
+        if self.box is not None:
+            if aux_box is None:
+                raise RuntimeError("a box head needs aux_box targets")
+            box_loss = self.box.loss(features, aux_box.to(features.device))
+            self.parts = {"box": box_loss.item()}  # chance is ln 51 = 3.93 per edge
+            total = total + box_loss
         return total
 
     def _heads_loss(
@@ -449,13 +476,19 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def attach(
-    model: Any, shape_labels: str = "object", aligned: str = "none", tokenizer: Any = None, size: bool = False
+    model: Any,
+    shape_labels: str = "object",
+    aligned: str = "none",
+    tokenizer: Any = None,
+    size: bool = False,
+    box: bool | str = False,
 ) -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
     ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings.
-    ``size``: add the per-cell size head."""
+    ``size`` / ``box``: add the per-cell size / box head (``box="linear"``: not word-aligned)."""
     embedding = model.get_input_embeddings() if aligned != "none" else None
-    heads = VisionAuxHeads(model.config.text_config.hidden_size, shape_labels, embedding, tokenizer, aligned, size)
+    hidden = model.config.text_config.hidden_size
+    heads = VisionAuxHeads(hidden, shape_labels, embedding, tokenizer, aligned, size, box)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
