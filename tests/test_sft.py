@@ -255,6 +255,15 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         stage.data == v14_stage.data and stage.train == dataclasses.replace(v14_stage.train, aux_size=True)
         for stage, v14_stage in zip(v17.all_stages(), v14.all_stages(), strict=True)
     )
+    # configs/probes/demo-v18.yaml: v14 with coordinate tokens, look-first grounding answers in their steps and a box
+    # head in every stage, and nothing else changed.
+    v18 = recipes["demo-v18"]
+    assert v18.model == dataclasses.replace(v14.model, box_tokens=True)
+    assert all(
+        stage.data == dataclasses.replace(v14_stage.data, box_step=20, ground_look_first=True)
+        and stage.train == dataclasses.replace(v14_stage.train, aux_box=True)
+        for stage, v14_stage in zip(v18.all_stages(), v14.all_stages(), strict=True)
+    )
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
