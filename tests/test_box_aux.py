@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aux_heads import check_needs_target, fit_on_batch
 
 from foveate.rl import box_aux, vision_aux
 from foveate.rl.sft import IGNORE, ChatCollator
@@ -110,23 +111,10 @@ def test_a_box_head_learns_from_a_batch_and_needs_its_targets(box_model: Path, a
     labelled = batch["aux_box"][:, 0] != IGNORE
     assert labelled.any() and ((batch["aux_color"] > 0) | ~labelled).all()  # boxes only on object cells
     targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
-    optimizer = torch.optim.AdamW(heads.box.parameters(), lr=0.05)
-    losses = []
-    for _ in range(8):  # the box head alone: its loss must fall on a fixed batch
-        model(**batch)
-        loss = heads.box.loss(heads.merged, targets["aux_box"])
-        heads.merged = None
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert losses[-1] < losses[0]
+    losses = fit_on_batch(model, heads, heads.box, batch, lambda merged: heads.box.loss(merged, targets["aux_box"]))
+    assert losses[-1] < losses[0]  # the box head alone: its loss must fall on a fixed batch
     assert np.isclose(losses[0], np.log(box_aux.BOX_BINS), atol=1.5)  # starts near chance over 51 bins
-    model(**batch)
-    assert torch.isfinite(heads.loss(**targets))
-    model(**batch)
-    with pytest.raises(RuntimeError, match="aux_box"):
-        heads.loss(**{key: value for key, value in targets.items() if key != "aux_box"})
+    check_needs_target(model, heads, batch, targets, "aux_box")
 
 
 def test_an_empty_box_batch_costs_nothing() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aux_heads import check_needs_target, fit_on_batch
 from PIL import Image
 
 from foveate.errors import FoveateError
@@ -96,23 +97,13 @@ def test_cell_sizes_follow_the_colour_rule_and_a_size_head_learns_from_them(coll
     batch = collator(examples)
     assert batch["aux_size"].shape == batch["aux_color"].shape and (batch["aux_size"] > 0).any()
     targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
-    optimizer = torch.optim.AdamW(heads.size.parameters(), lr=0.05)
-    losses = []
-    for _ in range(8):  # the size head alone: its loss must fall on a fixed batch
-        model(**batch)
-        size_logits = heads.size(heads.merged)
-        loss = torch.nn.functional.cross_entropy(size_logits, targets["aux_size"], ignore_index=IGNORE)
-        heads.merged = None
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+
+    def size_loss(merged: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(heads.size(merged), targets["aux_size"], ignore_index=IGNORE)
+
+    losses = fit_on_batch(model, heads, heads.size, batch, size_loss)  # the size head alone: its loss must fall
     assert losses[-1] < losses[0]
-    model(**batch)
-    assert torch.isfinite(heads.loss(**targets))
-    model(**batch)
-    with pytest.raises(RuntimeError, match="aux_size"):
-        heads.loss(**{key: value for key, value in targets.items() if key != "aux_size"})
+    check_needs_target(model, heads, batch, targets, "aux_size")
 
 
 def test_object_members_label_objects_that_fill_some_cell() -> None:
