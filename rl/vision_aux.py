@@ -434,6 +434,15 @@ class VisionAuxHeads(nn.Module):
             total = total + box_loss
         return total
 
+    def box_only_loss(self, aux_box: torch.Tensor, **_other_targets: torch.Tensor) -> torch.Tensor:
+        """The box head's term alone (`TrainConfig.aux_box_only`): a stage that trains position and nothing else."""
+        if self.box is None:
+            raise RuntimeError("aux_box_only needs the box head (aux_box: true)")
+        features, self.merged = self.merged, None
+        box_loss = self.box.loss(features, aux_box.to(features.device))
+        self.parts = {"box": box_loss.item()}
+        return box_loss
+
     def _heads_loss(
         self,
         color_head: nn.Module,

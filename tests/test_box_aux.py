@@ -115,6 +115,9 @@ def test_a_box_head_learns_from_a_batch_and_needs_its_targets(box_model: Path, a
     assert losses[-1] < losses[0]  # the box head alone: its loss must fall on a fixed batch
     assert np.isclose(losses[0], np.log(box_aux.BOX_BINS), atol=1.5)  # starts near chance over 51 bins
     check_needs_target(model, heads, batch, targets, "aux_box")
+    model(**batch)  # TrainConfig.aux_box_only: the box term alone, logged like the full loss's
+    alone = heads.box_only_loss(**targets)
+    assert np.isclose(alone.item(), heads.parts["box"]) and alone.requires_grad
 
 
 def test_an_empty_box_batch_costs_nothing() -> None:
@@ -142,3 +145,10 @@ def test_a_look_first_box_answer_is_looked_up_at_its_referents_last_word(box_mod
     assert processor.tokenizer.decode(batch["input_ids"][0, position]).strip() == thought.split()[-1]
     assert processor.tokenizer.decode(batch["input_ids"][0, position + 1]) == "</think>"
     assert batch["attn_evidence"][0, 0].any()
+
+
+def test_box_only_needs_a_box_head() -> None:
+    heads = vision_aux.VisionAuxHeads(16)
+    heads.merged = torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="aux_box: true"):
+        heads.box_only_loss(aux_box=torch.full((3, 4), IGNORE))
