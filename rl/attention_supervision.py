@@ -120,12 +120,6 @@ def supervised_turns(example: dict[str, Any]) -> list[tuple[int, str | None, lis
     return [(0, replies[0] if len(replies) == 1 else None, example.get("evidence"))]
 
 
-def _look_first_answer(reply: str | None) -> str | None:
-    """The answer of a look-first reply (``<think>the red circle</think>circle`` → "circle"), else None."""
-    parts = protocol.look_parts(reply) if isinstance(reply, str) else None
-    return parts[1] if parts else None
-
-
 def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokenizer: Any = None) -> torch.Tensor:
     """[batch, turns]: per row and supervised turn (`supervised_turns`), the position that predicts the turn's
     answer: just before its first labelled token, or, with a ``tokenizer``, inside a look-first thought
@@ -142,14 +136,15 @@ def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokeni
                 continue
             start, end = spans[turn]
             query[row, slot] = start - 1
-            answer = _look_first_answer(reply) if tokenizer is not None else None
-            if answer is not None:
+            parts = protocol.look_parts(reply) if tokenizer is not None and isinstance(reply, str) else None
+            if parts is not None:
+                thought, answer = parts
                 span_labels = torch.full_like(labels[row], -100)
                 span_labels[start:end] = labels[row, start:end]
-                # A look-first box answer (`rl.sft_data.DataMix.ground_look_first`, "<think>the red star</think>{…}")
-                # is not restated in its thought: the lookup is at the referent's last word, before "</think>".
-                is_box = answer.startswith("{")
-                length = 0 if is_box else len(tokenizer(" " + answer, add_special_tokens=False).input_ids)
+                # A thought that does not restate its answer (a look-first box, `rl.sft_data.DataMix.ground_look_first`:
+                # "<think>the red star</think>{…}") is looked up at its last word, just before "</think>".
+                restated = thought.endswith(" " + answer)
+                length = len(tokenizer(" " + answer, add_special_tokens=False).input_ids) if restated else 0
                 query[row, slot] = look_answer_position(span_labels, close_id, length)
     return query
 
