@@ -63,11 +63,12 @@ def cell_boxes(scene: Any, coverage: np.ndarray, window: tuple[int, int, int, in
     targets = np.full((owner.size, 4), IGNORE, dtype=np.int64)
     x0, y0, x_end, y_end = window if window is not None else (0, 0, scene.width, scene.height)
     for number, obj in enumerate(scene.objects):
-        if not (owner == number).any():
+        cells = owner == number
+        if not cells.any():
             continue
         x1, y1, x2, y2 = obj.box
         clipped = (max(x1, x0) - x0, max(y1, y0) - y0, min(x2, x_end) - x0, min(y2, y_end) - y0)
-        targets[owner == number] = edge_bins(clipped, x_end - x0, y_end - y0)
+        targets[cells] = edge_bins(clipped, x_end - x0, y_end - y0)
     return targets
 
 

@@ -280,7 +280,7 @@ def aux_trainer_class():
                     if train.aux_box_only
                     else heads.loss(**targets, background_weight=train.aux_background_weight)
                 )
-                parts = tuple((f"aux_{name}_loss", value) for name, value in model.foveate_aux.parts.items())
+                parts = tuple((f"aux_{name}_loss", value) for name, value in heads.parts.items())
                 self._logged = (*self._logged, ("aux_loss", aux.item()), *parts)
                 result = (
                     (result[0] + train.aux_weight * aux, result[1])

@@ -429,9 +429,7 @@ class VisionAuxHeads(nn.Module):
         if self.box is not None:
             if aux_box is None:
                 raise RuntimeError("a box head needs aux_box targets")
-            box_loss = self.box.loss(features, aux_box.to(features.device))
-            self.parts = {"box": box_loss.item()}  # chance is ln 51 = 3.93 per edge
-            total = total + box_loss
+            total = total + self._box_term(features, aux_box)
         return total
 
     def box_only_loss(self, aux_box: torch.Tensor, **_other_targets: torch.Tensor) -> torch.Tensor:
@@ -439,6 +437,10 @@ class VisionAuxHeads(nn.Module):
         if self.box is None:
             raise RuntimeError("aux_box_only needs the box head (aux_box: true)")
         features, self.merged = self.merged, None
+        return self._box_term(features, aux_box)
+
+    def _box_term(self, features: torch.Tensor, aux_box: torch.Tensor) -> torch.Tensor:
+        """The box head's loss, kept in `parts` for the trainer's log (chance is ln 51 = 3.93 per edge)."""
         box_loss = self.box.loss(features, aux_box.to(features.device))
         self.parts = {"box": box_loss.item()}
         return box_loss
