@@ -14,8 +14,8 @@ Measured (``--n 40``; acc@0.5 / mean IoU / distinct boxes on single, simple, lar
 
 | model | single | simple | large |
 |---|---|---|---|
-| demo-v18 (configs/probes/demo-v18.yaml) | 0.00 / 0.03 / 3 | 0.00 / 0.05 / 6 | 0.00 / 0.04 / 6 |
-| v18 + 1300 vision-only box steps + 400 grounding steps | 0.03 / 0.04 / 25 | 0.00 / 0.04 / 35 | 0.00 / 0.04 / 34 |
+| demo-v18 (configs/probes/demo-v18.yaml) | 0.00 / 0.03 / 3 | 0.00 / 0.05 / 6 | 0.00 / 0.06 / 5 |
+| v18 + 1300 vision-only box steps + 400 grounding steps | 0.03 / 0.04 / 25 | 0.00 / 0.04 / 35 | 0.00 / 0.06 / 36 |
 
 Neither copies: the extra grounding steps only vary the box, unrelated to the object even alone in its scene.
 """
@@ -48,11 +48,10 @@ def measure(model, processor, preset: str, n: int) -> dict[str, float]:
             break
         image = render_scene(scene)
         example = ground(image, scene, rng, mix=mix)
-        if example is None or not any(o.size_class in ("medium", "large") for o in scene.objects):
+        target = None if example is None else next(o for o in scene.objects if o.box == example["evidence"][0])
+        if target is None or target.size_class not in ("medium", "large"):  # tiny targets: not this bench's question
             continue
-        truth = Box(*example["evidence"][0])
-        if truth.area < 0.0004 * image.width * image.height:  # a tiny target: not this bench's question
-            continue
+        truth = Box(*target.box)
         text = processor.apply_chat_template(example["messages"][:1], tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[text], images=[image], return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=48, do_sample=False)
