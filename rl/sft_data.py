@@ -23,6 +23,7 @@ answer it (`leaks`).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Iterator
@@ -84,6 +85,14 @@ class DataMix:
     # Questions drawn per scene (inclusive range) instead of the preset's 1-3, so chats have turns to hold;
     # None = the preset's. The stream's own seed draws them (world.questions.generate_questions).
     scene_questions: tuple[int, int] | None = None
+    # Family weights for the questions `scene_questions` draws ("attribute": 4.0, …), in place of the preset's, so a
+    # stage can spend its answers on the families it is meant to teach without dropping the others; None = the
+    # preset's. Needs `scene_questions` (the preset's own rows keep the preset's weights).
+    family_weights: dict[str, float] | None = None
+    # Whether each question also gets a second, different format (more supervision per rendered scene). Off, a
+    # question gets one format, so the formats' weights are the shares of the questions: a stage can make chats of
+    # qa answers most of its examples instead of one single-question example beside every question.
+    second_format: bool = True
     # Grounding answers rounded to multiples of this many thousandths (rl.box_aux.snap_thousand); None = exact.
     # 20 writes each coordinate as one token of a tokenizer built with box_tokens, the bins of the box head
     # (rl.box_aux), so the answer is a copy of what the object's vision tokens name.
@@ -107,6 +116,12 @@ class DataMix:
             raise ValueError("format copy restates a look-first thought: it needs look_first: true")
         if self.scene_questions is not None and not 1 <= self.scene_questions[0] <= self.scene_questions[1]:
             raise ValueError(f"scene_questions must be (low, high) with 1 <= low <= high, not {self.scene_questions}")
+        if self.family_weights is not None:
+            if self.scene_questions is None:
+                raise ValueError("family_weights weights the questions scene_questions draws: set scene_questions")
+            unknown_families = set(self.family_weights) - set(FAMILIES)
+            if unknown_families or not any(weight > 0 for weight in self.family_weights.values()):
+                raise ValueError(f"family_weights needs families of {sorted(FAMILIES)} with some weight above 0")
 
 
 EXISTENCE_THOUGHTS = ("referent", "percept")
@@ -407,7 +422,10 @@ def scene_rows(scene: Scene, rows: list[dict[str, Any]], preset: str, rng: rando
     """The scene's question rows of the kinds `mix` asks: the preset's, or `mix.scene_questions` many drawn anew."""
     if mix.scene_questions is not None:
         world = get_preset(preset)
-        rows = generate_questions(scene, rng, rng.randint(*mix.scene_questions), world.questions, world.scene)
+        questions = world.questions
+        if mix.family_weights is not None:
+            questions = dataclasses.replace(questions, family_weights=tuple(mix.family_weights.items()))
+        rows = generate_questions(scene, rng, rng.randint(*mix.scene_questions), questions, world.scene)
     return [row for row in rows if asks(row, mix.questions)]
 
 
@@ -420,14 +438,14 @@ def scene_examples(
     foreign: list[dict[str, Any]] = (),
 ):
     """Every example of one scene: two different formats per question (more supervision per rendered scene, no
-    duplicates), one format per question with `one_per_scene` or a one-format mix. ``foreign``: the previous
-    scene's question rows (the ``copy`` format asks them about this image)."""
+    duplicates); one format per question with `one_per_scene`, without `second_format` or with a one-format mix.
+    ``foreign``: the previous scene's question rows (the ``copy`` format asks them about this image)."""
     format_names, format_weights = zip(*mix.formats.items(), strict=True)
     for row in rows[:1] if mix.one_per_scene else rows:
         first = rng.choices(format_names, format_weights)[0]
         others = [(n, w) for n, w in zip(format_names, format_weights, strict=True) if n != first]
         names = [first]
-        if others and not mix.one_per_scene:
+        if others and mix.second_format and not mix.one_per_scene:
             names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
         for name in names:
             kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix, "foreign": foreign}

@@ -3,7 +3,10 @@ yields, and the per-turn attention targets of a real collated chat batch."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
+import random
 import re
 from pathlib import Path
 
@@ -15,7 +18,16 @@ from PIL import Image
 from foveate import protocol
 from foveate.rl import attention_supervision
 from foveate.rl.sft import ChatCollator
-from foveate.rl.sft_data import CHAT_FORMATS, DataMix, chat_examples, example_stream, leaks
+from foveate.rl.sft_data import (
+    CHAT_FORMATS,
+    DataMix,
+    chat_examples,
+    example_stream,
+    leaks,
+    scene_examples,
+    scene_rows,
+)
+from foveate.world import iter_scenes, render_scene
 
 CHAT_MIX = DataMix(
     formats={"qa": 3.0, "ground": 1.0},
@@ -96,6 +108,43 @@ def test_single_turn_mix_is_unchanged_and_bad_chat_settings_are_errors() -> None
         DataMix(chat_turns=0)
     with pytest.raises(ValueError, match="scene_questions"):
         DataMix(scene_questions=(3, 2))
+
+
+def test_family_weights_set_the_share_of_each_family_among_drawn_questions() -> None:
+    mix = DataMix(formats={"qa": 1.0}, presets={"large": 1.0}, scene_questions=(6, 10))
+    focused = dataclasses.replace(mix, family_weights={"attribute": 1.0, "counting": 1.0})
+    kinds = {
+        name: collections.Counter(row["family"] for row in _drawn_rows(stream_mix))
+        for name, stream_mix in (("preset", mix), ("focused", focused))
+    }
+    assert set(kinds["focused"]) == {"attribute", "counting"}
+    assert min(kinds["focused"].values()) >= 0.3 * sum(kinds["focused"].values())
+    assert {"existence", "relation"} <= set(kinds["preset"])  # the preset's own weights ask every family
+    with pytest.raises(ValueError, match="scene_questions"):
+        DataMix(family_weights={"attribute": 1.0})
+    with pytest.raises(ValueError, match="family_weights"):
+        DataMix(scene_questions=(4, 8), family_weights={"atribute": 1.0})
+    with pytest.raises(ValueError, match="family_weights"):
+        DataMix(scene_questions=(4, 8), family_weights={"attribute": 0.0})
+
+
+def _drawn_rows(mix: DataMix, scenes: int = 30) -> list[dict]:
+    rng = random.Random(0)
+    return [
+        row
+        for scene, rows in itertools.islice(iter_scenes(3, "large"), scenes)
+        for row in scene_rows(scene, rows, "large", rng, mix)
+    ]
+
+
+def test_without_second_format_each_question_gets_one_example() -> None:
+    formats = {"qa": 1.0, "qa_crop": 1.0}
+    scene, rows = next(iter_scenes(3, "large"))
+    image = render_scene(scene)
+    for second, per_row in ((True, 2), (False, 1)):
+        mix = DataMix(formats=formats, presets={"large": 1.0}, second_format=second)
+        examples = list(scene_examples(image, scene, rows, random.Random(0), mix))
+        assert len(examples) == per_row * len(rows)
 
 
 def test_every_turn_of_a_chat_is_supervised_at_its_own_answer(tiny_model_dir: Path) -> None:
