@@ -208,9 +208,9 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
     assert rest_v13 == rest_v11 and first_v13.data.presets == {"objects": 0.85, "large": 0.15}
     assert first_v13.data == dataclasses.replace(first_v11.data, presets=first_v13.data.presets)
     assert first_v13.train == dataclasses.replace(first_v11.train, max_steps=1800, stop_after_steps=1800)
-    # configs/demo.yaml (v14): demo-v13 with shape labelled per cell as well as per object, in every stage, and its
-    # vision stage stopped after the 1735 steps its first build ran in 20 minutes.
-    v14 = recipes["demo"]
+    # configs/probes/demo-v14.yaml: demo-v13 with shape labelled per cell as well as per object, in every stage, and
+    # its vision stage stopped after the 1735 steps its first build ran in 20 minutes.
+    v14 = recipes["demo-v14"]
     assert v14.model == v13.model and v14.data == v13.data
     first_v14, *rest_v14 = (dataclasses.replace(stage.train, aux_shape="object") for stage in v14.all_stages())
     assert rest_v14 == [stage.train for stage in rest_v13]
@@ -255,6 +255,22 @@ def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
         and stage.train == dataclasses.replace(v14_stage.train, aux_box=True)
         for stage, v14_stage in zip(v18.all_stages(), v14.all_stages(), strict=True)
     )
+
+
+def test_the_demo_recipe_is_v14_plus_a_focus_stage_and_the_attribute_probe_starts_from_v14() -> None:
+    configs = Path(__file__).parents[1] / "configs"
+    v14, v19 = load_recipe(configs / "probes" / "demo-v14.yaml"), load_recipe(configs / "demo.yaml")
+    attribute = load_recipe(configs / "probes" / "demo-v14-attribute.yaml")
+    # configs/demo.yaml's header: stages 1-5 are v14's unchanged; stage 6 draws many-object chats of qa answers.
+    assert (v19.model, v19.data, v19.train) == (v14.model, v14.data, v14.train)
+    *first_five, focus = v19.all_stages()
+    assert first_five == v14.all_stages()
+    assert focus.data.family_weights["attribute"] > focus.data.family_weights["counting"]
+    assert not focus.data.second_format and focus.data.chat_turns == 6
+    assert focus.train.stop_after_steps == 600 and focus.train.seed not in {s.train.seed for s in first_five}
+    # configs/probes/demo-v14-attribute.yaml: from v14's output, attribute questions alone on large scenes.
+    assert attribute.init_from == v14.output_dir
+    assert all(stage.data.questions == ("attribute",) for stage in attribute.all_stages())
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
@@ -711,15 +727,17 @@ def test_copy_needs_look_first_thoughts() -> None:
 
 
 def test_the_demo_recipe_rebuilds_bit_identical_weights(tmp_path: Path) -> None:
-    """Two runs of configs/demo.yaml's vision stage and its attention-supervised chat stage (two steps each, with the
-    recipe's dataloader worker) save the same weights: a rebuild differs only if the code or the recipe does."""
+    """Two runs of configs/demo.yaml's vision stage, its attention-supervised chat stage and its focus stage (two
+    steps each, with the recipe's dataloader worker) save the same weights: a rebuild differs only if the code or the
+    recipe does."""
     from safetensors.torch import load_file
 
     demo = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
-    vision, *_, chats, _ = demo.all_stages()
-    assert vision.train.vision_only and chats.train.attn_weight > 0 and chats.data.chat_turns > 1
+    vision, *_, focus = demo.all_stages()
+    chats = next(stage for stage in demo.all_stages() if stage.train.attn_weight)
+    assert vision.train.vision_only and chats.data.chat_turns > 1 and focus.data.family_weights
     short = {"max_steps": 2, "stop_after_steps": None, "batch_size": 2, "warmup_steps": 0, "logging_steps": 1}
-    stages = [Stage(stage.data, dataclasses.replace(stage.train, **short)) for stage in (vision, chats)]
+    stages = [Stage(stage.data, dataclasses.replace(stage.train, **short)) for stage in (vision, chats, focus)]
     weights = []
     for run in ("first", "second"):
         recipe = dataclasses.replace(demo, output_dir=str(tmp_path / run), stages=stages, save_dtype="float32")
