@@ -47,6 +47,11 @@ from foveate.policies.loading import load_processor, resolve_model_path
 from foveate.policies.reply_probe import ReplyProbeMixin
 from foveate.policies.whitebox import WhiteBoxMixin
 
+try:  # transformers' PIL image-processor backend (`TransformersVLM.presize` matches its resize)
+    from transformers.image_processing_backends import PilBackend
+except ImportError:  # older transformers: no such backend, images reach the processor as they are
+    PilBackend = None
+
 _CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>")  # Qwen-style control tokens: <|im_start|>, <|image_pad|>, …
 
 MIN_IMAGE_SIDE = 28  # one merged Qwen2-VL cell; smaller images are upscaled so the processor accepts them
@@ -177,18 +182,36 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
         """
         width, height = (int(v) for v in image_size)
         (content_w, content_h), (canvas_w, canvas_h) = fitted_geometry((width, height))
-        size = self.size_override or self.processor.image_processor.size
-        read = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        resized_w, resized_h = self._processor_size((canvas_w, canvas_h))
+        return content_w * resized_w / canvas_w, content_h * resized_h / canvas_h
+
+    def _processor_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the processor resizes an image of ``size`` to (its ``smart_resize`` rule)."""
+        bounds = self.size_override or self.processor.image_processor.size
+        read = bounds.get if isinstance(bounds, dict) else lambda key: getattr(bounds, key, None)
         min_pixels = read("shortest_edge") or read("min_pixels") or 56 * 56
         max_pixels = read("longest_edge") or read("max_pixels") or 28 * 28 * 1280
-        resized_w, resized_h = smart_resize(
-            canvas_w,
-            canvas_h,
-            factor=self.patch_size * self.merge_size,
-            min_pixels=int(min_pixels),
-            max_pixels=int(max_pixels),
-        )
-        return content_w * resized_w / canvas_w, content_h * resized_h / canvas_h
+        factor = self.patch_size * self.merge_size
+        return smart_resize(*size, factor=factor, min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+
+    def presize(self, image: Image.Image) -> Image.Image:
+        """``image`` shrunk with PIL to the size the processor would resize it to, when that is smaller.
+
+        Why by hand: the PIL-backend Qwen2-VL processor turns the whole original into a numpy array and back
+        into a PIL image before resizing it with the same filter, which costs more than the resize itself for
+        large images; resizing first hands it an image already at its size (its own resize is then a copy). The
+        pixels are the same (tests/test_presize.py). Other processors (torchvision backend, other models)
+        resize differently and get the image as it is.
+        """
+        processor = self.processor.image_processor
+        if PilBackend is None or not (isinstance(processor, PilBackend) and getattr(processor, "do_resize", False)):
+            return image
+        if image.mode != "RGB" or not hasattr(processor, "patch_size"):
+            return image
+        target = self._processor_size(image.size)
+        if target[0] * target[1] >= image.size[0] * image.size[1]:
+            return image
+        return image.resize(target, getattr(processor, "resample", Image.Resampling.BICUBIC))
 
     # ---- preparation ----------------------------------------------------------------------------------
     def _size_override(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, int] | None:
@@ -248,7 +271,7 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
         """Tokenize a batch (left-padded) with its images, on the model's device."""
         kwargs: dict[str, Any] = {"text": list(texts), "padding": True, "return_tensors": "pt"}
         if images:
-            kwargs["images"] = [fit_for_model(image) for image in images]
+            kwargs["images"] = [self.presize(fit_for_model(image)) for image in images]
             if self.size_override:
                 kwargs["size"] = self.size_override
         try:
