@@ -25,6 +25,7 @@ STRATEGY_MODULES: dict[str, str] = {
     "vicrop-grad": "vicrop",
     "vicrop-puregrad": "vicrop",
     "vicrop-rel": "vicrop",
+    "vicrop-rel-blocks": "vicrop",
     "vicrop-rel-gate": "vicrop",
     "visrl": "visrl",
 }
@@ -35,6 +36,7 @@ STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
     "vicrop-grad": {"method": "grad-att"},
     "vicrop-puregrad": {"method": "pure-grad"},
     "vicrop-rel": {"method": "rel-att"},
+    "vicrop-rel-blocks": {"method": "rel-att", "high_res_block": 1024},  # the paper's high-resolution split
     "vicrop-rel-gate": {"method": "rel-att", "gate": 0.5},
 }
 

@@ -16,15 +16,17 @@ Graph::
   * ``grad-att``: ``mean_heads(A ⊙ ReLU(∂v/∂A))`` with ``v = log p(argmax first answer token)``;
   * ``pure-grad``: ``‖∂v/∂pixels‖₂`` for the question over the same for the generic prompt, times the
     high-pass edge mask, mean-pooled to the 28-px token grid.
-  Images whose long side exceeds ``high_res_block`` are split into blocks, each block mapped (in the same
-  batch), and the maps tiled (`vicrop_select`).
+  With ``high_res_block`` set (``vicrop-rel-blocks``: 1024, the paper's setting for V*), images whose long side
+  exceeds it are split into blocks, each block mapped (in the same batch), and the maps tiled (`vicrop_select`).
+  Off by default: on world:small-detail's 1344-px scenes the demo model gains nothing from 2 × 2 blocks, which
+  cost four more image encodings (configs/vicrop.yaml has the numbers).
 - ``select`` — multi-scale window search with the sharpness rule (`vicrop_select.select_box`), then the crop.
 - ``answer`` — the final user turn becomes ``[original image, crop, question]``, greedy decoding.
 
 Methods are one module with a ``method`` option; the registered names ``vicrop-rel``, ``vicrop-grad``,
-``vicrop-puregrad``, ``vicrop-carve`` and ``vicrop-rel-gate`` (rel-att with ``gate: 0.5``) map here with
-different options (``agents.STRATEGY_OPTIONS``). Options come from ``configs/vicrop.yaml`` (`ViCropConfig`),
-then the registered name, then per call:
+``vicrop-puregrad``, ``vicrop-carve``, ``vicrop-rel-gate`` (rel-att with ``gate: 0.5``) and ``vicrop-rel-blocks``
+(rel-att with ``high_res_block: 1024``) map here with different options (``agents.STRATEGY_OPTIONS``). Options
+come from ``configs/vicrop.yaml`` (`ViCropConfig`), then the registered name, then per call:
 ``graph.invoke(..., config={"configurable": {"vicrop": {"method": "grad-att", "layer": 2}}})``.
 
 The layer is configuration. Calibrate it for a model on held-out items (world seed 1001: neither training's

@@ -42,7 +42,10 @@ class ViCropConfig:
     ratios: list[float] = _help("window side / model input side", factory=lambda: list(RATIOS))
     input_side: int | None = _help("model input side s in pixels; None = read from the backend")
     feed: str = _help("crop = append the crop as a second image (paper); mask = CARVE-style masked image", "crop")
-    high_res_block: int | None = _help("images with a longer side are mapped in blocks; None = never split", 1024)
+    high_res_block: int | None = _help(
+        "images with a longer side are mapped in blocks of about this side (the paper's V* setting: 1024); "
+        "None = never split"
+    )
     gate: float | None = _help("answer from the question pass when p(first token) >= gate; None = never")
     rel_eps: float = _help("rel-att divides by (generic map + rel_eps × its mean)", 0.05)
     reuse_prefix: bool = _help("reuse the question pass's KV cache for the answer pass", True)

@@ -75,7 +75,7 @@ def test_every_method_maps_onto_the_token_grid(tiny_policy, store, method, size)
     expected = GRIDS[size]
     image = scene(size, dot=(size[0] // 2, size[1] // 2))
     ref = store.put(image)
-    options = load_vicrop_config(method=method, cache_generic=False)
+    options = load_vicrop_config(method=method, cache_generic=False, high_res_block=1024)  # the paper's split
     messages = user(image, QUESTION)
     if method == "pure-grad":
         look = look_pure_grad(tiny_policy, store, ref, messages, options, 0)
@@ -158,7 +158,14 @@ def _images_in(step):
 
 
 def test_registered_names():
-    for name in ("vicrop-rel", "vicrop-grad", "vicrop-puregrad", "vicrop-carve", "vicrop-rel-gate"):
+    for name in (
+        "vicrop-rel",
+        "vicrop-grad",
+        "vicrop-puregrad",
+        "vicrop-carve",
+        "vicrop-rel-gate",
+        "vicrop-rel-blocks",
+    ):
         assert name in strategy_names()
         assert callable(get_builder(name))
     with pytest.raises(FoveateError, match="unknown ViCrop method"):
@@ -182,6 +189,16 @@ def test_graph_appends_the_crop_and_traces_every_step(tiny_policy, store, name):
     assert result.answer == steps[-1]["text"] and result.trace.boxes == [crop["box"]]
     page = render_html(result.trace, store)  # heat-map over the image, the box and the crop, all embedded
     assert f"{heat['map_kind']} map" in page and page.count("data:image/png;base64") >= 4
+
+
+@pytest.mark.parametrize("name, grid", [("vicrop-rel", (8, 8)), ("vicrop-rel-blocks", GRIDS[HUGE])])
+def test_only_vicrop_rel_blocks_maps_a_large_image_in_blocks(tiny_policy, store, name, grid):
+    # vicrop-rel maps a 2048-px image whole at the model's input size; vicrop-rel-blocks (the paper's split for
+    # V*) maps 2 × 2 blocks of 1024 px at that size each and tiles the maps
+    ref = store.put(scene(HUGE, dot=(1500, 600)))
+    steps = run(name, {"image": ref, "question": QUESTION}, tiny_policy, store).trace.steps
+    heat = [s for s in steps if s["kind"] == "map"][-1]
+    assert np.asarray(heat["values"]).shape == grid
 
 
 def test_generic_map_is_cached_per_image(tiny_policy, store):
@@ -297,7 +314,7 @@ def test_block_generic_rows_reusing_the_block_caches_equal_a_fresh_pass(tiny_pol
     looks, passes = [], []
     for reuse in (True, False):
         policy = Recording(tiny_policy)
-        options = load_vicrop_config(cache_generic=False, reuse_prefix=reuse)
+        options = load_vicrop_config(cache_generic=False, reuse_prefix=reuse, high_res_block=1024)
         looks.append(look_attention(policy, store, ref, user(image, QUESTION), options, 1, 0))
         passes.append(policy.reused)
     assert passes == [[0, 4], [0]]  # four block rows reused their caches; without reuse one batched pass
