@@ -23,11 +23,13 @@ from foveate.agents.vicrop import (
     METHODS,
     load_vicrop_config,
     look_attention,
+    look_attention_many,
     look_pure_grad,
     resolve_layer,
     user_turn,
 )
 from foveate.agents.vicrop_select import select_box
+from foveate.agents.vicrop_thought import answers_as_asked
 from foveate.tools.boxes import Box
 from foveate.tools.store import ImageStore
 
@@ -98,25 +100,43 @@ def gate_report(
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     max_new_tokens: int = 16,
     batch: int = 16,
+    store: ImageStore | None = None,
+    options: Any = None,
 ) -> list[dict[str, Any]]:
     """For each gate threshold: the share of ``rows`` the gate would answer from the question pass, and the
-    accuracy of those answers and of the rest (direct answers, decoded from the probe's cache)."""
+    accuracy of those answers and of the rest (direct answers: what the gate returns).
+
+    The confidence is the one ``vicrop-rel-gate`` reads, from the strategy's own look step (``options``, by default
+    configs/vicrop.yaml's with rel-att):
+    p(first answer token) at the last prompt token, or, for a look-first model, at the answer's position inside
+    its reply (at the last prompt token such a model predicts ``<think>``, with p near 1 on every question)."""
+    import tempfile
+
     from foveate.eval.metrics import score_answer
+    from foveate.protocol import strip_thought
     from foveate.tools.images import load_image
 
+    store = store or ImageStore(tempfile.mkdtemp(prefix="vicrop-gate-"))
     params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
-    layer = resolve_layer(None, policy.num_layers)
+    options = options or load_vicrop_config(method="rel-att")
+    layer = resolve_layer(options.layer, policy.num_layers)
     probs, scores = [], []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         images = [load_image(row["image"]) for row in chunk]
         conversations = [user_turn(image, row["question"]) for image, row in zip(images, chunk, strict=True)]
-        probes = policy.attention_probe(conversations, layer, keep=[True] * len(chunk))
-        answers = policy.continue_probe([probe.session for probe in probes], params)
-        policy.release_sessions([probe.session for probe in probes])
-        for probe, answer, row, image in zip(probes, answers, chunk, images, strict=True):
-            probs.append(probe.prob)
-            scores.append(score_answer(answer.text.strip(), row, image.size)["score"])
+        requests = [(store.put(image), turn, 0) for image, turn in zip(images, conversations, strict=True)]
+        looks = look_attention_many(policy, store, requests, options, layer)
+        policy.release_sessions([look.session for look in looks])
+        # a look-first reply is the answer the gate returns; otherwise the gate decodes the question pass, which
+        # is direct's answer (`continue_probe` equals `chat`)
+        replies = [look.thought_call if answers_as_asked(look.thought_call, params) else None for look in looks]
+        redo = [turn for turn, reply in zip(conversations, replies, strict=True) if reply is None]
+        fresh = iter(policy.chat(redo, params) if redo else [])
+        for look, reply, row, image in zip(looks, replies, chunk, images, strict=True):
+            text = strip_thought((reply or next(fresh)).text)
+            probs.append(look.confidence if look.confidence is not None else 0.0)
+            scores.append(score_answer(text.strip(), row, image.size)["score"])
     probs_array, scores_array = np.asarray(probs), np.asarray(scores)
     report = []
     for threshold in thresholds:
@@ -171,9 +191,9 @@ def main(argv: list[str]) -> None:
     console.print(f"best layer: {best['layer']}  (set `layer: {best['layer']}` in configs/vicrop.yaml)")
     if args.gate:
         gate = Table(title="confidence gate: questions answered from the question pass (direct answers)")
-        for column in ("p(first token) ≥", "share gated", "accuracy gated", "accuracy rest"):
+        for column in ("p(answer token) ≥", "share gated", "accuracy gated", "accuracy rest"):
             gate.add_column(column, justify="right")
-        for entry in gate_report(policy, tasks.rows):
+        for entry in gate_report(policy, tasks.rows, store=ImageStore(config.home_dir / "images")):
             shown = [f"{entry[k]:.3f}" if entry[k] is not None else "–" for k in ("accuracy_gated", "accuracy_rest")]
             gate.add_row(f"{entry['threshold']:g}", f"{entry['gated']:.2f}", *shown)
         console.print(gate)

@@ -227,3 +227,20 @@ def test_the_gate_answers_a_blocked_image_from_its_whole_image_reply(tiny_policy
         np.testing.assert_allclose(heat, whole.maps[0].values, atol=1e-5)  # the reply's whole-image map
     else:  # the four blocks (and their generic rows) are probed, then the crop is answered
         assert policy.probes == 2 and any(s["kind"] == "crop" for s in state["steps"])
+
+
+def test_the_gate_calibration_reads_the_gates_own_confidence(tiny_policy, tmp_path) -> None:
+    # For a look-first model the gate reads p(answer) inside the reply, not p("<think>") at the prompt's end (near 1
+    # on every question), and a gated question's answer is the reply itself.
+    from foveate.agents.vicrop_calibrate import gate_report
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    rows = [{"image": str(path), "question": QUESTION, "answers": ["red"], "family": "attribute"}]
+    options = load_vicrop_config(look_first="on")
+    layer = resolve_layer(options.layer, tiny_policy.num_layers)
+    expected = tiny_policy.attention_probe([user(scene(), QUESTION)], layer, suffixes=["<think>the small circle"])[0]
+    below, above = expected.prob * 0.99, min(expected.prob * 1.01, 1.0)
+    report = gate_report(LookFirstReplies(tiny_policy), rows, (below, above), options=options)
+    assert [entry["gated"] for entry in report] == [1.0, 0.0]
+    assert report[0]["accuracy_gated"] == 1.0 and report[1]["accuracy_rest"] == 1.0  # "red", the reply's answer
