@@ -57,6 +57,25 @@ it is cheaper than the 3× the issue expected.
 Remeasured with the demo model v19, `--n 20 --repeats 1` (one run), × direct: small detail vicrop-rel 3.11, gate
 2.31, no blocks 1.63, gate without blocks 1.35, reference-style 2.60; large vicrop-rel 1.88, gate 1.33,
 reference-style 2.60.
+
+With images mapped whole by default, demo model v19, `python bench/vicrop.py --n 40 --repeats 2` (one run on 2 idle
+cores; on large, where no image reaches 1024 px, ``vicrop-rel`` and ``vicrop-rel-blocks`` are the same
+configuration and differ by 0.17, which is the noise), × direct:
+
+| task | vicrop-rel | no reuse | gate | blocks | gate, blocks | reference-style | batch 8: direct / vicrop-rel |
+|---|---|---|---|---|---|---|---|
+| small detail | **1.84** | 2.85 | 1.38 | 3.31 | 2.12 | 2.89 | 0.67 / 1.08 |
+| large | 2.05 | 2.63 | **1.36** | 1.88 | 1.34 | 3.07 | 0.55 / 0.96 |
+
+Peak memory growth, vicrop-rel against reference-style: × 1.18 on small detail (140 against 119 MB), × 0.59 on
+large (67 against 114 MB). At this model's size (64 image tokens, 3 layers) every layer's attention weights take
+well under a megabyte, so the reference's `output_attentions` costs it little memory; the growth measured is
+mostly allocator reuse across calls of different shapes.
+
+What the gate does (`python -m foveate.agents.vicrop_calibrate --task world:large --n 200 --gate`, held-out seed
+1001, v19): at 0.5 it answers 68 % of large items from the reply (those 52.6 % right, the rest 23.1 % right when
+answered directly); 0.4: 72 %, 0.3: 77 %. Above 0.8 the demo model is confidently wrong (p ≥ 0.9: 10 % of items,
+none right), so the probability is a poor measure of being sure for this model.
 """
 
 from __future__ import annotations
