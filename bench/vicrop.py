@@ -70,7 +70,10 @@ configuration and differ by 0.17, which is the noise), × direct:
 Peak memory growth, vicrop-rel against reference-style: × 1.18 on small detail (140 against 119 MB), × 0.59 on
 large (67 against 114 MB). At this model's size (64 image tokens, 3 layers) every layer's attention weights take
 well under a megabyte, so the reference's `output_attentions` costs it little memory; the growth measured is
-mostly allocator reuse across calls of different shapes.
+mostly allocator reuse across calls of different shapes. At a longer sequence the reference's eager attention
+shows: `--tasks world:small-detail --variants direct,vicrop-rel,reference-style --n 10 --repeats 1 --max-pixels
+451584` (672² input: 2304 patches, 256 image tokens) gives vicrop-rel 1.95× direct, reference-style 7.84×, and
+vicrop-rel's peak memory growth 0.49× the reference's (173 against 352 MB).
 
 What the gate does (`python -m foveate.agents.vicrop_calibrate --task world:large --n 200 --gate`, held-out seed
 1001, v19): at 0.5 it answers 68 % of large items from the reply (those 52.6 % right, the rest 23.1 % right when
