@@ -47,10 +47,10 @@ from foveate.policies.loading import load_processor, resolve_model_path
 from foveate.policies.reply_probe import ReplyProbeMixin
 from foveate.policies.whitebox import WhiteBoxMixin
 
-try:  # transformers' PIL image-processor backend (`TransformersVLM.presize` matches its resize)
-    from transformers.image_processing_backends import PilBackend
-except ImportError:  # older transformers: no such backend, images reach the processor as they are
-    PilBackend = None
+try:  # the PIL-backend Qwen2-VL image processor, whose resize `TransformersVLM.presize` reproduces
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+except ImportError:  # older transformers: no such processor, images reach the processor as they are
+    Qwen2VLImageProcessorPil = None
 
 _CONTROL_TOKEN = re.compile(r"<\|[a-z_]+\|>")  # Qwen-style control tokens: <|im_start|>, <|image_pad|>, …
 
@@ -113,6 +113,14 @@ def fit_for_model(image: Image.Image) -> Image.Image:
         canvas.paste(image, (0, 0))
         image = canvas
     return image
+
+
+def presizes_like(processor: Any) -> bool:
+    """Whether `TransformersVLM.presize` gives ``processor``'s own pixels: a PIL-backend Qwen2-VL image processor
+    (or a subclass keeping its resize: the ``smart_resize`` rule, one PIL resize) that resizes at all."""
+    if Qwen2VLImageProcessorPil is None or not getattr(processor, "do_resize", False):
+        return False
+    return getattr(type(processor), "resize", None) is Qwen2VLImageProcessorPil.resize
 
 
 class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
@@ -200,18 +208,15 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
         Why by hand: the PIL-backend Qwen2-VL processor turns the whole original into a numpy array and back
         into a PIL image before resizing it with the same filter, which costs more than the resize itself for
         large images; resizing first hands it an image already at its size (its own resize is then a copy). The
-        pixels are the same (tests/test_presize.py). Other processors (torchvision backend, other models)
-        resize differently and get the image as it is.
+        pixels are the same (tests/test_presize.py). Processors with another resize (the torchvision backend,
+        other model families) and non-RGB images (converted before the resize) get the image as it is.
         """
-        processor = self.processor.image_processor
-        if PilBackend is None or not (isinstance(processor, PilBackend) and getattr(processor, "do_resize", False)):
-            return image
-        if image.mode != "RGB" or not hasattr(processor, "patch_size"):
+        if not (presizes_like(self.processor.image_processor) and image.mode == "RGB"):
             return image
         target = self._processor_size(image.size)
         if target[0] * target[1] >= image.size[0] * image.size[1]:
             return image
-        return image.resize(target, getattr(processor, "resample", Image.Resampling.BICUBIC))
+        return image.resize(target, self.processor.image_processor.resample)
 
     # ---- preparation ----------------------------------------------------------------------------------
     def _size_override(self, min_pixels: int | None, max_pixels: int | None) -> dict[str, int] | None:
