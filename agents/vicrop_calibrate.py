@@ -12,6 +12,7 @@ question pass and how accurate those answers are (see `agents.vicrop`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -28,6 +29,7 @@ from foveate.agents.vicrop import (
     resolve_layer,
     user_turn,
 )
+from foveate.agents.vicrop_config import ViCropConfig
 from foveate.agents.vicrop_select import select_box
 from foveate.agents.vicrop_thought import answers_as_asked
 from foveate.tools.boxes import Box
@@ -101,24 +103,24 @@ def gate_report(
     max_new_tokens: int = 16,
     batch: int = 16,
     store: ImageStore | None = None,
-    options: Any = None,
+    options: ViCropConfig | None = None,
 ) -> list[dict[str, Any]]:
     """For each gate threshold: the share of ``rows`` the gate would answer from the question pass, and the
     accuracy of those answers and of the rest (direct answers: what the gate returns).
 
     The confidence is the one ``vicrop-rel-gate`` reads, from the strategy's own look step (``options``, by default
-    configs/vicrop.yaml's with rel-att):
-    p(first answer token) at the last prompt token, or, for a look-first model, at the answer's position inside
-    its reply (at the last prompt token such a model predicts ``<think>``, with p near 1 on every question)."""
-    import tempfile
-
+    configs/vicrop.yaml's with rel-att): p(first answer token) at the last prompt token, or, for a look-first model,
+    at the answer's position inside its reply (at the last prompt token such a model predicts ``<think>``, with p
+    near 1 on every question)."""
     from foveate.eval.metrics import score_answer
-    from foveate.protocol import strip_thought
     from foveate.tools.images import load_image
 
-    store = store or ImageStore(tempfile.mkdtemp(prefix="vicrop-gate-"))
+    store = store or ImageStore()
     params = FoveateContext(max_new_tokens=max_new_tokens).sampling()
     options = options or load_vicrop_config(method="rel-att")
+    # A gate that answers every question: the look step then spends no pass on generic maps or blocks, which only
+    # the zoom would use; the confidence it reports is the same.
+    options = dataclasses.replace(options, gate=sys.float_info.min)
     layer = resolve_layer(options.layer, policy.num_layers)
     probs, scores = [], []
     for start in range(0, len(rows), batch):
@@ -127,16 +129,10 @@ def gate_report(
         conversations = [user_turn(image, row["question"]) for image, row in zip(images, chunk, strict=True)]
         requests = [(store.put(image), turn, 0) for image, turn in zip(images, conversations, strict=True)]
         looks = look_attention_many(policy, store, requests, options, layer)
-        policy.release_sessions([look.session for look in looks])
-        # a look-first reply is the answer the gate returns; otherwise the gate decodes the question pass, which
-        # is direct's answer (`continue_probe` equals `chat`)
-        replies = [look.thought_call if answers_as_asked(look.thought_call, params) else None for look in looks]
-        redo = [turn for turn, reply in zip(conversations, replies, strict=True) if reply is None]
-        fresh = iter(policy.chat(redo, params) if redo else [])
-        for look, reply, row, image in zip(looks, replies, chunk, images, strict=True):
-            text = strip_thought((reply or next(fresh)).text)
+        answers = _gate_answers(policy, looks, conversations, params)
+        for look, answer, row, image in zip(looks, answers, chunk, images, strict=True):
             probs.append(look.confidence if look.confidence is not None else 0.0)
-            scores.append(score_answer(text.strip(), row, image.size)["score"])
+            scores.append(score_answer(answer, row, image.size)["score"])
     probs_array, scores_array = np.asarray(probs), np.asarray(scores)
     report = []
     for threshold in thresholds:
@@ -150,6 +146,25 @@ def gate_report(
             }
         )
     return report
+
+
+def _gate_answers(policy: Any, looks: list, conversations: list, params: Any) -> list[str]:
+    """What the gate returns for each look, as `agents.vicrop.answer_now_node` does: a look-first reply as it
+    stands; else the question pass decoded from its kept cache (`continue_probe`, equal to `chat`); else `chat`.
+    Releases the looks' sessions."""
+    from foveate.protocol import strip_thought
+
+    texts = [look.thought_call.text if answers_as_asked(look.thought_call, params) else None for look in looks]
+    cached = [i for i, look in enumerate(looks) if texts[i] is None and look.session and not look.thought]
+    if cached:
+        for i, result in zip(cached, policy.continue_probe([looks[i].session for i in cached], params), strict=True):
+            texts[i] = result.text
+    fresh = [i for i, text in enumerate(texts) if text is None]
+    if fresh:
+        for i, result in zip(fresh, policy.chat([conversations[i] for i in fresh], params), strict=True):
+            texts[i] = result.text
+    policy.release_sessions([look.session for look in looks])
+    return [strip_thought(text).strip() for text in texts]
 
 
 def main(argv: list[str]) -> None:
@@ -179,7 +194,8 @@ def main(argv: list[str]) -> None:
     config = load_config().with_overrides(max_pixels=args.max_pixels)
     policy = make_policy(args.model, config=config)
     tasks = resolve_tasks(args.task, n=args.n, seed=args.seed, home=config.home_dir)
-    report = calibrate(policy, tasks.rows, method=args.method, store=ImageStore(config.home_dir / "images"))
+    store = ImageStore(config.home_dir / "images")
+    report = calibrate(policy, tasks.rows, method=args.method, store=store)
     table = Table(title=f"ViCrop {args.method} layer calibration on {len(tasks.rows)} items of {args.task}")
     for column in ("layer", "evidence mass", "crop contains evidence", "items"):
         table.add_column(column, justify="right")
@@ -193,7 +209,7 @@ def main(argv: list[str]) -> None:
         gate = Table(title="confidence gate: questions answered from the question pass (direct answers)")
         for column in ("p(answer token) ≥", "share gated", "accuracy gated", "accuracy rest"):
             gate.add_column(column, justify="right")
-        for entry in gate_report(policy, tasks.rows, store=ImageStore(config.home_dir / "images")):
+        for entry in gate_report(policy, tasks.rows, store=store):
             shown = [f"{entry[k]:.3f}" if entry[k] is not None else "–" for k in ("accuracy_gated", "accuracy_rest")]
             gate.add_row(f"{entry['threshold']:g}", f"{entry['gated']:.2f}", *shown)
         console.print(gate)

@@ -244,3 +244,21 @@ def test_the_gate_calibration_reads_the_gates_own_confidence(tiny_policy, tmp_pa
     report = gate_report(LookFirstReplies(tiny_policy), rows, (below, above), options=options)
     assert [entry["gated"] for entry in report] == [1.0, 0.0]
     assert report[0]["accuracy_gated"] == 1.0 and report[1]["accuracy_rest"] == 1.0  # "red", the reply's answer
+
+
+def test_the_gate_calibration_of_a_plain_model_reads_the_last_prompt_token(tiny_policy, tmp_path) -> None:
+    # Not look-first: p(first answer token) at the last prompt token, and the answer decoded from that pass's cache.
+    from foveate.agents.vicrop_calibrate import gate_report
+    from foveate.policies.base import SamplingParams
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    options = load_vicrop_config(look_first="off")
+    layer = resolve_layer(options.layer, tiny_policy.num_layers)
+    expected = tiny_policy.attention_probe([user(scene(), QUESTION)], layer)[0]
+    direct = tiny_policy.chat([user(scene(), QUESTION)], SamplingParams(max_new_tokens=16))[0].text.strip()
+    rows = [{"image": str(path), "question": QUESTION, "answers": [direct], "family": "attribute"}]
+    below, above = expected.prob * 0.99, min(expected.prob * 1.01, 1.0)
+    report = gate_report(tiny_policy, rows, (below, above), store=ImageStore(tmp_path / "images"), options=options)
+    assert [entry["gated"] for entry in report] == [1.0, 0.0]
+    assert report[0]["accuracy_gated"] == 1.0 and report[1]["accuracy_rest"] == 1.0  # direct's own answer
