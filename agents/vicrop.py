@@ -17,10 +17,10 @@ Graph::
   * ``pure-grad``: ``‖∂v/∂pixels‖₂`` for the question over the same for the generic prompt, times the
     high-pass edge mask, mean-pooled to the 28-px token grid.
   With ``high_res_block`` set (``vicrop-rel-blocks``: 1024, the paper's setting for V*), images whose long side
-  exceeds it are split into blocks, each block mapped (in the same batch), and the maps tiled (`vicrop_select`).
+  exceeds it are split into blocks, each block mapped (in the same batch), and the maps tiled (`tools.saliency`).
   Off by default: on world:small-detail's 1344-px scenes the demo model gains nothing from 2 × 2 blocks, which
   cost four more image encodings (configs/vicrop.yaml has the numbers).
-- ``select`` — multi-scale window search with the sharpness rule (`vicrop_select.select_box`), then the crop.
+- ``select`` — multi-scale window search with the sharpness rule (`tools.saliency.select_box`), then the crop.
 - ``answer`` — the final user turn becomes ``[original image, crop, question]``, greedy decoding.
 
 Methods are one module with a ``method`` option; the registered names ``vicrop-rel``, ``vicrop-grad``,
@@ -63,7 +63,7 @@ Deliberate deviations from the paper, and why:
 - rel-att divides by ``A_g + ε·mean(A_g)`` (the reference has no ε, so one near-zero generic cell makes the
   ratio explode; ε is relative to the map's mean so it means the same for every model).
 - The window search runs on a finer grid than the token grid and keeps the exact ``s·r`` square (see
-  `vicrop_select`'s docstring); ties and ratio-index bookkeeping cannot go wrong as in the reference.
+  `tools.saliency`'s docstring); ties and ratio-index bookkeeping cannot go wrong as in the reference.
 - High-resolution blocks use ceil division (no zero-width block for thin images, a bug in the reference).
 - Optional confidence gate (off by default, not in the paper): if the question pass's first answer token has
   probability ≥ ``gate``, answer from that pass without cropping — cheaper on questions the model already
@@ -123,13 +123,13 @@ from foveate.agents.vicrop_look import (  # noqa: F401 (re-exported: tests and c
     resolve_layer,
     user_turn,
 )
-from foveate.agents.vicrop_select import (
-    carve_image,
-    select_box,
-)
 from foveate.agents.vicrop_thought import answers_as_asked, continues_thought
 from foveate.errors import PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
+from foveate.tools.saliency import (
+    carve_image,
+    select_box,
+)
 from foveate.tools.store import decoded as _images
 from foveate.trace import answer_step, crop_step, map_step, model_call_step
 

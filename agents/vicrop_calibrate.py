@@ -30,9 +30,9 @@ from foveate.agents.vicrop import (
     user_turn,
 )
 from foveate.agents.vicrop_config import ViCropConfig
-from foveate.agents.vicrop_select import select_box
 from foveate.agents.vicrop_thought import answers_as_asked
 from foveate.tools.boxes import Box
+from foveate.tools.saliency import select_box
 from foveate.tools.store import ImageStore
 
 

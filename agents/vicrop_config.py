@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from langchain_core.runnables import RunnableConfig
 
-from foveate.agents.vicrop_select import RATIOS
 from foveate.agents.vicrop_thought import LOOK_FIRST
 from foveate.errors import FoveateError
 from foveate.protocol import GENERIC_PROMPT
+from foveate.tools.saliency import RATIOS
 
 METHODS = ("rel-att", "grad-att", "pure-grad")
 FEEDS = ("crop", "mask")

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from foveate.agents.vicrop_config import ViCropConfig
-from foveate.agents.vicrop_select import high_pass_mask, pool_to_grid, split_blocks, tile_maps
 from foveate.agents.vicrop_thought import wants_thoughts, write_thoughts
 from foveate.policies.base import ChatPolicy, ChatResult
+from foveate.tools.saliency import high_pass_mask, pool_to_grid, split_blocks, tile_maps
 from foveate.tools.store import ImageStore
 
 

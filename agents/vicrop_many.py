@@ -19,11 +19,11 @@ from foveate.agents.vicrop import (
     resolve_layer,
     user_turn,
 )
-from foveate.agents.vicrop_select import carve_image, select_box
 from foveate.agents.vicrop_thought import answers_as_asked, continues_thought
 from foveate.errors import FoveateError, PolicyError
 from foveate.protocol import strip_thought
 from foveate.tools.crop import crop as crop_image
+from foveate.tools.saliency import carve_image, select_box
 from foveate.tools.store import ImageStore
 
 

@@ -169,7 +169,7 @@ def test_answer_many_answers_gated_questions_with_the_finished_reply(tiny_policy
 
 def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_thought(tiny_policy, tmp_path) -> None:
     from foveate.agents.vicrop import look_attention, user_turn
-    from foveate.agents.vicrop_select import split_blocks, tile_maps
+    from foveate.tools.saliency import split_blocks, tile_maps
 
     store = ImageStore(tmp_path / "images")
     image = scene(size=(1344, 1344), dot=(900, 700))

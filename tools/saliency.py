@@ -1,7 +1,7 @@
-"""Map geometry for ViCrop: multi-scale box selection, high-resolution blocks, pure-grad and CARVE masks.
+"""Geometry over saliency maps: multi-scale window selection, high-resolution blocks, pure-grad and CARVE masks.
 
-Pure numpy/PIL, no model: `agents/vicrop.py` calls these on the maps a white-box policy returns, and the tests
-check `select_box` against a brute-force double loop.
+Pure numpy/PIL, no model: `agents/vicrop.py` (and any tool that grounds a phrase in a map) calls these on the
+maps a white-box policy returns, and the tests check `select_box` against a brute-force double loop.
 
 Box selection ("MLLMs Know Where to Look", ICLR 2025, §4 and the reference code's adaptive window):
 for each ratio ``r`` in ``RATIOS`` a square window of side ``s·r`` original pixels (``s`` = the model's input

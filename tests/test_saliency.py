@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from foveate.agents.vicrop_select import (
+from foveate.tools.saliency import (
     RATIOS,
     block_layout,
     carve_image,
