@@ -55,8 +55,9 @@ def look_answer(referents: Sequence[str], answer: str) -> str:
     referents and then the answer, so the answer is first predicted AT the referent's last word: the decoder's
     lookup of "which object" then has the referent's own embedding as its query, and needs no earlier layer to
     carry the question there. A separator between the two (``the red star</think>blue``) does not do this:
-    measured with `bench/binding_symbolic.py`, the adjacent form binds in about 450 steps, the separated one is at
-    chance after 900. The answer after the thought is a copy of the one inside it.
+    measured while building the demo model (`bench/binding_symbolic.py`, now in git history), the adjacent
+    form binds in about 450 steps, the separated one is at chance after 900.
+    The answer after the thought is a copy of the one inside it.
     """
     return f"{THOUGHT_OPEN}{'; '.join(referents)} {answer}{THOUGHT_CLOSE}{answer}"
 

@@ -81,7 +81,7 @@ class TinyConfig:
     # looks; with the image first, only the answer position can do that matching. Measured, it does not help
     # binding: from one vision-pretrained stage 1, v6's stages 2-4 image-first vs question-first, the asked
     # object's share of answers naming some object's colour is 0.58 / 0.44 / 0.37 vs 0.59 / 0.43 / 0.39 on 2 / 3
-    # / 4-object scenes (`python bench/binding.py A B --n 1200`); question-first only names a scene colour more
+    # / 4-object scenes (`bench/binding.py`, now in git history); question-first only names a scene colour more
     # often (0.04-0.07 of answers name none vs 0.19-0.31).
     question_first: bool = False
     # Train the tokenizer on box coordinates in steps of 20 (0, 20, ..., 1000), bare and after a space, so each is

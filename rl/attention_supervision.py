@@ -50,6 +50,10 @@ is the asked one for 0.82 / 0.69 / 0.67 of answers on 2 / 3 / 4 objects (0.71 / 
 binding gain this loss has given (`python bench/binding.py DIR --n 600`). Shape answers do not gain (0.58 / 0.40 /
 0.39 against 0.66 / 0.39 / 0.51), although their layer-0 lookup moves onto the asked object (0.64 of the
 attention against 0.04, `python bench/lookup_attention.py DIR`).
+
+The `bench/…` diagnostics cited here measured the demo model while it was built; they left the tree with the
+other lab-notebook scripts (`git log --diff-filter=D --stat -- bench/` lists them; the model card sums up what
+they found).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ The stream is endless and seeded; each scene yields several examples so renderin
 image once, then one user / assistant turn per question, so one vision pass serves several answers, as LLaVA's
 instruction data asks many questions of one image. A turn joins a chat only if the chat's text so far cannot
 answer it (`leaks`).
+
+The `bench/…` diagnostics cited here measured the demo model while it was built; they left the tree with the
+other lab-notebook scripts (`git log --diff-filter=D --stat -- bench/` lists them; the model card sums up what
+they found).
 """
 
 from __future__ import annotations
