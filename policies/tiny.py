@@ -74,7 +74,7 @@ class TinyConfig:
     # tower sees 1.5× the pixels of 224 px.
     merge_size: int = 2
     # Train the tokenizer on each bare word too, so one-word answers are single tokens (False: the tokenizer of
-    # the demo model v1, kept so configs/probes/demo-v1.yaml still rebuilds it).
+    # the demo model v1, kept so its recipe, now in git history, still rebuilds it).
     bare_words: bool = True
     # Render a user turn's question before its images (the chat template's `question_first`). Image tokens then
     # see the question, so each can score its own object against the question's words before the answer token

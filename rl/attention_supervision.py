@@ -51,9 +51,9 @@ binding gain this loss has given (`python bench/binding.py DIR --n 600`). Shape 
 0.39 against 0.66 / 0.39 / 0.51), although their layer-0 lookup moves onto the asked object (0.64 of the
 attention against 0.04, `python bench/lookup_attention.py DIR`).
 
-The `bench/…` diagnostics cited here measured the demo model while it was built; they left the tree with the
-other lab-notebook scripts (`git log --diff-filter=D --stat -- bench/` lists them; the model card sums up what
-they found).
+The `bench/…` diagnostics and `configs/probes/…` recipes cited here measured the demo model while it was built;
+they left the tree with the rest of the lab notebook (`git log --diff-filter=D --stat -- bench/ configs/probes/`
+lists them; the model card, foveate/assets/models/demo/README.md, sums up what they found).
 """
 
 from __future__ import annotations

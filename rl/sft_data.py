@@ -20,9 +20,9 @@ image once, then one user / assistant turn per question, so one vision pass serv
 instruction data asks many questions of one image. A turn joins a chat only if the chat's text so far cannot
 answer it (`leaks`).
 
-The `bench/…` diagnostics cited here measured the demo model while it was built; they left the tree with the
-other lab-notebook scripts (`git log --diff-filter=D --stat -- bench/` lists them; the model card sums up what
-they found).
+The `bench/…` diagnostics and `configs/probes/…` recipes cited here measured the demo model while it was built;
+they left the tree with the rest of the lab notebook (`git log --diff-filter=D --stat -- bench/ configs/probes/`
+lists them; the model card, foveate/assets/models/demo/README.md, sums up what they found).
 """
 
 from __future__ import annotations

@@ -72,9 +72,9 @@ crop formats too (each crop's cells are covered by the scene's objects inside it
 tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
 The heads exist only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
 
-The `bench/…` diagnostics cited here measured the demo model while it was built; they left the tree with the
-other lab-notebook scripts (`git log --diff-filter=D --stat -- bench/` lists them; the model card sums up what
-they found).
+The `bench/…` diagnostics and `configs/probes/…` recipes cited here measured the demo model while it was built;
+they left the tree with the rest of the lab notebook (`git log --diff-filter=D --stat -- bench/ configs/probes/`
+lists them; the model card, foveate/assets/models/demo/README.md, sums up what they found).
 """
 
 from __future__ import annotations

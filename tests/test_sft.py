@@ -161,116 +161,39 @@ def test_label_crops_labels_each_crop_from_its_window(collator: ChatCollator) ->
     assert (labelled["aux_color"][first] == unlabelled["aux_color"][first]).all()
 
 
-def test_recipe_stage_overrides_and_demo_recipe_parses(tmp_path: Path) -> None:
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-v1.yaml")
-    first, last = recipe.all_stages()[0], recipe.all_stages()[-1]
-    assert first.train.aux_weight > 0 and "single" in first.data.presets and first.train.aux_shape == "cell"
-    probe = load_recipe(Path(__file__).parents[1] / "configs" / "probes" / "demo-vision-pretrain.yaml")
-    vision = probe.all_stages()[0]
-    assert vision.train.vision_only and vision.train.aux_shape == "object" and vision.data.one_per_scene
-    assert last.train.max_steps == recipe.train.max_steps and last.data.formats == recipe.data.formats
+def test_a_stage_lists_only_what_changes_and_inherits_the_rest(tmp_path: Path) -> None:
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        "data: {formats: {qa: 2.0, ground: 1.0}, presets: {simple: 1.0}}\n"
+        "train: {max_steps: 50, learning_rate: 0.001, aux_weight: 0.5}\n"
+        "stages:\n"
+        "  - train: {vision_only: true, aux_weight: 1.0}\n"
+        "    data: {one_per_scene: true}\n"
+        "  - {}\n"
+    )
+    first, second = load_recipe(recipe_file).all_stages()
+    assert first.train.vision_only and first.train.aux_weight == 1.0 and first.train.max_steps == 50
+    assert first.data.one_per_scene and first.data.formats == {"qa": 2.0, "ground": 1.0}
+    assert second.train == TrainConfig(max_steps=50, learning_rate=0.001, aux_weight=0.5)
+    assert second.data == DataMix(formats={"qa": 2.0, "ground": 1.0}, presets={"simple": 1.0})
 
 
-def test_every_recipe_loads_and_v7_keeps_v6s_first_four_stages() -> None:
-    configs = Path(__file__).parents[1] / "configs"
-    recipes = {
-        path.stem: load_recipe(path) for path in [configs / "demo.yaml", *sorted((configs / "probes").glob("*.yaml"))]
-    }
-    v6, v7 = recipes["demo-v6"].all_stages(), recipes["demo-v7"].all_stages()
-    # configs/probes/demo-v7.yaml's header: stages 1-4 are v6's. They inherit aux_label_crops, which changes
-    # nothing without a crop format.
-    assert all(not {"qa_crop", "deepeyes", "visrl"} & set(stage.data.formats) for stage in v7[:4])
-    unlabelled = [
-        dataclasses.replace(stage, train=dataclasses.replace(stage.train, aux_label_crops=False)) for stage in v7
-    ]
-    assert v6[:4] == unlabelled[:4] and v6[4] != unlabelled[4]
-    assert v7[4].train.aux_label_crops and not v6[4].train.aux_label_crops
-    # Each percept probe and its control differ only in the existence thought (their headers compare them).
-    for percept_stem, control_stem in [
-        ("demo-v9-percept", "demo-v9-referent"),
-        ("demo-v9-existence-percept", "demo-v9-existence-referent"),
-    ]:
-        percept, control = recipes[percept_stem], recipes[control_stem]
-        assert percept.data.existence_thought == "percept" and control.data.existence_thought == "referent"
-        assert dataclasses.replace(percept.data, existence_thought="referent") == control.data
-        assert percept.train == control.train and percept.init_from == control.init_from
-    # configs/probes/demo-v12.yaml's header: v11's recipe with a longer vision stage and nothing else changed.
-    v11, v12 = recipes["demo-v11"], recipes["demo-v12"]
-    assert v12.model == v11.model and v12.data == v11.data and v12.train == v11.train
-    first_v11, *rest_v11 = v11.all_stages()
-    first_v12, *rest_v12 = v12.all_stages()
-    assert rest_v12 == rest_v11 and first_v12.data == first_v11.data
-    assert first_v12.train == dataclasses.replace(first_v11.train, max_steps=800, max_minutes=40, stop_after_steps=698)
-    # configs/probes/demo-v13.yaml: v11's recipe with its vision stage on small scenes (more steps, same minutes).
-    v13 = recipes["demo-v13"]
-    assert v13.model == v11.model and v13.data == v11.data and v13.train == v11.train
-    first_v13, *rest_v13 = v13.all_stages()
-    assert rest_v13 == rest_v11 and first_v13.data.presets == {"objects": 0.85, "large": 0.15}
-    assert first_v13.data == dataclasses.replace(first_v11.data, presets=first_v13.data.presets)
-    assert first_v13.train == dataclasses.replace(first_v11.train, max_steps=1800, stop_after_steps=1800)
-    # configs/probes/demo-v14.yaml: demo-v13 with shape labelled per cell as well as per object, in every stage, and
-    # its vision stage stopped after the 1735 steps its first build ran in 20 minutes.
-    v14 = recipes["demo-v14"]
-    assert v14.model == v13.model and v14.data == v13.data
-    first_v14, *rest_v14 = (dataclasses.replace(stage.train, aux_shape="object") for stage in v14.all_stages())
-    assert rest_v14 == [stage.train for stage in rest_v13]
-    assert first_v14 == dataclasses.replace(first_v13.train, max_minutes=45, stop_after_steps=1735)
-    assert all(
-        stage.train.aux_shape == "both" and stage.data == v13_stage.data
-        for stage, v13_stage in zip(v14.all_stages(), v13.all_stages(), strict=True)
-    )
-    # configs/probes/demo-v15.yaml: v14 with a vision stage twice as long, and nothing else changed.
-    v15 = recipes["demo-v15"]
-    assert (v15.model, v15.data, v15.train, v15.all_stages()[1:]) == (
-        v14.model,
-        v14.data,
-        v14.train,
-        v14.all_stages()[1:],
-    )
-    vision_v15, vision_v14 = v15.all_stages()[0], v14.all_stages()[0]
-    assert vision_v15.data == vision_v14.data
-    assert vision_v15.train == dataclasses.replace(
-        vision_v14.train, max_steps=3600, max_minutes=60, stop_after_steps=3600
-    )
-    # configs/probes/demo-v16.yaml: v14 with a 4 × 256 decoder (8 heads, MLP 704), and nothing else changed.
-    v16 = recipes["demo-v16"]
-    assert v16.model == dataclasses.replace(
-        v14.model, hidden_size=256, num_layers=4, num_heads=8, intermediate_size=704
-    )
-    assert (v16.data, v16.train, v16.all_stages()) == (v14.data, v14.train, v14.all_stages())
-    # configs/probes/demo-v17.yaml: v14 with the per-cell size head in every stage, and nothing else changed.
-    v17 = recipes["demo-v17"]
-    assert (v17.model, v17.data) == (v14.model, v14.data)
-    assert v17.train == dataclasses.replace(v14.train, aux_size=True)
-    assert all(
-        stage.data == v14_stage.data and stage.train == dataclasses.replace(v14_stage.train, aux_size=True)
-        for stage, v14_stage in zip(v17.all_stages(), v14.all_stages(), strict=True)
-    )
-    # configs/probes/demo-v18.yaml: v14 with coordinate tokens, look-first grounding answers in their steps and a box
-    # head in every stage, and nothing else changed.
-    v18 = recipes["demo-v18"]
-    assert v18.model == dataclasses.replace(v14.model, box_tokens=True)
-    assert all(
-        stage.data == dataclasses.replace(v14_stage.data, box_step=20, ground_look_first=True)
-        and stage.train == dataclasses.replace(v14_stage.train, aux_box=True)
-        for stage, v14_stage in zip(v18.all_stages(), v14.all_stages(), strict=True)
-    )
-
-
-def test_the_demo_recipe_is_v14_plus_a_focus_stage_and_the_attribute_probe_starts_from_v14() -> None:
-    configs = Path(__file__).parents[1] / "configs"
-    v14, v19 = load_recipe(configs / "probes" / "demo-v14.yaml"), load_recipe(configs / "demo.yaml")
-    attribute = load_recipe(configs / "probes" / "demo-v14-attribute.yaml")
-    # configs/demo.yaml's header: stages 1-5 are v14's unchanged; stage 6 draws many-object chats of qa answers.
-    assert (v19.model, v19.data, v19.train) == (v14.model, v14.data, v14.train)
-    *first_five, focus = v19.all_stages()
-    assert first_five == v14.all_stages()
+def test_the_demo_recipe_pretrains_vision_then_widens_its_questions_stage_by_stage() -> None:
+    """configs/demo.yaml as its header describes it: vision pretraining, colour on one object, every question on
+    one object, 1-4 objects with attention supervision, the full mix, then the focus stage."""
+    stages = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml").all_stages()
+    assert len(stages) == 6
+    vision, colour, single, few, full, focus = stages
+    assert vision.train.vision_only and vision.train.aux_weight > 0 and vision.data.one_per_scene
+    assert colour.data.questions == ("attribute/color",) and colour.data.presets == {"single": 1.0}
+    assert single.data.questions == () and single.data.presets == {"single": 1.0}
+    assert few.train.attn_weight > 0 and few.train.attn_layers == [0] and few.data.chat_turns == 6
+    assert not any(stage.train.attn_weight for stage in (vision, colour, single, full, focus))
+    assert all(stage.data.look_first and stage.train.aux_shape == "both" for stage in stages)
     assert focus.data.family_weights["attribute"] > focus.data.family_weights["counting"]
-    assert not focus.data.second_format and focus.data.chat_turns == 6
-    assert focus.train.stop_after_steps == 600 and focus.train.seed not in {s.train.seed for s in first_five}
-    # configs/probes/demo-v14-attribute.yaml: from v14's output, attribute questions alone on large scenes.
-    assert attribute.init_from == v14.output_dir
-    assert all(stage.data.questions == ("attribute",) for stage in attribute.all_stages())
+    assert not focus.data.second_format and full.data.second_format
+    # Each stage its own seed, so no two stages draw the same example stream.
+    assert len({stage.train.seed for stage in stages}) == len(stages)
 
 
 def test_train_sft_with_aux_heads_saves_a_plain_qwen2vl(tmp_path: Path, quick_train) -> None:
