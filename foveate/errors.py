@@ -24,3 +24,7 @@ class PolicyError(FoveateError):
 
 class WhiteBoxUnsupported(PolicyError):
     """A strategy asked a black-box backend for attention, gradients or log-likelihoods."""
+
+
+class ContextLengthError(PolicyError):
+    """A request's prompt plus the tokens it may generate exceed the model's context (its position embeddings)."""

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from foveate.errors import ModelLoadError, PolicyError
+from foveate.errors import ContextLengthError, ModelLoadError, PolicyError
 from foveate.policies import attention_capture
 from foveate.policies.base import (
     ChatPolicy,
@@ -323,6 +323,7 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
     def _chat_batch(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[ChatResult]:
         started = time.perf_counter()
         batch, _ = self.prepare(conversations)
+        self.check_context(int(batch["attention_mask"].sum(dim=1).max()), params.max_new_tokens)
         if params.seed is not None:
             torch.manual_seed(params.seed)  # generate() samples from the global generator
         output = self.model.generate(**batch, **self._generation_kwargs(params))
@@ -336,6 +337,17 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
             completions = [self._completion(ids, params) for ids in samples]
             results.append(ChatResult(completions, int(prompt_tokens[row]), latency, self.name))
         return results
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a call whose longest prompt (tokens, image tokens included) plus ``max_new_tokens`` exceeds the
+        model's ``max_position_embeddings``: past them a model answers garbage rather than failing."""
+        config = self.model.config
+        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        if limit and prompt_tokens + max_new_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} may be generated, more than "
+                f"the model's {limit:,} positions: shorten the question or ask for fewer tokens"
+            )
 
     def _completion(self, token_ids: list[int], params: SamplingParams) -> Completion:
         """Cut at the first end token; apply stop strings the way OpenAI does (excluded from the text)."""

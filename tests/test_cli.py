@@ -81,6 +81,8 @@ def _error_cases(workdir: Path, images: dict[str, Path]) -> dict[str, tuple[list
             "model directory not found",
         ),
         "dir without config.json": (["ask", good, "q", "--model", str(not_a_model)], "no config.json"),
+        # The default (demo) model has 8,192 positions; 10,000 "a" are 10,000 tokens.
+        "question past the model's positions": (["ask", good, "a" * 10_000], "more than the model's 8,192 positions"),
         "endpoint refused": (
             ["ask", good, "q", "--endpoint", f"http://127.0.0.1:{_closed_port()}/v1", "--model", "served"],
             "cannot connect",
@@ -99,6 +101,7 @@ ALL_ERRORS = [
     "unknown strategy",
     "model dir not found",
     "dir without config.json",
+    "question past the model's positions",
     "endpoint refused",
 ]
 

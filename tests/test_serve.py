@@ -330,6 +330,25 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(base_url, case):
     alive(base_url)
 
 
+def test_a_question_past_the_models_positions_is_a_400_naming_the_limit(base_url, tiny_policy):
+    """A prompt longer than the model's max_position_embeddings (8,192 for the tiny and the demo model) would be
+    answered with garbage; the server refuses it as OpenAI does, and batched neighbours are unaffected."""
+    body = {
+        "model": "foveate-direct",
+        "messages": [{"role": "user", "content": [GOOD, {"type": "text", "text": "a" * 10_000}]}],
+    }
+    with ThreadPoolExecutor(2) as pool:
+        long_call = pool.submit(httpx.post, f"{base_url}/v1/chat/completions", json=body, timeout=120)
+        short_call = pool.submit(httpx.post, f"{base_url}/v1/chat/completions", json=_body(GOOD), timeout=120)
+        response, neighbour = long_call.result(), short_call.result()
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
+    assert "8,192 positions" in error["message"] and error["param"] == "messages"
+    assert neighbour.status_code == 200 and neighbour.json()["choices"][0]["message"]["content"] is not None
+    alive(base_url)
+
+
 def test_file_paths_are_never_read(base_url, tmp_path):
     path = tmp_path / "secret.png"
     scene().save(path)

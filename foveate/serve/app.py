@@ -49,7 +49,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from foveate.errors import FoveateError, PolicyError, WhiteBoxUnsupported
+from foveate.errors import ContextLengthError, FoveateError, PolicyError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy
 from foveate.policies.batching import MicroBatcher
 from foveate.serve.limits import MODEL_PREFIX, APIError, ChatRequest, ServeLimits, parse_chat_request
@@ -214,6 +214,8 @@ def as_api_error(error: BaseException) -> APIError:
     """Any failure of a run as an OpenAI error: input problems 400, backend failures 502, bugs 500."""
     if isinstance(error, APIError):
         return error
+    if isinstance(error, ContextLengthError):
+        return APIError(str(error), code="context_length_exceeded", param="messages")
     if isinstance(error, WhiteBoxUnsupported):
         return APIError(str(error), code="white_box_required")
     if isinstance(error, PolicyError):

@@ -6,6 +6,7 @@ An `APIError` carries the HTTP status and the OpenAI error fields, so the app an
 - 400 ``invalid_request_error``: content the server refuses — invalid base64, data that is not an image, an
   image URL that is neither a data URL nor (when enabled) ``http(s)``, remote URLs while they are disabled, too
   many images, a conversation that does not end with a user turn or has no image, unsupported parameters.
+  ``context_length_exceeded``: a prompt plus ``max_tokens`` longer than the model's positions.
 - 404 ``model_not_found``: a model id that is not ``foveate-<strategy>`` for a served strategy.
 - 413 ``request_too_large``: a body above ``max_body_bytes`` or an image above ``max_image_pixels``.
 - 422 ``invalid_request_error``: a body that is JSON but not the shape of a chat request (``messages`` not a list,
