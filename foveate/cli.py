@@ -24,6 +24,7 @@ from typing import Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from foveate.errors import FoveateError
 
@@ -89,7 +90,7 @@ def ask(
     )
     if trace:
         written = result.trace.save(trace, ImageStore(config.home_dir / "images"))
-        err.print(f"trace written to {written}")
+        err.print(f"trace written to {written}", markup=False)
     if as_json:
         typer.echo(json.dumps({"answer": result.answer, "trace": result.trace.to_dict()}, indent=2))
     elif result.answer:
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except FoveateError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)  # a message's [..] is not markup
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(error.exit_code)
         if os.environ.get("FOVEATE_DEBUG"):
             raise
-        err.print(f"[red]internal error:[/red] {type(error).__name__}: {error} (FOVEATE_DEBUG=1 shows the traceback)")
+        detail = escape(f"{type(error).__name__}: {error}")
+        err.print(f"[red]internal error:[/red] {detail} (FOVEATE_DEBUG=1 shows the traceback)")
         sys.exit(1)
 
 

@@ -186,15 +186,21 @@ def _render_step(step: Step, store: ImageStore) -> str:
         body = f"<pre>{html.escape(call)}</pre>"
     elif kind == "answer":
         body = f"<div class='answer'>{html.escape(step['text'])}</div>"
-    label = f"{kind} · {step.get('node', '')}"
+    node = step.get("node") or ""
+    label = kind if node in ("", kind) else f"{kind} · {node}"  # the answer node's answer step: one word
     return f"<div class='card'><div class='kind'>{html.escape(label)}</div>{body}</div>"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 model call``, ``2 model calls``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def render_html(trace: Trace, store: ImageStore) -> str:
     """A single self-contained HTML page: question, answer, the image with every crop box, then each step."""
     header = f"<h1>{html.escape(trace.question)}</h1><div class='answer'>{html.escape(trace.answer)}</div>"
     header += f"<div>strategy {html.escape(trace.strategy)} · model {html.escape(trace.model)} · "
-    header += f"{trace.model_calls} model calls · {trace.completion_tokens} generated tokens</div>"
+    header += f"{plural(trace.model_calls, 'model call')} · {plural(trace.completion_tokens, 'generated token')}</div>"
     if trace.image:
         header = _figure(store.get(trace.image), trace.boxes) + header
     steps = "".join(_render_step(step, store) for step in trace.steps)

@@ -83,6 +83,11 @@ def _error_cases(workdir: Path, images: dict[str, Path]) -> dict[str, tuple[list
         "dir without config.json": (["ask", good, "q", "--model", str(not_a_model)], "no config.json"),
         # The default (demo) model has 8,192 positions; 10,000 "a" are 10,000 tokens.
         "question past the model's positions": (["ask", good, "a" * 10_000], "more than the model's 8,192 positions"),
+        # Rich markup would eat the "[[x1, y1, x2, y2]]" of the message.
+        "oracle-crop without boxes": (
+            ["ask", good, "q", "-s", "oracle-crop"],
+            "pass `evidence_boxes` ([[x1, y1, x2, y2], ...] in original-image pixels)",
+        ),
         "endpoint refused": (
             ["ask", good, "q", "--endpoint", f"http://127.0.0.1:{_closed_port()}/v1", "--model", "served"],
             "cannot connect",
@@ -102,6 +107,7 @@ ALL_ERRORS = [
     "model dir not found",
     "dir without config.json",
     "question past the model's positions",
+    "oracle-crop without boxes",
     "endpoint refused",
 ]
 

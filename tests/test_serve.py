@@ -248,6 +248,7 @@ def test_chat_page_is_served(base_url):
     assert script.status_code == 200 and "/v1/chat/completions" in script.text
     assert httpx.get(f"{base_url}/static/style.css").status_code == 200
     assert httpx.get(f"{base_url}/static/../app.py").status_code == 404
+    assert '<link rel="icon" href="data:,">' in page.text  # no /favicon.ico request, so no 404 in the console
 
 
 # ---- errors -------------------------------------------------------------------------------------------------

@@ -145,8 +145,12 @@ def test_html_is_self_contained_and_escaped(refs, store):
     assert '<rect x="100.5" y="10" width="89.5" height="80"' in header
     assert 'viewBox="0 0 200 100"' in header
     # Every step renders, in order.
-    kinds = re.findall(r"<div class='kind'>([a-z_]+) ", page)
+    kinds = re.findall(r"<div class='kind'>([a-z_]+)[ <]", page)
     assert kinds == [step["kind"] for step in trace.steps]
+    # A card names its node unless the node is the step's kind (the answer node's answer: "answer", once).
+    assert "<div class='kind'>model_call · answer</div>" in page and "<div class='kind'>answer</div>" in page
+    assert "answer · answer" not in page
+    assert "2 model calls · " in page  # counted nouns agree: "1 model call", "2 model calls"
     # Images: header, 2 × (crop + its source), the map overlay.
     images = _data_url_images(page)
     assert len(images) == 1 + 2 * 2 + 1
@@ -194,3 +198,11 @@ def test_save_html_by_suffix(tmp_path, refs, store, name):
     written = _sample_trace(refs).save(tmp_path / name, store)
     text = written.read_text()
     assert text.startswith("<!doctype html>") and "data:image/png;base64," in text
+
+
+def test_one_model_call_is_singular(refs, store):
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    one = Completion(text="red", completion_tokens=1, finish_reason="stop")
+    steps = [model_call_step("answer", prompt, ChatResult([one], 5, 0.1, "tiny")), answer_step("answer", "red")]
+    page = render_html(Trace(strategy="direct", question="q", image=None, answer="red", steps=steps), store)
+    assert "1 model call · 1 generated token</div>" in page

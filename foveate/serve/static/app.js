@@ -140,8 +140,13 @@ function promptText(prompt) {
   }).join("\n");
 }
 
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+}
+
 function renderStep(step) {
-  const node = el("div", { class: `step step-${step.kind}` }, el("div", { class: "kind", text: `${step.kind} · ${step.node || ""}` }));
+  const label = !step.node || step.node === step.kind ? step.kind : `${step.kind} · ${step.node}`;
+  const node = el("div", { class: `step step-${step.kind}` }, el("div", { class: "kind", text: label }));
   if (step.kind === "model_call") {
     node.append(
       el("details", {}, el("summary", { text: "prompt" }), el("pre", { text: promptText(step.prompt) })),
@@ -234,7 +239,7 @@ async function ask(question) {
   turn.answer.textContent = text;
   turn.answer.dataset.state = "done";
   if (trace) {
-    turn.meta.textContent = `${trace.strategy} · ${trace.model} · ${trace.model_calls} model calls · ${trace.completion_tokens} generated tokens`;
+    turn.meta.textContent = `${trace.strategy} · ${trace.model} · ${plural(trace.model_calls, "model call")} · ${plural(trace.completion_tokens, "generated token")}`;
     const boxes = trace.steps.filter((s) => s.kind === "crop").map((s) => s.box);
     if (trace.image && boxes.length) turn.overview.append(figure(trace.image, boxes));
   }
