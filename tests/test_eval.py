@@ -22,7 +22,8 @@ from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.tools.store import ImageStore
 
 ROW_KEYS = {"strategy", "family", "split", "n", "accuracy", "precision", "recall", "f1", "yes_ratio", "mean_iou"}
-ROW_KEYS |= {"model_calls", "completion_tokens", "latency_s", "skipped", "errors", "pope_by_subtype"}
+ROW_KEYS |= {"model_calls", "completion_tokens", "prompt_tokens", "model_latency_s", "latency_s"}
+ROW_KEYS |= {"skipped", "errors", "pope_by_subtype"}
 
 
 class Counting(ChatPolicy):
@@ -77,7 +78,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _stable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "latency_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("latency_s", "model_latency_s")} for row in rows]
 
 
 def test_world_task_set_is_generated_once(world_tasks, tmp_path_factory):
@@ -101,7 +102,8 @@ def test_end_to_end_resume_and_kill_safety(world_tasks, tiny_policy, tmp_path):
     strategies = ["direct", "oracle-crop"]
     kwargs = dict(items_path=items, store=store, model_id="tiny", max_new_tokens=4, max_batch=16, concurrency=8)
     seen: list[tuple[str, int, int]] = []
-    records = run_eval(world_tasks, strategies, policy, progress=lambda *a: seen.append(a), **kwargs)
+    walls: dict[str, dict[str, float]] = {}
+    records = run_eval(world_tasks, strategies, policy, progress=lambda *a: seen.append(a), walls=walls, **kwargs)
 
     assert len(records) == 16 and len(_lines(items)) == 16
     assert policy.conversations == 16
@@ -113,6 +115,12 @@ def test_end_to_end_resume_and_kill_safety(world_tasks, tiny_policy, tmp_path):
         assert record["model_calls"] == 1 and 0 <= record["score"] <= 1
     oracle = [r for r in records if r["strategy"] == "oracle-crop"]
     assert all(len(r["crop_boxes"]) == 1 for r in oracle)
+    # The token columns count different things: oracle-crop reads a second image (its crop), so more prompt tokens.
+    direct = {r["id"]: r for r in records if r["strategy"] == "direct"}
+    assert all(r["prompt_tokens"] > direct[r["id"]]["prompt_tokens"] > 0 for r in oracle)
+    # Each item's wall time holds its model time (waits for the batcher come on top of it).
+    assert all(0 < r["model_latency_s"] <= r["latency_s"] for r in records)
+    assert set(walls) == set(strategies) and all(w["items"] == 8 and w["wall_s"] > 0 for w in walls.values())
 
     rows = aggregate(records, strategies)
     document = results_json(rows, task=world_tasks.name, model="tiny", n=len(world_tasks.rows))
@@ -261,7 +269,11 @@ def test_cli(tiny_model_dir, world_tasks, tmp_path, capsys):
         ("oracle-crop", 3),
     }
     assert len(_lines(tmp_path / "cli.items.jsonl")) == 6
-    assert "all families · all" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "all families · all" in printed and "gen tok" in printed and "prompt tok" in printed
+    assert "run · wall time" in printed and "items/s" in printed
+    assert set(document["run_wall"]) == {"direct", "oracle-crop"}
+    assert all(w["items"] == 3 for w in document["run_wall"].values())
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--task", str(world_tasks.path), "--strategies", "direct,nope"])
     assert exit_info.value.code == 2

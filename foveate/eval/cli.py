@@ -45,7 +45,7 @@ def eval_command(
     from foveate.agents import get_builder
     from foveate.api import make_policy
     from foveate.config import load_config
-    from foveate.eval.report import aggregate, print_tables, results_json, write_results
+    from foveate.eval.report import aggregate, print_run_times, print_tables, results_json, write_results
     from foveate.eval.runner import default_items_path, items_path_for, model_identity, resolve_tasks, run_eval
     from foveate.tools.store import ImageStore
 
@@ -73,6 +73,7 @@ def eval_command(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
+    walls: dict[str, dict[str, float]] = {}
     with Progress(*columns, console=err) as bar:
         bars: dict[str, int] = {}
 
@@ -93,10 +94,13 @@ def eval_command(
             concurrency=concurrency,
             progress=on_progress,
             strategy_options=options,
+            walls=walls,
         )
     rows = aggregate(records, names)
     # Piped output is not squeezed into 80 columns: tables stay readable in logs and files.
-    print_tables(rows, Console() if sys.stdout.isatty() else Console(width=160))
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    print_tables(rows, console)
+    print_run_times(walls, console)
     if out:
         document = results_json(
             rows,
@@ -108,5 +112,6 @@ def eval_command(
             strategies=names,
             max_new_tokens=max_new_tokens,
             items_file=str(items_path),
+            run_wall=walls,
         )
         err.print(f"results written to {write_results(out, document)}", highlight=False)

@@ -7,7 +7,14 @@ Rows: one per (strategy, family, split), plus per strategy one per split over al
     strategy family split n skipped errors accuracy
     precision recall f1 yes_ratio pope_by_subtype     (existence rows: POPE, "yes" is positive)
     mean_iou                                          (grounding rows; accuracy is then IoU >= 0.5)
-    model_calls completion_tokens latency_s           (means per item)
+    model_calls completion_tokens prompt_tokens       (means per item, summed over the item's model calls)
+    model_latency_s latency_s                         (means per item, seconds)
+
+``completion_tokens`` are the tokens the model generated, ``prompt_tokens`` the tokens it read (image tokens
+included). ``model_latency_s`` is the time inside the item's model calls, each the wall time of the batched call
+it rode in (shared with the items batched with it); ``latency_s`` is the item's wall time from start to answer,
+waits for the micro-batcher and the other concurrent items included, so with 16 items at once it is far above
+the run's wall time divided by its items (`print_run_times` prints that: wall time and items per second).
 
 ``n`` counts the scored items; ``skipped`` items (an oracle strategy on a row without evidence boxes) are not
 in any metric; items that raised count as wrong and are also counted in ``errors``. ``pope_by_subtype`` maps
@@ -29,7 +36,7 @@ from rich.table import Table
 
 from foveate.eval.metrics import parse_yes_no, pope_metrics
 
-__all__ = ["aggregate", "print_tables", "results_json", "write_results"]
+__all__ = ["aggregate", "print_run_times", "print_tables", "results_json", "write_results"]
 
 FAMILY_ORDER = ("attribute", "existence", "counting", "relation", "text", "comparison", "grounding")
 SPLIT_ORDER = ("small-detail", "mid-detail", "large")
@@ -68,6 +75,9 @@ def summarize(records: list[dict[str, Any]], strategy: str, family: str, split: 
         "mean_iou": None,
         "model_calls": _mean([r.get("model_calls", 0) for r in scored]),
         "completion_tokens": _mean([r.get("completion_tokens", 0) for r in scored]),
+        # Items recorded before these were kept have none: the mean is over the items that have them.
+        "prompt_tokens": _mean([r["prompt_tokens"] for r in scored if "prompt_tokens" in r]),
+        "model_latency_s": _mean([r["model_latency_s"] for r in scored if "model_latency_s" in r]),
         "latency_s": _mean([r.get("latency_s", 0.0) for r in scored]),
     }
     if family == "existence":
@@ -127,8 +137,9 @@ def print_tables(rows: list[dict[str, Any]], console: Console | None = None) -> 
             columns += [("yes_ratio", "yes %", True)]
         if family == "grounding":
             columns += [("mean_iou", "mIoU", False)]
-        columns += [("model_calls", "calls", False), ("completion_tokens", "tokens", False)]
-        columns += [("latency_s", "latency s", False)]
+        columns += [("model_calls", "calls", False), ("completion_tokens", "gen tok", False)]
+        columns += [("prompt_tokens", "prompt tok", False), ("model_latency_s", "model s", False)]
+        columns += [("latency_s", "item s", False)]
         for key in ("skipped", "errors"):
             if any(r[key] for r in members):
                 columns.append((key, key, False))
@@ -147,6 +158,28 @@ def print_tables(rows: list[dict[str, Any]], console: Console | None = None) -> 
                     cells = [_fmt(m[k], True) for k in ("accuracy", *POPE_KEYS)]
                     sub.add_row(row["strategy"], subtype, str(m["n"]), *cells)
             console.print(sub)
+
+
+COLUMN_NOTE = (
+    "per item: calls = model calls; gen tok = tokens generated, prompt tok = tokens read (images included), both "
+    "summed over its calls; model s = time inside its model calls (batched calls shared); item s = its wall time, "
+    "waits for the batcher and the other concurrent items included"
+)
+
+
+def print_run_times(walls: dict[str, dict[str, float]], console: Console | None = None) -> None:
+    """The run's wall time per strategy and its throughput (items this run computed; cached items took none)."""
+    console = console or Console()
+    table = Table(title="run · wall time", title_justify="left", caption=COLUMN_NOTE, caption_justify="left")
+    for header in ("strategy", "items run", "wall s", "items/s"):
+        table.add_column(header, justify="left" if header == "strategy" else "right", no_wrap=True)
+    for strategy, wall in walls.items():
+        rate = wall["items"] / wall["wall_s"] if wall["items"] and wall["wall_s"] > 0 else None
+        table.add_row(strategy, str(int(wall["items"])), f"{wall['wall_s']:.1f}", _fmt(rate))
+    if walls:
+        items, seconds = sum(w["items"] for w in walls.values()), sum(w["wall_s"] for w in walls.values())
+        table.add_row("all", str(int(items)), f"{seconds:.1f}", _fmt(items / seconds if items and seconds else None))
+    console.print(table)
 
 
 def results_json(rows: list[dict[str, Any]], **meta: Any) -> dict[str, Any]:

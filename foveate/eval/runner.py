@@ -247,6 +247,7 @@ def run_item(
         "score": None,
         "model_calls": 0,
         "completion_tokens": 0,
+        "prompt_tokens": 0,
         "latency_s": 0.0,
     }
     if needs_evidence and not row.get("boxes"):
@@ -272,10 +273,14 @@ def run_item(
             **scored,
             model_calls=trace.model_calls,
             completion_tokens=trace.completion_tokens,
+            prompt_tokens=sum(s.get("prompt_tokens", 0) for s in trace.steps if s["kind"] == "model_call"),
+            # Seconds inside the model calls (each the wall time of the batched call it rode in).
             model_latency_s=round(sum(s.get("latency_s", 0.0) for s in trace.steps if s["kind"] == "model_call"), 4),
             crop_boxes=trace.boxes,
         )
-    record["latency_s"] = round(time.perf_counter() - started, 4)
+    record["latency_s"] = round(
+        time.perf_counter() - started, 4
+    )  # the item's wall time, waits for the batcher included
     return record
 
 
@@ -292,12 +297,15 @@ def run_eval(
     concurrency: int = 16,
     progress: ProgressFn | None = None,
     strategy_options: dict[str, dict[str, Any]] | None = None,
+    walls: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every strategy on every row (resuming from ``items_path``); return one record per (strategy, row).
 
     Records come back in (strategy, row) order, cached and new alike, so the report is the same whether a
     run computed everything or nothing. ``strategy_options`` are build options per strategy name (the
-    config's); they are part of what a cached record must match to be reused.
+    config's); they are part of what a cached record must match to be reused. ``walls``, when given, gets per
+    strategy ``{"items": N, "wall_s": S}``: the items this call ran (cached ones took no time) and the wall time
+    they took together, concurrency and batching included.
     """
     from foveate.agents import get_builder
     from foveate.policies.batching import MicroBatcher
@@ -333,6 +341,7 @@ def run_eval(
                 batcher = MicroBatcher(policy, max_batch=max_batch)
             graph = builders[strategy]()
             needs_evidence = requires_evidence(strategy)
+            started = time.perf_counter()
             pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"eval-{strategy}")
             try:
                 futures = [
@@ -358,6 +367,8 @@ def run_eval(
                         progress(strategy, finished, len(tasks.rows))
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, queued items never start
+            if walls is not None:
+                walls[strategy] = {"items": len(todo), "wall_s": round(time.perf_counter() - started, 3)}
     finally:
         if batcher is not None:
             batcher.close()
