@@ -138,24 +138,54 @@ def init_tiny(
 @train_app.command("sft")
 def train_sft(
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="recipe YAML (model / data / train)"),
-    output_dir: Path = typer.Option(None, "--output-dir", help="override the recipe's output_dir"),
+    output_dir: Path = typer.Option(
+        None,
+        "--output-dir",
+        help="where the model goes (default: the recipe's output_dir, else $FOVEATE_HOME/models/<recipe>-rebuild)",
+    ),
+    replace_shipped: bool = typer.Option(
+        False, "--replace-shipped", help="write into the shipped demo model's directory (foveate/assets/models/demo)"
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="override train.max_steps (e.g. a quick smoke run)"),
     start_stage: int = typer.Option(1, "--start-stage", help="resume at this stage (earlier ones saved in .work)"),
     init_from: Path = typer.Option(None, "--init-from", help="override the recipe's init_from (a model directory)"),
 ) -> None:
     """Supervised fine-tuning on world data (the recipe that builds the demo model)."""
+    from foveate.config import load_config
     from foveate.rl.sft import load_recipe
     from foveate.rl.sft import train_sft as run
 
     recipe = load_recipe(config)
-    if output_dir:
-        recipe.output_dir = str(output_dir)
+    default = load_config().home_dir / "models" / f"{config.stem}-rebuild"
+    recipe.output_dir = str(sft_output_dir(recipe.output_dir, output_dir, replace_shipped, default))
     if init_from:
         recipe.init_from = str(init_from)
     if max_steps:
         for stage in recipe.all_stages():
             stage.train.max_steps = max_steps
+    err.print(f"training into {recipe.output_dir}", markup=False)
     typer.echo(f"model written to {run(recipe, start_stage=start_stage)}")
+
+
+def sft_output_dir(recipe_dir: str | None, option: Path | None, replace_shipped: bool, default: Path) -> Path:
+    """Where `train sft` writes: ``--output-dir``, else the recipe's ``output_dir``, else ``default``. The shipped
+    demo model is replaced only when asked: ``--replace-shipped``, or ``--output-dir`` naming its directory."""
+    from foveate.api import DEMO_MODEL_DIR
+
+    shipped = DEMO_MODEL_DIR.resolve()
+    if replace_shipped:
+        if option is not None and option.resolve() != shipped:
+            raise FoveateError(f"--replace-shipped writes to {shipped}; it contradicts --output-dir {option}")
+        return shipped
+    if option is not None:
+        return option
+    target = Path(recipe_dir) if recipe_dir else default
+    if target.resolve() == shipped:
+        raise FoveateError(
+            f"the recipe writes into the shipped demo model ({shipped}): pass --replace-shipped to replace it, "
+            "or --output-dir DIR to write elsewhere"
+        )
+    return target
 
 
 @app.command()

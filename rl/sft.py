@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a VLM on world data — the recipe that builds the demo model.
 
-    foveate train sft --config configs/demo.yaml            # rebuilds foveate/assets/models/demo
+    foveate train sft --config configs/demo.yaml    # rebuilds the demo model in $FOVEATE_HOME/models/demo-rebuild
 
 A real library loop: transformers' `Trainer` over an endless, seeded `IterableDataset` of chats from
 `rl.sft_data`, with a collator that renders each chat through the model's own chat template and processor and
@@ -97,7 +97,8 @@ class Stage:
 class SFTRecipe:
     """A whole SFT run: the model to start from, the data mix, the optimisation, and where to save."""
 
-    output_dir: str = "foveate/assets/models/demo"  # the final model directory (overwritten)
+    # The final model directory (overwritten); None: `foveate train sft` picks $FOVEATE_HOME/models/<recipe>-rebuild.
+    output_dir: str | None = None
     init_from: str | None = None  # start from this model directory instead of a fresh tiny model
     model: TinyConfig = field(default_factory=TinyConfig)  # size of a fresh tiny model
     data: DataMix = field(default_factory=DataMix)  # formats and presets of the example stream
@@ -340,6 +341,8 @@ def train_sft(recipe: SFTRecipe, workdir: str | Path | None = None, start_stage:
     Intermediate stages are saved (at `save_dtype`, like the final model) under ``<output_dir>.work/stageN`` and
     reloaded by the next stage, so ``start_stage=N`` resumes from a finished stage N-1 with the same result.
     """
+    if not recipe.output_dir:
+        raise FoveateError("the recipe names no output_dir (foveate train sft --output-dir DIR)")
     output = Path(recipe.output_dir)
     workdir = Path(workdir or output.parent / (output.name + ".work"))
     stages = recipe.all_stages()

@@ -670,3 +670,37 @@ def test_the_demo_recipe_rebuilds_bit_identical_weights(tmp_path: Path) -> None:
     assert not [name for name in first if not torch.equal(first[name], second[name])]
     initial = load_file(tmp_path / "first.work" / "stage1.work" / "init" / "model.safetensors")
     assert any(not torch.equal(initial[name], first[name]) for name in first)  # the runs trained something
+
+
+def test_a_rebuild_never_writes_into_the_shipped_model_unless_told(tmp_path: Path) -> None:
+    from foveate.api import DEMO_MODEL_DIR
+    from foveate.cli import sft_output_dir
+
+    shipped, default = DEMO_MODEL_DIR.resolve(), tmp_path / "models" / "demo-rebuild"
+    assert sft_output_dir(None, None, False, default) == default  # configs/demo.yaml names no output_dir
+    assert sft_output_dir("runs/v20", None, False, default) == Path("runs/v20")
+    assert sft_output_dir("runs/v20", tmp_path / "x", False, default) == tmp_path / "x"
+    with pytest.raises(FoveateError, match="--replace-shipped"):
+        sft_output_dir(str(DEMO_MODEL_DIR), None, False, default)  # an old recipe naming the shipped directory
+    assert sft_output_dir(str(DEMO_MODEL_DIR), None, True, default) == shipped
+    assert sft_output_dir(None, DEMO_MODEL_DIR, False, default) == DEMO_MODEL_DIR  # named explicitly
+    with pytest.raises(FoveateError, match="contradicts"):
+        sft_output_dir(None, tmp_path / "x", True, default)
+    assert load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml").output_dir is None
+
+
+@pytest.mark.slow  # a one-step Trainer run through the CLI: about 15 s
+def test_train_sft_writes_under_foveate_home_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
+    from foveate.cli import main
+
+    recipe = tmp_path / "smoke.yaml"
+    recipe.write_text(
+        "save_dtype: float32\n"
+        "data: {formats: {qa: 1.0}, presets: {single: 1.0}}\n"
+        "train: {max_steps: 1, batch_size: 2, warmup_steps: 0, logging_steps: 1, dataloader_workers: 0}\n"
+    )
+    monkeypatch.setenv("FOVEATE_HOME", str(tmp_path / "home"))
+    main(["train", "sft", "--config", str(recipe)])
+    written = tmp_path / "home" / "models" / "smoke-rebuild"
+    assert (written / "config.json").is_file() and (written / "foveate_recipe.json").is_file()
+    assert f"model written to {written}" in capsys.readouterr().out
