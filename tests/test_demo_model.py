@@ -54,3 +54,13 @@ def test_the_readme_main_command_answers_its_example_right() -> None:
     assert README_QUESTION in readme and README_IMAGE in readme
     result = ask(str(ROOT / README_IMAGE), README_QUESTION)  # no model given: the demo model
     assert result.trace.model_calls and result.answer == task["answers"][0]
+
+
+def test_the_readmes_commands_name_images_that_ship_and_write_nothing_into_the_checkout() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"foveate (?:ask|chat) (\S+\.(?:png|jpg|jpeg))", readme)
+    assert len(images) >= 4 and all((ROOT / image).is_file() for image in images), images
+    traces = re.findall(r"--trace (\S+)", readme)
+    assert traces and all(t.startswith("/tmp/") or t.startswith("out.") for t in traces), traces
