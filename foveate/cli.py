@@ -43,7 +43,7 @@ def _mount_optional(name: str, module: str, attribute: str) -> None:
     app.add_typer(sub_app, name=name)
 
 
-train_app = typer.Typer(help="Train policies (SFT; GRPO and DPO recipes as they land).", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: supervised fine-tuning on world data (sft).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 _mount_optional("world", "foveate.world.cli", "world_app")
 
