@@ -84,16 +84,11 @@ class TinyConfig:
     # / 4-object scenes (`bench/binding.py`, now in git history); question-first only names a scene colour more
     # often (0.04-0.07 of answers name none vs 0.19-0.31).
     question_first: bool = False
-    # Train the tokenizer on box coordinates in steps of 20 (0, 20, ..., 1000), bare and after a space, so each is
-    # one token: a grounding answer written in those steps (rl.sft_data.DataMix.box_step) is then four copies, not
-    # digit sequences, and the word-aligned box head (rl.box_aux) can point the vision tokens at them. Without it
-    # 38 bare and 10 space-prefixed of those 51 numbers are several tokens.
-    box_tokens: bool = False
     seed: int = 0  # weight initialisation seed
     init_std: float = 0.02  # weight init std; tests use a larger one so random greedy outputs vary with the input
 
 
-def corpus_lines(bare_words: bool = True, box_tokens: bool = False) -> list[str]:
+def corpus_lines(bare_words: bool = True) -> list[str]:
     """The text the tokenizer is trained on: world vocabulary, numbers, JSON boxes and strategy tags."""
     words = _CORPUS_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
@@ -108,9 +103,6 @@ def corpus_lines(bare_words: bool = True, box_tokens: bool = False) -> list[str]
     ]
     lines += ['{"bbox_2d": [12, 340, 96, 401], "label": "red star"}', '{"name": "image_zoom_in_tool", "arguments": {}}']
     lines += [f"{tag} " for tag in TAG_TOKENS] + ["What color is the small star?", "How many circles are there?"]
-    if box_tokens:  # "[120" pre-tokenizes to "[" + "120", ", 340" to "," + " 340": both forms of every step
-        steps = [str(n) for n in range(0, 1001, 20)]
-        lines += [f'{{"bbox_2d": [{n}, {n}, {n}, {n}]}}' for n in steps] * 4
     return lines * 4  # repetition makes frequent words single tokens
 
 
@@ -125,9 +117,7 @@ def chat_template(question_first: bool = False) -> str:
     return template.replace(flag, "{%- set question_first = true -%}")
 
 
-def build_tokenizer(
-    vocab_size: int = 2048, bare_words: bool = True, question_first: bool = False, box_tokens: bool = False
-):
+def build_tokenizer(vocab_size: int = 2048, bare_words: bool = True, question_first: bool = False):
     """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
@@ -141,7 +131,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus_lines(bare_words, box_tokens), trainer=trainer)
+    tokenizer.train_from_iterator(corpus_lines(bare_words), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=None,
@@ -260,7 +250,7 @@ def build_tiny_model(out_dir: str | Path, config: TinyConfig | None = None, seed
         config = TinyConfig(**{**asdict(config), "seed": seed})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(config.vocab_size, config.bare_words, config.question_first, config.box_tokens)
+    tokenizer = build_tokenizer(config.vocab_size, config.bare_words, config.question_first)
     processor = build_processor(tokenizer, config)
     torch.manual_seed(config.seed)
     model = Qwen2VLForConditionalGeneration(build_model_config(tokenizer, config))

@@ -29,19 +29,14 @@ Measured (from configs/probes/demo-v6.yaml's stage-3 model, its stage-4 data for
 attention moves and the answers do not. ViCrop's rel-att map on held-out `simple` scenes puts 0.35 of its mass on
 the evidence at a supervised layer against 0.12 without (`python -m foveate.agents.vicrop_calibrate --model DIR
 --task world:simple --n 60`), yet the asked object's share of answers naming some object's colour stays 0.58 /
-0.45 / 0.37 on 2 / 3 / 4 objects, for layer 1, layers 1-2, head mean or every head (`python bench/binding.py
-DIR --n 1200`). Two reasons, both measured: the answer is mostly formed in layer 0 (its logit-lens read at the
-answer position already names the final answer for 0.63 of these questions, `python bench/answer_lens.py DIR`),
-before the query can know the question; and on held-out scenes every supervised head's share on the evidence is
-only 0.39 (0.55-0.6 during training), so the supervised layers still read a mixture of objects.
-`TrainConfig.attn_away_layers` pushes layer 0 off the image for the first reason. Measured, that reason is not
-why binding fails: from a rebuilt v6 stage 3, the same stage-4 data for 600 steps with layers 1-2 pointed at the
-evidence (head mean) and layer 0 pushed away (weight 1), the answer no longer forms in layer 0 (the logit lens
-after layer 0 names the final answer for 0.00 of 2-4-object colour questions, against 0.82 for the stage-3 model it
-started from, `python bench/answer_lens.py DIR`), yet the asked object's share of answers naming some object's
-colour is 0.59 / 0.44 / 0.35 on 2 / 3 / 4 objects, as before, and copying got worse: colour on one-object scenes
-0.32 (0.93 before the stage; 0.68 of its answers name a colour the scene lacks), right colour at the last layer
-0.23 against 0.40 on 2-4 objects (`python bench/binding.py DIR --n 1200`).
+0.45 / 0.37 on 2 / 3 / 4 objects, for layer 1, layers 1-2, head mean or (an option since removed) every head
+(`python bench/binding.py DIR --n 1200`). Two reasons, both measured: the answer is mostly formed in layer 0 (its
+logit-lens read at the answer position already names the final answer for 0.63 of these questions, `python
+bench/answer_lens.py DIR`), before the query can know the question; and on held-out scenes every supervised
+head's share on the evidence is only 0.39 (0.55-0.6 during training), so the supervised layers still read a
+mixture of objects.
+Pushing layer 0 off the image (an `away` loss, tried and removed) moved where the answer forms but neither bound
+nor kept one-object copying: the asked object's share stayed 0.59 / 0.44 / 0.35 and one-object colour fell to 0.32.
 
 Look-first models (`protocol.look_answer`) predict the answer inside their thought, at the referent's last word,
 and that is where `query_positions` supervises them. Measured (configs/probes/demo-v10-attn.yaml: layer 0 there,
@@ -66,7 +61,6 @@ import torch
 from foveate import protocol
 
 TARGET_KEYS = ("attn_query", "attn_scene", "attn_evidence")  # what `batch_targets` adds to a batch
-HEAD_MODES = ("mean", "each")  # `loss`: the head-mean mass must be on the evidence, or every head's
 
 
 def evidence_cells(
@@ -145,8 +139,8 @@ def query_positions(examples: list[dict[str, Any]], labels: torch.Tensor, tokeni
                 thought, answer = parts
                 span_labels = torch.full_like(labels[row], -100)
                 span_labels[start:end] = labels[row, start:end]
-                # A thought that does not restate its answer (a look-first box, `rl.sft_data.DataMix.ground_look_first`:
-                # "<think>the red star</think>{…}") is looked up at its last word, just before "</think>".
+                # A thought that does not restate its answer ("<think>the red star</think>{…}") is looked up at its
+                # last word, just before "</think>".
                 restated = thought.endswith(" " + answer)
                 length = len(tokenizer(" " + answer, add_special_tokens=False).input_ids) if restated else 0
                 query[row, slot] = look_answer_position(span_labels, close_id, length)
@@ -212,12 +206,11 @@ def loss(
     attn_scene: torch.Tensor,
     attn_evidence: torch.Tensor,
     attn_query: torch.Tensor,
-    heads: str = "mean",
 ) -> torch.Tensor:
     """Mean over supervised queries and captured layers of −log(attention mass on the evidence, within the scene).
     ``rows``: layer → captured attention rows, [batch, heads, keys] (``attn_query`` [batch]) or [batch, heads,
-    turns, keys] (``attn_query`` [batch, turns]). ``heads``: "mean" takes the log of the head-mean mass (some heads
-    may look elsewhere); "each" averages every head's own −log (all must look)."""
+    turns, keys] (``attn_query`` [batch, turns]). The log is of the head-mean mass, so some heads may look
+    elsewhere."""
     if not (attn_query >= 0).any() or not rows:
         return torch.zeros(())
     losses = []
@@ -225,26 +218,5 @@ def loss(
         kept, (scene, evidence) = _per_query(row, attn_query, attn_scene, attn_evidence)
         on_scene = (kept * scene[:, None]).sum(-1)
         share = (kept * evidence[:, None]).sum(-1) / on_scene.clamp_min(1e-12)  # [queries, heads]
-        if heads == "each":
-            losses.append(-torch.log(share.clamp_min(1e-6)).mean(-1))
-        else:
-            losses.append(-torch.log(share.mean(-1).clamp_min(1e-6)))
+        losses.append(-torch.log(share.mean(-1).clamp_min(1e-6)))
     return torch.stack(losses).mean()
-
-
-def away_loss(rows: dict[int, torch.Tensor], attn_scene: torch.Tensor, attn_query: torch.Tensor) -> torch.Tensor:
-    """Mean over supervised queries, layers and heads of −log(1 − the attention mass on the scene image's tokens).
-
-    For layers too early to know the question (`TrainConfig.attn_away_layers`): the logit lens shows the demo
-    models form the colour answer in layer 0 of the answer position (its output already names the final answer
-    for 0.63 of 2-4-object colour questions), whose query is the token "\n" alone, so it reads whichever object
-    is salient. Pushing that layer's attention off the image leaves the read to the layers this module points
-    at the evidence. Measured (module docstring), it moves where the answer forms but neither binds nor keeps
-    one-object copying; kept as a recipe option for that record."""
-    if not (attn_query >= 0).any() or not rows:
-        return torch.zeros(())
-    masses = []
-    for row in rows.values():
-        kept, (scene,) = _per_query(row, attn_query, attn_scene)
-        masses.append((kept * scene[:, None]).sum(-1))
-    return torch.stack([-torch.log((1 - mass).clamp_min(1e-6)).mean() for mass in masses]).mean()

@@ -59,30 +59,29 @@ class TrainConfig:
     # Aux heads that score classes against the decoder's embeddings of the answer words: "none", "all", "shape",
     # or "question" (all, scored against the question words too; rl.vision_aux).
     aux_word_aligned: str = "none"
-    # Label the crops of crop formats (qa_crop, deepeyes, visrl) too, so the tower names small objects that a
-    # crop shows at full size; off = only each example's scene image is labelled.
-    aux_label_crops: bool = False
-    # Label every cell an object covers with its size class too (tiny / small / medium / large), the head
-    # word-aligned to the size words as questions write them (rl.vision_aux, size=True).
-    aux_size: bool = False
-    # A per-cell box head (rl.box_aux): each cell of an object names the object's four edges, word-aligned to the
-    # coordinate tokens when the heads are (needs a tokenizer built with box_tokens), so the tokens carry the
-    # absolute position grounding answers copy.
-    aux_box: bool = False
-    # The box head linear even when the other heads are word-aligned (rl.box_aux: BoxHead without an embedding).
-    aux_box_linear: bool = False
-    # The aux loss is the box head's term alone (colour and shape heads attached but untrained). Measured from v14,
-    # 600 vision-only steps on large scenes: box loss 3.25 alone, 3.50 with the colour and shape heads (chance 3.93).
-    aux_box_only: bool = False
     # Attention supervision (rl.attention_supervision): weight of −log(attention mass of the answer-predicting token
-    # on the evidence cells of the scene image); 0 = off. attn_layers: the decoder layers supervised (None = the
-    # middle one, the layer ViCrop reads by default).
+    # on the evidence cells of the scene image, heads averaged); 0 = off. attn_layers: the decoder layers supervised
+    # (None = the middle one, the layer ViCrop reads by default).
     attn_weight: float = 0.0
     attn_layers: list[int] | None = None
-    attn_heads: str = "mean"  # "mean": the heads' mean attention is supervised; "each": every head's
-    # Decoder layers whose answer-token attention is pushed off the scene image (attention_supervision.away_loss),
-    # with weight attn_weight too; empty = none.
-    attn_away_layers: list[int] = field(default_factory=list)
+
+
+# Settings of experiments that did not ship (their recipes are in git history, their findings in the model card),
+# with the value that meant "off". A saved recipe (a model's foveate_recipe.json) lists them at these values and
+# still loads; a recipe that turns one on is refused by name.
+RETIRED = {
+    "model": {"box_tokens": False},
+    "data": {"box_step": None, "ground_look_first": False},
+    "train": {
+        "aux_label_crops": False,
+        "aux_size": False,
+        "aux_box": False,
+        "aux_box_linear": False,
+        "aux_box_only": False,
+        "attn_heads": "mean",
+        "attn_away_layers": [],
+    },
+}
 
 
 @dataclass
@@ -117,6 +116,8 @@ def load_recipe(path: str | Path) -> SFTRecipe:
     except (OSError, yaml.YAMLError) as error:
         raise FoveateError(f"cannot read recipe {path}: {error}") from error
     try:
+        raw = {**raw, **{key: _current(key, raw.get(key) or {}) for key in RETIRED}}
+        raw["stages"] = [{key: _current(key, stage.get(key) or {}) for key in stage} for stage in raw.get("stages", [])]
         # A stage's `data` / `train` keys override the top-level ones (so a stage lists only what changes).
         stages = [
             Stage(
@@ -136,6 +137,15 @@ def load_recipe(path: str | Path) -> SFTRecipe:
         )
     except (TypeError, ValueError) as error:
         raise FoveateError(f"bad recipe {path}: {error}") from error
+
+
+def _current(section: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the retired keys of ``section`` that are off; a retired key that is on is an error."""
+    retired = RETIRED.get(section, {})
+    for key, value in settings.items():
+        if key in retired and value != retired[key]:
+            raise FoveateError(f"{section}.{key} was an experiment's setting and is no longer supported")
+    return {key: value for key, value in settings.items() if key not in retired}
 
 
 def _data_mix(data: dict[str, Any]) -> DataMix:
@@ -166,13 +176,11 @@ class ChatCollator:
         processor: Any,
         max_length: int,
         aux_targets: bool = False,
-        label_crops: bool = False,
         attn_targets: bool = False,
     ) -> None:
         self.processor = processor
         self.attn_targets = attn_targets  # add rl.attention_supervision targets (evidence cells, query positions)
         self.aux_targets = aux_targets  # add rl.vision_aux per-cell targets for each example's scene image
-        self.label_crops = label_crops  # … and for its crops (rl.vision_aux.labelled_images)
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.start_id = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -215,7 +223,7 @@ class ChatCollator:
             from foveate.rl.vision_aux import batch_targets
 
             merge = self.processor.image_processor.merge_size
-            batch |= batch_targets(examples, scene_image_index, batch["image_grid_thw"], merge, self.label_crops)
+            batch |= batch_targets(examples, scene_image_index, batch["image_grid_thw"], merge)
         if batch["input_ids"].shape[1] > self.max_length:
             # Truncation keeps every image token (they come first in every format) and cuts answer text only.
             for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
@@ -257,15 +265,9 @@ def aux_trainer_class():
             elif train.attn_weight and attn_targets:
                 layers = train.attn_layers or [model.config.text_config.num_hidden_layers // 2]
                 query = attn_targets["attn_query"].clamp_min(0)
-                with capture_attention([*layers, *train.attn_away_layers], query_offset=query) as captured:
+                with capture_attention(layers, query_offset=query) as captured:
                     result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                toward = {layer: captured.rows[layer] for layer in layers}
-                attn = attention_supervision.loss(toward, **attn_targets, heads=train.attn_heads)
-                if train.attn_away_layers:
-                    away = {layer: captured.rows[layer] for layer in train.attn_away_layers}
-                    attn = attn + attention_supervision.away_loss(
-                        away, attn_targets["attn_scene"], attn_targets["attn_query"]
-                    )
+                attn = attention_supervision.loss({layer: captured.rows[layer] for layer in layers}, **attn_targets)
                 self._logged = (*self._logged, ("attn_loss", attn.item()))
                 result = (
                     (result[0] + train.attn_weight * attn, result[1])
@@ -275,14 +277,8 @@ def aux_trainer_class():
             else:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if train.aux_weight:
-                heads = model.foveate_aux
-                aux = (
-                    heads.box_only_loss(**targets)
-                    if train.aux_box_only
-                    else heads.loss(**targets, background_weight=train.aux_background_weight)
-                )
-                parts = tuple((f"aux_{name}_loss", value) for name, value in heads.parts.items())
-                self._logged = (*self._logged, ("aux_loss", aux.item()), *parts)
+                aux = model.foveate_aux.loss(**targets, background_weight=train.aux_background_weight)
+                self._logged = (*self._logged, ("aux_loss", aux.item()))
                 result = (
                     (result[0] + train.aux_weight * aux, result[1])
                     if return_outputs
@@ -351,8 +347,6 @@ def train_sft(recipe: SFTRecipe, workdir: str | Path | None = None, start_stage:
     for number, stage in enumerate(stages, 1):
         if stage.train.vision_only and not stage.train.aux_weight:
             raise FoveateError(f"stage {number}: vision_only trains on the aux loss alone, so it needs aux_weight > 0")
-        if stage.train.attn_heads not in ("mean", "each"):  # rl.attention_supervision.HEAD_MODES
-            raise FoveateError(f"stage {number}: attn_heads must be 'mean' or 'each', not {stage.train.attn_heads!r}")
     source = workdir / f"stage{start_stage - 1}" if start_stage > 1 else None
     if source is not None and not (source / "config.json").exists():
         raise FoveateError(f"cannot start at stage {start_stage}: {source} holds no finished stage")
@@ -388,9 +382,7 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
     if train.aux_weight:
         from foveate.rl import vision_aux
 
-        aligned, tokenizer = train.aux_word_aligned, processor.tokenizer
-        box = "linear" if train.aux_box and train.aux_box_linear else train.aux_box
-        vision_aux.attach(model, train.aux_shape, aligned, tokenizer, train.aux_size, box)
+        vision_aux.attach(model, train.aux_shape, train.aux_word_aligned, processor.tokenizer)
     if train.attn_weight:  # the attention rows are captured by foveate's SDPA wrapper (logits unchanged)
         from foveate.policies import attention_capture
 
@@ -422,7 +414,6 @@ def run_stage(recipe: SFTRecipe, stage: Stage, output: Path, workdir: Path, init
         processor,
         train.max_length,
         aux_targets=bool(train.aux_weight),
-        label_crops=train.aux_label_crops,
         attn_targets=bool(train.attn_weight),
     )
     trainer_class = aux_trainer_class() if train.aux_weight or train.attn_weight else Trainer

@@ -97,15 +97,6 @@ class DataMix:
     # question gets one format, so the formats' weights are the shares of the questions: a stage can make chats of
     # qa answers most of its examples instead of one single-question example beside every question.
     second_format: bool = True
-    # Grounding answers rounded to multiples of this many thousandths (rl.box_aux.snap_thousand); None = exact.
-    # 20 writes each coordinate as one token of a tokenizer built with box_tokens, the bins of the box head
-    # (rl.box_aux), so the answer is a copy of what the object's vision tokens name.
-    box_step: int | None = None
-    # Grounding answers name their referent first, "<think>the red star</think>{"bbox_2d": […]}" (the referent as
-    # `look_trim_object` keys it), so the object is looked up at its own word, as look-first qa answers are; the
-    # attention loss supervises that word (rl.attention_supervision.query_positions). Why: bench/binding_symbolic.py's
-    # decoder reads a random object when the answer is not predicted at the referent's word.
-    ground_look_first: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -240,11 +231,6 @@ def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, scene: Scene | Non
     return {"messages": [_user(image, row["question"]), _assistant(short_answer(row, mix, scene))]}
 
 
-def _views(used: Box) -> list[list[int] | None]:
-    """What each image of a crop example shows: the whole scene, then the crop's window (rl.vision_aux)."""
-    return [None, [int(used.x1), int(used.y1), int(used.x2), int(used.y2)]]
-
-
 def qa_crop(
     image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, scene: Scene | None = None, **_: Any
 ) -> Example | None:
@@ -253,7 +239,7 @@ def qa_crop(
     window = evidence_window(row["boxes"], image.size, rng, mix)
     zoomed, used = crop(image, window)
     messages = [_user(image, zoomed, row["question"]), _assistant(short_answer(row, mix, scene))]
-    return {"messages": messages, "views": _views(used)}
+    return {"messages": messages}
 
 
 def ground(image: Image.Image, scene: Scene, rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
@@ -263,15 +249,7 @@ def ground(image: Image.Image, scene: Scene, rng: random.Random, mix: DataMix, *
         return None
     obj, (phrase, _) = rng.choice(candidates)
     prompt = protocol.GROUNDING_PROMPT.format(reference=phrase.removeprefix("the "))
-    box = _thousand(obj.box, image.size)
-    if mix.box_step:
-        from foveate.rl.box_aux import snap_thousand
-
-        box = snap_thousand(box, mix.box_step)
-    answer = protocol.box_json(box)
-    if mix.ground_look_first:
-        referent = key_phrase(phrase) if mix.look_trim_object else phrase
-        answer = f"{protocol.THOUGHT_OPEN}{referent}{protocol.THOUGHT_CLOSE}{answer}"
+    answer = protocol.box_json(_thousand(obj.box, image.size))
     return {"messages": [_user(image, prompt), _assistant(answer)], "evidence": [list(obj.box)]}
 
 
@@ -304,7 +282,7 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
         {"role": "tool", "content": [{"type": "image", "image": zoomed}]},
         _assistant(protocol.think_answer("Now the detail is visible.", answer)),
     ]
-    return {"messages": messages, "views": _views(used)}
+    return {"messages": messages}
 
 
 def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:
@@ -318,7 +296,7 @@ def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: Data
         _user(zoomed, protocol.VISRL_ANSWER_PROMPT),
         _assistant(row["answers"][0]),
     ]
-    return {"messages": messages, "views": _views(used)}
+    return {"messages": messages}
 
 
 def copy_thought(

@@ -56,21 +56,9 @@ stage-3 model, 300 steps of 1-4-object questions (its stage 4's data, seed 2) gi
 1-4-object scenes and 0.30 on `large` with it, 0.62 and 0.37 without (shape 0.42 / 0.29 and 0.43 / 0.29;
 `python bench/first_token.py DIR --presets single,simple,large`, about 80 and 46 questions).
 
-Size, per cell (``size=True``, `TrainConfig.aux_size`): the colour rule with the object's size class as the label,
-word-aligned to the size words as questions write them (" tiny", " medium-sized": sizes are never answers, only the
-words a lookup keys on). Why: 40 % of `world:large` attribute questions name their target by a size word ("the
-medium-sized square", `python bench/reference_words.py`), and no other head asks the tokens to carry size. At the
-demo model's grid (84 scene px per cell) tiny and small objects never cover 30 % of a cell, so only medium and
-large are labelled. The demo model v14, trained without it, names the size word for 0.29 of objects (chance 0.25;
-`python bench/word_readout.py DIR --preset large`).
-
-Box, per cell (``box=True``, `TrainConfig.aux_box`): the four edges of the cell's object (`rl.box_aux`, which has the
-head, its targets and why).
-
-Only the full scene image of an example is labelled, unless `TrainConfig.aux_label_crops` labels the crops of the
-crop formats too (each crop's cells are covered by the scene's objects inside its window, `labelled_images`): a
-tiny object of a small-detail scene fills no cell of the scene image, but fills one in a crop shown at full size.
-The heads exist only during training (`attach` / `detach`); saved models are plain Qwen2-VL checkpoints.
+Only the full scene image of an example is labelled (labelling crops too, and per-cell size and box heads, were
+tried and removed: the model card says what they measured). The heads exist only during training (`attach` /
+`detach`); saved models are plain Qwen2-VL checkpoints.
 
 The `bench/…` diagnostics and `configs/probes/…` recipes cited here measured the demo model while it was built;
 they left the tree with the rest of the lab notebook (`git log --diff-filter=D --stat -- bench/ configs/probes/`
@@ -85,19 +73,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from foveate.world.describe import SIZE_WORDS
-from foveate.world.scenes import COLORS, SHAPES, SIZE_CLASSES, Scene, object_mask
+from foveate.world.scenes import COLORS, SHAPES, Scene, object_mask
 
 IGNORE = -100
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
-CELL_SIZE_CLASSES: tuple[str, ...] = ("background", *SIZE_CLASSES)  # per-cell size labels (size=True)
-SIZE_QUESTION_WORDS: tuple[str, ...] = ("background", *(SIZE_WORDS[size] for size in SIZE_CLASSES))
 SHAPE_LABELS = ("object", "cell", "both")
 ALIGNED_HEADS = ("none", "all", "shape", "question")  # which heads are word-aligned ("question": see VisionAuxHeads)
 # What `batch_targets` adds to a batch.
-TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape", "aux_size", "aux_box")
+TARGET_KEYS = ("aux_color", "aux_members", "aux_shape", "aux_cell_shape")
 
 
 def object_index_map(scene: Scene) -> np.ndarray:
@@ -110,33 +95,11 @@ def object_index_map(scene: Scene) -> np.ndarray:
     return index
 
 
-def cell_grid(
-    index: np.ndarray, grid_h: int, grid_w: int, window: tuple[int, int, int, int] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The index map inside ``window`` (whole scene when None) and the pixel edges (rows, cols) of its
-    grid_h × grid_w cells."""
-    if window is not None:
-        x1, y1, x2, y2 = window
-        index = index[y1:y2, x1:x2]
-    height, width = index.shape
-    rows = np.linspace(0, height, grid_h + 1).round().astype(int)
-    cols = np.linspace(0, width, grid_w + 1).round().astype(int)
-    return index, rows, cols
-
-
-def cell_coverage(
-    scene: Scene,
-    grid_h: int,
-    grid_w: int,
-    window: tuple[int, int, int, int] | None = None,
-    index: np.ndarray | None = None,
-) -> np.ndarray:
-    """coverage[k, i, j]: the fraction of cell (i, j) showing object k; k = len(scene.objects) is background.
-
-    ``window``: (x1, y1, x2, y2) whole scene pixels when the image is a crop of the scene (the grid then covers
-    the crop; a crop's resize does not change what fraction of a cell an object covers). ``index``: the scene's
-    `object_index_map` when the caller has it already (a scene and its crops share one)."""
-    index, rows, cols = cell_grid(object_index_map(scene) if index is None else index, grid_h, grid_w, window)
+def cell_coverage(scene: Scene, grid_h: int, grid_w: int) -> np.ndarray:
+    """coverage[k, i, j]: the fraction of cell (i, j) showing object k; k = len(scene.objects) is background."""
+    index = object_index_map(scene)
+    rows = np.linspace(0, index.shape[0], grid_h + 1).round().astype(int)
+    cols = np.linspace(0, index.shape[1], grid_w + 1).round().astype(int)
     n_labels = len(scene.objects) + 1
     # One bincount over (cell, label) pairs: a full-size mask per object (the obvious numpy) costs a pass over the
     # pixels per object, which made the aux targets the dataloader's largest cost on 1344 px scenes.
@@ -157,14 +120,6 @@ def cell_targets(
     colors = _cell_labels(scene, coverage, min_cover, lambda obj: COLOR_CLASSES.index(obj.color))
     shapes = _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SHAPE_CLASSES.index(obj.shape))
     return colors, shapes
-
-
-def cell_sizes(
-    scene: Scene, grid_h: int, grid_w: int, min_cover: float = 0.3, coverage: np.ndarray | None = None
-) -> np.ndarray:
-    """Size class ids (`CELL_SIZE_CLASSES`), or IGNORE, per cell by `cell_targets`' rule."""
-    coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
-    return _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SIZE_CLASSES.index(obj.size_class))
 
 
 def cell_owners(coverage: np.ndarray, n_objects: int, min_cover: float = 0.3) -> np.ndarray:
@@ -210,20 +165,13 @@ def object_members(
     return members.reshape(len(keep), grid_h * grid_w), shapes
 
 
-def labelled_images(
-    examples: list[dict[str, Any]], first_image_index: list[int], label_crops: bool = False
-) -> dict[int, tuple[Scene, tuple[int, int, int, int] | None]]:
-    """Batch image index → (scene, window) for every image the aux loss labels: each example's scene image and,
-    with ``label_crops``, the crops its ``views`` name (``views[k]``: the scene window the example's k-th image
-    shows, None for the whole scene; written by `rl.sft_data`'s crop formats)."""
-    labelled: dict[int, tuple[Scene, tuple[int, int, int, int] | None]] = {}
-    for first, example in zip(first_image_index, examples, strict=True):
-        if example.get("scene") is None:
-            continue
-        views = example.get("views", [None]) if label_crops else [None]
-        for offset, window in enumerate(views):
-            labelled[first + offset] = (example["scene"], None if window is None else tuple(window))
-    return labelled
+def labelled_images(examples: list[dict[str, Any]], first_image_index: list[int]) -> dict[int, Scene]:
+    """Batch image index → scene for every image the aux loss labels: each example's scene image (its first)."""
+    return {
+        first: example["scene"]
+        for first, example in zip(first_image_index, examples, strict=True)
+        if example.get("scene") is not None
+    }
 
 
 def batch_targets(
@@ -231,35 +179,25 @@ def batch_targets(
     scene_image_index: list[int],
     image_grid_thw: torch.Tensor,
     merge_size: int = 2,
-    label_crops: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Targets for every merged token of a batch (images in processor order); unlabelled images get none.
 
-    ``scene_image_index``: each example's first image (its scene). ``label_crops``: label crops too (see
-    `labelled_images`).
-    ``aux_color`` / ``aux_cell_shape`` / ``aux_size``: one class id (or IGNORE) per merged token; ``aux_box``: per
-    merged token its owner's four edge bins (`rl.box_aux.cell_boxes`) or IGNORE; ``aux_members``:
+    ``scene_image_index``: each example's first image (its scene).
+    ``aux_color`` / ``aux_cell_shape``: one class id (or IGNORE) per merged token; ``aux_members``:
     [objects, merged tokens] bool, the cells of each labelled object; ``aux_shape``: each labelled object's shape id.
     """
-    from foveate.rl.box_aux import cell_boxes  # box_aux builds on this module's cell rule
-
-    labelled = labelled_images(examples, scene_image_index, label_crops)
-    colors, cell_shapes, sizes, boxes, object_rows, shapes, offset = [], [], [], [], [], [], 0
+    labelled = labelled_images(examples, scene_image_index)
+    colors, cell_shapes, object_rows, shapes, offset = [], [], [], [], 0
     n_tokens = int(sum(t * (h // merge_size) * (w // merge_size) for t, h, w in image_grid_thw.tolist()))
-    index_maps: dict[int, np.ndarray] = {}  # id(scene) → its object_index_map, shared by the scene and its crops
     for image, (t, h, w) in enumerate(image_grid_thw.tolist()):
         grid_h, grid_w = h // merge_size, w // merge_size
         if image in labelled:
-            scene, window = labelled[image]
-            if id(scene) not in index_maps:
-                index_maps[id(scene)] = object_index_map(scene)
+            scene = labelled[image]
             # One coverage per image, shared by every label kind.
-            coverage = cell_coverage(scene, grid_h, grid_w, window, index_maps[id(scene)])
+            coverage = cell_coverage(scene, grid_h, grid_w)
             color, cell_shape = cell_targets(scene, grid_h, grid_w, coverage=coverage)
             colors.append(np.tile(color, t))
             cell_shapes.append(np.tile(cell_shape, t))
-            sizes.append(np.tile(cell_sizes(scene, grid_h, grid_w, coverage=coverage), t))
-            boxes.append(np.tile(cell_boxes(scene, coverage, window), (t, 1)))
             members, object_shapes = object_members(scene, grid_h, grid_w, coverage=coverage)
             rows = np.zeros((len(object_shapes), n_tokens), dtype=bool)
             rows[:, offset : offset + grid_h * grid_w] = members  # the first frame's tokens (images have one)
@@ -268,14 +206,10 @@ def batch_targets(
         else:
             colors.append(np.full(t * grid_h * grid_w, IGNORE))
             cell_shapes.append(colors[-1])
-            sizes.append(colors[-1])
-            boxes.append(np.full((t * grid_h * grid_w, 4), IGNORE))
         offset += t * grid_h * grid_w
     return {
         "aux_color": torch.from_numpy(np.concatenate(colors)),
         "aux_cell_shape": torch.from_numpy(np.concatenate(cell_shapes)),
-        "aux_size": torch.from_numpy(np.concatenate(sizes)),
-        "aux_box": torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)),
         "aux_members": torch.from_numpy(np.concatenate(object_rows) if object_rows else np.zeros((0, n_tokens), bool)),
         "aux_shape": torch.from_numpy(np.concatenate(shapes) if shapes else np.zeros(0, np.int64)),
     }
@@ -339,8 +273,6 @@ class VisionAuxHeads(nn.Module):
         embedding: nn.Embedding | None = None,
         tokenizer: Any = None,
         aligned: str = "none",
-        size: bool = False,
-        box: bool | str = False,
     ) -> None:
         super().__init__()
         if shape_labels not in SHAPE_LABELS:
@@ -380,26 +312,7 @@ class VisionAuxHeads(nn.Module):
                 if aligned != "none"
                 else nn.Linear(hidden_size, len(CELL_SHAPE_CLASSES))
             )
-        # ``size``: a per-cell size head, word-aligned (when the heads are) to the size words as questions write
-        # them (" tiny", " medium-sized"): sizes are never answers, only the words a lookup keys on.
-        self.size: nn.Module | None = None
-        if size:
-            self.size = (
-                WordAlignedHead(embedding, question_word_ids(tokenizer, SIZE_QUESTION_WORDS))
-                if aligned != "none"
-                else nn.Linear(hidden_size, len(CELL_SIZE_CLASSES))
-            )
-        # ``box``: per-cell edge bins of the cell's object (rl.box_aux), word-aligned to the coordinate tokens when
-        # the heads are, unless ``box="linear"``.
-        self.box: nn.Module | None = None
-        if box:
-            from foveate.rl.box_aux import BoxHead
-
-            word_aligned = aligned != "none" and box != "linear"
-            self.box = BoxHead(hidden_size, *((embedding, tokenizer) if word_aligned else ()))
         self.merged: torch.Tensor | None = None  # the merger output of the latest forward pass
-        # Terms of the latest loss worth logging apart from the total (the trainer logs them as aux_<name>_loss).
-        self.parts: dict[str, float] = {}
 
     def loss(
         self,
@@ -408,11 +321,8 @@ class VisionAuxHeads(nn.Module):
         aux_shape: torch.Tensor,
         aux_cell_shape: torch.Tensor | None = None,
         background_weight: float | None = None,
-        aux_size: torch.Tensor | None = None,
-        aux_box: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell (+ per-cell
-        size cross-entropy with a size head).
+        """Per-cell colour cross-entropy + shape cross-entropy, per object (max-pooled) or per cell.
 
         Per-cell terms, ``background_weight=None``: the mean over every labelled cell; a number w: the mean over
         object cells + w × the mean over background cells (about 60 of a scene's 64 cells are background, so the
@@ -426,28 +336,7 @@ class VisionAuxHeads(nn.Module):
         if self.question_heads is not None:
             question = self._heads_loss(*self.question_heads, features, *targets, background_weight)
             total = (total + question) / 2
-        if self.size is not None:
-            if aux_size is None:
-                raise RuntimeError("a size head needs aux_size targets")
-            total = total + _cell_loss(self.size(features), aux_size.to(features.device), background_weight)
-        if self.box is not None:
-            if aux_box is None:
-                raise RuntimeError("a box head needs aux_box targets")
-            total = total + self._box_term(features, aux_box)
         return total
-
-    def box_only_loss(self, aux_box: torch.Tensor, **_other_targets: torch.Tensor) -> torch.Tensor:
-        """The box head's term alone (`TrainConfig.aux_box_only`): a stage that trains position and nothing else."""
-        if self.box is None:
-            raise RuntimeError("aux_box_only needs the box head (aux_box: true)")
-        features, self.merged = self.merged, None
-        return self._box_term(features, aux_box)
-
-    def _box_term(self, features: torch.Tensor, aux_box: torch.Tensor) -> torch.Tensor:
-        """The box head's loss, kept in `parts` for the trainer's log (chance is ln 51 = 3.93 per edge)."""
-        box_loss = self.box.loss(features, aux_box.to(features.device))
-        self.parts = {"box": box_loss.item()}
-        return box_loss
 
     def _heads_loss(
         self,
@@ -495,15 +384,12 @@ def attach(
     shape_labels: str = "object",
     aligned: str = "none",
     tokenizer: Any = None,
-    size: bool = False,
-    box: bool | str = False,
 ) -> VisionAuxHeads:
     """Add the heads as `model.foveate_aux` (so the optimizer sees them) and capture the merger's output.
-    ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings.
-    ``size`` / ``box``: add the per-cell size / box head (``box="linear"``: not word-aligned)."""
+    ``aligned`` ("all" or "shape", with the model's `tokenizer`): those heads are word-aligned to its embeddings."""
     embedding = model.get_input_embeddings() if aligned != "none" else None
     hidden = model.config.text_config.hidden_size
-    heads = VisionAuxHeads(hidden, shape_labels, embedding, tokenizer, aligned, size, box)
+    heads = VisionAuxHeads(hidden, shape_labels, embedding, tokenizer, aligned)
     model.foveate_aux = heads
 
     def keep_merged(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:

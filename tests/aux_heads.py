@@ -1,4 +1,4 @@
-"""Shared checks for the vision aux heads (rl.vision_aux, rl.box_aux): a head learns from a fixed batch, and the
+"""Shared checks for the vision aux heads (rl.vision_aux): a head learns from a fixed batch, and the
 heads' loss refuses a batch that lacks the head's targets."""
 
 from __future__ import annotations

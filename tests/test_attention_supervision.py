@@ -13,7 +13,7 @@ import torch
 
 from foveate.policies import attention_capture
 from foveate.rl import attention_supervision
-from foveate.rl.sft import ChatCollator, SFTRecipe, Stage, TrainConfig, train_sft
+from foveate.rl.sft import ChatCollator, SFTRecipe, Stage, train_sft
 from foveate.rl.sft_data import DataMix, example_stream
 
 
@@ -175,7 +175,7 @@ def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp
 
     from foveate.policies.tiny import TinyConfig
 
-    train = quick_train(batch_size=4, attn_weight=1.0, attn_away_layers=[0])
+    train = quick_train(batch_size=4, attn_weight=1.0)
     mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})
     recipe = SFTRecipe(output_dir=str(tmp_path / "out"), model=TinyConfig(), save_dtype="float32",
                        stages=[Stage(mix, train)])  # fmt: skip
@@ -187,28 +187,12 @@ def test_a_stage_with_attention_supervision_trains_logs_and_saves_plain_sdpa(tmp
     assert all(np.isfinite(row["loss"]) for row in log if "loss" in row)
 
 
-def test_each_head_mode_asks_every_head_and_a_bad_mode_is_a_recipe_error(tmp_path: Path) -> None:
-    from foveate.errors import FoveateError
-
+def test_the_loss_is_the_log_of_the_head_mean_mass_on_the_evidence() -> None:
     scene = torch.zeros(1, 6, dtype=torch.bool)
     scene[0, :4] = True
     evidence = torch.zeros(1, 6, dtype=torch.bool)
     evidence[0, :2] = True
-    # Head 0 looks only at the evidence, head 1 only at the rest of the scene.
+    # Head 0 looks only at the evidence, head 1 only at the rest of the scene: the mean mass is 0.5.
     rows = {1: torch.tensor([[[0.5, 0.5, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0, 0]]])}
     query = torch.tensor([5])
     assert np.isclose(attention_supervision.loss(rows, scene, evidence, query).item(), np.log(2), atol=1e-5)
-    each = attention_supervision.loss(rows, scene, evidence, query, heads="each").item()
-    assert np.isclose(each, -np.log(1e-6) / 2, atol=1e-3)  # the looking-away head's −log, floored, halved
-    bad = SFTRecipe(output_dir=str(tmp_path / "out"), train=TrainConfig(attn_weight=1.0, attn_heads="all"))
-    with pytest.raises(FoveateError, match="attn_heads"):
-        train_sft(bad, workdir=tmp_path / "work")
-
-
-def test_away_loss_is_the_log_of_the_mass_left_off_the_scene() -> None:
-    scene = torch.zeros(1, 6, dtype=torch.bool)
-    scene[0, :4] = True
-    rows = {0: torch.tensor([[[0.25, 0.25, 0, 0, 0.5, 0], [0, 0, 0, 0, 0.5, 0.5]]])}  # head 0: half on the scene
-    value = attention_supervision.away_loss(rows, scene, torch.tensor([5])).item()
-    assert np.isclose(value, np.log(2) / 2, atol=1e-5)  # heads: −log(0.5) and −log(1), averaged
-    assert attention_supervision.away_loss(rows, scene, torch.tensor([-1])).item() == 0.0

@@ -76,34 +76,26 @@ def test_cell_targets_label_covered_empty_and_ambiguous_cells() -> None:
     assert colors.reshape(4, 4)[1, 1] == vision_aux.COLOR_CLASSES.index("red")  # a triangle covers half its box
 
 
-def test_cell_sizes_follow_the_colour_rule_and_a_size_head_learns_from_them(collator: ChatCollator) -> None:
-    square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[0, 0, 56, 56])
-    half = WorldObject(id="o1", shape="triangle", color="red", size_class="medium", box=[56, 56, 84, 112])
-    other = WorldObject(id="o2", shape="circle", color="green", size_class="small", box=[168, 168, 224, 224])
-    scene = _scene([square, half, other])
-    sizes = vision_aux.cell_sizes(scene, 4, 4).reshape(4, 4)
-    colors, _ = vision_aux.cell_targets(scene, 4, 4)
-    assert sizes[0, 0] == vision_aux.CELL_SIZE_CLASSES.index("large")
-    assert sizes[3, 3] == vision_aux.CELL_SIZE_CLASSES.index("small")
-    assert ((sizes.ravel() == IGNORE) == (colors == IGNORE)).all() and ((sizes.ravel() == 0) == (colors == 0)).all()
-    # Word-aligned to the size words as questions write them: " medium-sized" is several tokens (their mean).
-    model_dir = collator.processor.tokenizer.name_or_path
+def test_the_shipped_heads_learn_from_a_batch_and_need_their_targets(collator: ChatCollator) -> None:
+    """The demo recipe's heads (word-aligned, shape per object and per cell): the per-cell shape head's loss falls
+    on a fixed batch, and the loss refuses a batch without its targets."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    heads = vision_aux.attach(model, "object", "all", collator.tokenizer, size=True)
-    assert heads.size is not None and heads.size.token_ids.shape[0] == len(vision_aux.CELL_SIZE_CLASSES)
+    model = AutoModelForImageTextToText.from_pretrained(collator.processor.tokenizer.name_or_path)
+    heads = vision_aux.attach(model, "both", "all", collator.tokenizer)
+    assert heads.cell_shape is not None and heads.cell_shape.token_ids.shape[0] == len(vision_aux.CELL_SHAPE_CLASSES)
     examples = list(itertools.islice(example_stream(0, DataMix(formats={"qa": 1.0}, presets={"simple": 1.0})), 4))
     batch = collator(examples)
-    assert batch["aux_size"].shape == batch["aux_color"].shape and (batch["aux_size"] > 0).any()
     targets = {key: batch.pop(key) for key in vision_aux.TARGET_KEYS}
+    assert (targets["aux_cell_shape"] > 0).any()
 
-    def size_loss(merged: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(heads.size(merged), targets["aux_size"], ignore_index=IGNORE)
+    def cell_shape_loss(merged: torch.Tensor) -> torch.Tensor:
+        logits = heads.cell_shape(merged)
+        return torch.nn.functional.cross_entropy(logits, targets["aux_cell_shape"], ignore_index=IGNORE)
 
-    losses = fit_on_batch(model, heads, heads.size, batch, size_loss)  # the size head alone: its loss must fall
+    losses = fit_on_batch(model, heads, heads.cell_shape, batch, cell_shape_loss)
     assert losses[-1] < losses[0]
-    check_needs_target(model, heads, batch, targets, "aux_size")
+    check_needs_target(model, heads, batch, targets, "aux_cell_shape")
 
 
 def test_object_members_label_objects_that_fill_some_cell() -> None:
@@ -135,32 +127,6 @@ def test_batch_targets_follow_the_processor_grid_and_skip_crops(collator: ChatCo
     assert not member_spans[1].any() and not member_spans[3].any()  # no object lives in a crop's tokens
 
 
-def test_crop_coverage_is_the_scene_coverage_inside_the_window() -> None:
-    # A 56-px square at (56, 56) in a 224 px scene; a 112-px window from (56, 56): the square is its top-left cell.
-    square = WorldObject(id="o0", shape="square", color="blue", size_class="large", box=[56, 56, 112, 112])
-    coverage = vision_aux.cell_coverage(_scene([square]), 2, 2, window=(56, 56, 168, 168))
-    assert coverage[0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and coverage[1].tolist() == [[0.0, 1.0], [1.0, 1.0]]
-    colors, _ = vision_aux.cell_targets(_scene([square]), 2, 2, coverage=coverage)
-    assert colors.tolist()[0] == vision_aux.COLOR_CLASSES.index("blue") and colors.tolist()[1:] == [0, 0, 0]
-
-
-def test_label_crops_labels_each_crop_from_its_window(collator: ChatCollator) -> None:
-    mix = DataMix(formats={"qa_crop": 1.0}, presets={"simple": 1.0})
-    examples = list(itertools.islice(example_stream(0, mix), 2))
-    assert all(len(example["views"]) == 2 and example["views"][0] is None for example in examples)
-    labelled = ChatCollator(collator.processor, max_length=512, aux_targets=True, label_crops=True)(examples)
-    grid = labelled["image_grid_thw"]
-    tokens_per_image = (grid.prod(dim=1) // 4).tolist()
-    spans = np.split(labelled["aux_color"].numpy(), np.cumsum(tokens_per_image)[:-1])
-    assert [bool((span != IGNORE).any()) for span in spans] == [True, True, True, True]
-    # The crop holds the question's evidence, so some of its cells are an object's colour (not background).
-    assert all((span > 0).any() for span in spans[1::2])
-    unlabelled = collator(examples)  # label_crops off: the scene images get the same targets as before
-    scene_tokens = np.cumsum([0, *tokens_per_image])
-    first = slice(scene_tokens[0], scene_tokens[1])
-    assert (labelled["aux_color"][first] == unlabelled["aux_color"][first]).all()
-
-
 def test_a_stage_lists_only_what_changes_and_inherits_the_rest(tmp_path: Path) -> None:
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(
@@ -176,6 +142,16 @@ def test_a_stage_lists_only_what_changes_and_inherits_the_rest(tmp_path: Path) -
     assert first.data.one_per_scene and first.data.formats == {"qa": 2.0, "ground": 1.0}
     assert second.train == TrainConfig(max_steps=50, learning_rate=0.001, aux_weight=0.5)
     assert second.data == DataMix(formats={"qa": 2.0, "ground": 1.0}, presets={"simple": 1.0})
+
+
+def test_a_retired_experiment_setting_loads_when_off_and_is_refused_when_on(tmp_path: Path) -> None:
+    """A saved recipe (a model's foveate_recipe.json) lists every setting, retired ones at their "off" value."""
+    off, on = tmp_path / "off.yaml", tmp_path / "on.yaml"
+    off.write_text("model: {box_tokens: false}\ntrain: {aux_box: false, attn_away_layers: []}\n")
+    assert load_recipe(off).train == TrainConfig()
+    on.write_text("stages:\n  - train: {aux_size: true}\n")
+    with pytest.raises(FoveateError, match="train.aux_size was an experiment's setting"):
+        load_recipe(on)
 
 
 def test_the_demo_recipe_pretrains_vision_then_widens_its_questions_stage_by_stage() -> None:
@@ -495,10 +471,8 @@ def test_demo_recipe_rebuilds_the_shipped_tokenizer() -> None:
 
 def test_cell_coverage_counts_each_cells_pixels_like_a_per_cell_loop() -> None:
     scene = next(example_stream(3, DataMix(formats={"qa": 1.0}, presets={"cluttered": 1.0})))["scene"]
-    index = vision_aux.object_index_map(scene)
-    window = (37, 11, 37 + 301, 11 + 250)  # a crop whose sides do not divide evenly into the grid
-    coverage = vision_aux.cell_coverage(scene, 7, 9, window=window, index=index)
-    crop = index[window[1] : window[3], window[0] : window[2]]
+    crop = vision_aux.object_index_map(scene)  # 7 × 9 cells: sides that do not divide evenly into the grid
+    coverage = vision_aux.cell_coverage(scene, 7, 9)
     rows = np.linspace(0, crop.shape[0], 8).round().astype(int)
     cols = np.linspace(0, crop.shape[1], 10).round().astype(int)
     n_objects = len(scene.objects)
