@@ -39,6 +39,16 @@ def threads_path(home: Path) -> Path:
     return home / "threads.sqlite"
 
 
+def forget_turn(graph: Any, before: dict[str, Any], thread_id: str) -> None:
+    """Put a thread back where it was before a turn that failed, so the failed question is not in its history
+    (the checkpointer saved it before the graph ran): the thread's last checkpoint becomes a copy of the one the
+    turn started from, or, for a thread the turn started, the thread is deleted."""
+    if before.get("configurable", {}).get("checkpoint_id"):
+        graph.update_state(before, None, as_node="__copy__")
+    else:
+        graph.checkpointer.delete_thread(thread_id)
+
+
 def describe_step(step: dict[str, Any]) -> str | None:
     """One line for a trace step (None for the answer step: the answer is shown on its own)."""
     kind, node = step.get("kind"), step.get("node", "")
@@ -136,6 +146,7 @@ def run_chat(
             parts.append({"type": "text", "text": question})
             inputs = {"messages": [HumanMessage(content=parts)], "image": ref}
             steps: list[dict[str, Any]] = []
+            before = graph.get_state(run_config)
             try:
                 for kind, value in iter_run(graph, inputs, context=context, config=run_config):
                     if kind == "step":
@@ -146,7 +157,8 @@ def run_chat(
                     else:
                         trace = make_trace(strategy, value, steps, getattr(policy, "name", ""))
             except FoveateError as error:
-                info.print(f"[red]error:[/red] {error}")
+                info.print(Text.assemble(("error:", "red"), f" {error}"))  # the message as text, not markup
+                forget_turn(graph, before.config, thread_id)
                 continue
             current_image = ref
             if as_json:
@@ -157,5 +169,7 @@ def run_chat(
                 show.print(
                     Panel(Text(trace.answer or "(no answer)"), title=strategy, title_align="left", border_style="green")
                 )
-        info.print(f"thread {thread_id} saved in {db}; resume with: foveate chat {image} --thread {thread_id}")
+        info.print(
+            f"thread {thread_id} saved in {db}; resume with: foveate chat {image} --thread {thread_id}", markup=False
+        )
     return thread_id

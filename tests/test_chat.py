@@ -104,3 +104,23 @@ def test_chat_errors_are_one_line(image_path, home, capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_turn_past_the_models_context_is_an_error_line_and_the_chat_goes_on(image_path, home, tiny_model_dir):
+    out = io.StringIO()
+    long = "a" * 10_000
+    # A failed first turn (a new thread) and a failed third (after a saved turn): neither stays in the thread, so
+    # each next question fits and is answered with only the questions that were answered before it.
+    questions = io.StringIO(f"{long}\nWhat color is the square?\n{long}\nAnd the circle?\n")
+    thread = run_chat(
+        image_path, model=str(tiny_model_dir), max_new_tokens=MAX_NEW_TOKENS, questions=questions, out=out
+    )
+    text = out.getvalue()
+    assert text.count("error: the prompt is") == 2 and "more than the model's 8,192 positions" in text
+    assert text.count("model call (answer)") == 2
+    resumed = io.StringIO()
+    run_chat(image_path, model=str(tiny_model_dir), max_new_tokens=MAX_NEW_TOKENS, thread=thread,
+             questions=io.StringIO("Which is larger?\n"), out=resumed, as_json=True)  # fmt: skip
+    prompt = json.loads(resumed.getvalue().splitlines()[-1])["trace"]["steps"][0]["prompt"]
+    asked = [text for role, text in _texts(prompt) if role == "user"]
+    assert asked == ["What color is the square?", "And the circle?", "Which is larger?"]
