@@ -170,7 +170,7 @@ COLUMN_NOTE = (
 def print_run_times(walls: dict[str, dict[str, float]], console: Console | None = None) -> None:
     """The run's wall time per strategy and its throughput (items this run computed; cached items took none)."""
     console = console or Console()
-    table = Table(title="run · wall time", title_justify="left", caption=COLUMN_NOTE, caption_justify="left")
+    table = Table(title="run · wall time", title_justify="left")
     for header in ("strategy", "items run", "wall s", "items/s"):
         table.add_column(header, justify="left" if header == "strategy" else "right", no_wrap=True)
     for strategy, wall in walls.items():
@@ -180,6 +180,7 @@ def print_run_times(walls: dict[str, dict[str, float]], console: Console | None 
         items, seconds = sum(w["items"] for w in walls.values()), sum(w["wall_s"] for w in walls.values())
         table.add_row("all", str(int(items)), f"{seconds:.1f}", _fmt(items / seconds if items and seconds else None))
     console.print(table)
+    console.print(COLUMN_NOTE, highlight=False)
 
 
 def results_json(rows: list[dict[str, Any]], **meta: Any) -> dict[str, Any]:
