@@ -10,6 +10,9 @@ Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.
   leave-one-annotator-out subsets; ``leave_one_out=True`` reproduces it.
 - `pope_metrics` parses free-text answers into yes/no (`parse_yes_no`); an answer that is neither counts as a
   wrong answer and never as a "yes".
+- `parse_choice` / `choice_match` score multiple choice (V* Bench, the world's `zoom` preset): the option's
+  letter ("B", "(B)", "B) star", "Answer: B") or the option's text ("star") both count; naming two options
+  counts as no answer.
 - `parse_box_answer` finds the first box in a model's answer and converts it from the model's convention into
   original pixels; anything malformed is ``None`` (a miss for `grounding_accuracy`).
 
@@ -27,10 +30,12 @@ from foveate.tools.boxes import Box, from_resized, parse_box
 
 __all__ = [
     "box_iou",
+    "choice_match",
     "exact_match",
     "grounding_accuracy",
     "normalize_answer",
     "parse_box_answer",
+    "parse_choice",
     "parse_yes_no",
     "pope_metrics",
     "score_answer",
@@ -199,6 +204,55 @@ def pope_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, 
     }
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# "B", "(B)", "B)", "B.", "B:", "option B", "answer: (B)", "the answer is B" at the start of the answer.
+_LEADING_LETTER = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:correct\s+)?(?:answer|option)\s*(?:is)?\s*:?\s*)?"  # an optional "the answer is"
+    r"\(?([a-z])\)?(?=$|[\s.:,)])"  # the letter, alone or with its bracket / punctuation
+)
+
+
+def parse_choice(text: str, options: Sequence[str]) -> int | None:
+    """The option index a free-text answer picks, or ``None`` when it picks none or several.
+
+    A leading option letter decides ("B", "(B) star", "Answer: B"); otherwise the answer must name exactly one
+    option's text (normalised, as whole words; a longer option wins over one it contains).
+
+    >>> parse_choice("(B) star", ["circle", "star"]), parse_choice("a star", ["circle", "star"])
+    (1, 1)
+    >>> parse_choice("circle or star", ["circle", "star"]) is None
+    True
+    """
+    raw = str(text).strip().lower()
+    letter = _LEADING_LETTER.match(raw)
+    if letter and _LETTERS.index(letter.group(1)) < len(options):
+        rest = raw[letter.end() :].strip(" .:,)")
+        index = _LETTERS.index(letter.group(1))
+        # "a star": a lone article followed by an option's words is not the letter A.
+        if not (letter.group(1) == "a" and rest and not raw.startswith(("(", "a)", "a.", "a:"))):
+            return index
+    said = f" {normalize_answer(raw)} "
+    normal = [normalize_answer(option) for option in options]
+    hits = [i for i, option in enumerate(normal) if option and f" {option} " in said]
+    # Drop options contained in a longer named option ("red" inside "dark red").
+    hits = [i for i in hits if not any(j != i and normal[i] in normal[j] for j in hits)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def choice_match(prediction: str, options: Sequence[str], answer: str) -> float:
+    """1.0 if the prediction picks the correct option; ``answer`` is its letter ("B") or its text.
+
+    >>> choice_match("B", ["circle", "star"], "B"), choice_match("star.", ["circle", "star"], "B")
+    (1.0, 1.0)
+    """
+    gold = answer.strip().lower()
+    if len(gold) == 1 and gold in _LETTERS:
+        correct = _LETTERS.index(gold)
+    else:
+        correct = [normalize_answer(o) for o in options].index(normalize_answer(answer))
+    return float(parse_choice(prediction, options) == correct)
+
+
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 _SEP = r"\s*,\s*"
 _BOX_PATTERNS = (
@@ -278,9 +332,10 @@ def grounding_accuracy(
 
 # ---- per-row scoring ----------------------------------------------------------------------------------------
 def scoring_mode(row: dict[str, Any]) -> str:
-    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy) or ``exact``.
+    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy), ``choice`` or ``exact``.
 
-    An explicit ``row["scoring"]`` wins. Otherwise: family ``grounding`` (or no answers but boxes) →
+    An explicit ``row["scoring"]`` wins (``choice``: multiple choice over ``row["options"]``, ``answers[0]``
+    the correct letter). Otherwise: family ``grounding`` (or no answers but boxes) →
     IoU ≥ 0.5; references that are all yes/no → yes/no parsing; several references on a row not made by the
     world generator (``preset`` unset: VQA v2, TextVQA with their ten annotator answers) → VQA soft accuracy;
     else exact match against any reference (the world lists accepted synonyms, each worth full credit).
@@ -322,4 +377,8 @@ def score_answer(
         return {"score": vqa_soft_accuracy(prediction, answers), "mode": mode}
     if mode == "exact":
         return {"score": exact_match(prediction, answers), "mode": mode}
-    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa or exact)")
+    if mode == "choice":
+        options = row.get("options") or []
+        picked = parse_choice(prediction, options)
+        return {"score": choice_match(prediction, options, answers[0]), "mode": mode, "choice": picked}
+    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, choice or exact)")
