@@ -8,6 +8,9 @@ Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.
 - `vqa_soft_accuracy` is ``min(#matching references / 3, 1)``: full credit when at least three of the (usually
   ten) annotators gave the answer. The official VQA script additionally averages that over the ten
   leave-one-annotator-out subsets; ``leave_one_out=True`` reproduces it.
+- `vqa_normalize` / `vqa_official_accuracy` are the VQA challenge's own answer processing (punctuation, digits,
+  articles, contractions) and accuracy (min(#matching annotators / 3, 1) averaged over the leave-one-out
+  subsets): TextVQA rows use them (``scoring: vqa_official``).
 - `pope_metrics` parses free-text answers into yes/no (`parse_yes_no`); an answer that is neither counts as a
   wrong answer and never as a "yes".
 - `parse_choice` / `choice_match` score multiple choice (V* Bench, the world's `zoom` preset): the option's
@@ -40,6 +43,8 @@ __all__ = [
     "pope_metrics",
     "score_answer",
     "scoring_mode",
+    "vqa_normalize",
+    "vqa_official_accuracy",
     "vqa_soft_accuracy",
 ]
 
@@ -125,6 +130,126 @@ def vqa_soft_accuracy(prediction: str, answers: Sequence[str], *, leave_one_out:
     matches = [normalize_answer(answer) == predicted for answer in answers]
     if not leave_one_out:
         return min(sum(matches) / 3, 1.0)
+    total = sum(matches)
+    return sum(min((total - int(m)) / 3, 1.0) for m in matches) / len(matches)
+
+
+# The VQA evaluation's answer processing (VQA/PythonEvaluationTools vqaEval.py, as every VQA/TextVQA harness
+# ports it): these punctuation marks are deleted when they touch a space (or the answer has a 1,000-style number)
+# and replaced by a space otherwise; a period not followed by a digit is deleted; number words zero-ten become digits;
+# articles are dropped; apostrophe-less contractions get their apostrophe back. The contraction table here is the
+# common subset of the official one (which also lists rare forms such as "couldnt've"); answers that differ only in
+# those rare forms are scored differently from the official script.
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its "(?!<=" is a typo for a lookbehind, so in effect every period
+# not followed by a digit goes ("3." -> "3"); kept as it behaves, so scores match the official script.
+_VQA_PERIOD = re.compile(r"(?!<=\d)\.(?!\d)")
+_VQA_DIGITS = {word: _NUMBER_WORDS[word] for word in list(_NUMBER_WORDS)[:11]}  # zero .. ten
+_VQA_DIGITS["none"] = "0"
+# Contractions written without their apostrophe; forms that are also words (its, well, were, ill, id, hell,
+# shell, wed, lets) are left out so a real word is never rewritten.
+_VQA_CONTRACTIONS = {
+    word.replace("'", ""): word
+    for word in (
+        "ain't",
+        "aren't",
+        "can't",
+        "could've",
+        "couldn't",
+        "didn't",
+        "doesn't",
+        "don't",
+        "hadn't",
+        "hasn't",
+        "haven't",
+        "he'd",
+        "he's",
+        "how'd",
+        "how'll",
+        "how's",
+        "i'm",
+        "i've",
+        "isn't",
+        "it'd",
+        "it'll",
+        "ma'am",
+        "mightn't",
+        "might've",
+        "mustn't",
+        "must've",
+        "needn't",
+        "o'clock",
+        "shan't",
+        "she'd",
+        "she's",
+        "should've",
+        "shouldn't",
+        "that's",
+        "there's",
+        "they'd",
+        "they'll",
+        "they're",
+        "they've",
+        "wasn't",
+        "we've",
+        "weren't",
+        "what'll",
+        "what're",
+        "what's",
+        "what've",
+        "when's",
+        "where'd",
+        "where's",
+        "who'd",
+        "who'll",
+        "who's",
+        "who've",
+        "why's",
+        "won't",
+        "would've",
+        "wouldn't",
+        "y'all",
+        "you'd",
+        "you'll",
+        "you're",
+        "you've",
+    )
+}
+
+
+def vqa_normalize(text: str) -> str:
+    """The VQA evaluation's processing of an answer (see the table above).
+
+    >>> vqa_normalize("The Coca-Cola!"), vqa_normalize("two dogs."), vqa_normalize("dont"), vqa_normalize("1,000")
+    ('coca cola', '2 dogs', "don't", '1000')
+    """
+    text = str(text).replace("\n", " ").replace("\t", " ").strip().lower()
+    out = text
+    for mark in _VQA_PUNCT:
+        if (mark + " " in text or " " + mark in text) or _VQA_COMMA_NUMBER.search(text):
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_DIGITS.get(w, w) for w in out.split()]
+    words = [_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_official_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The VQA metric as the official script computes it: for each annotator left out, ``min(#other annotators
+    who gave the (normalised) prediction / 3, 1)``, averaged.
+
+    >>> round(vqa_official_accuracy("Two", ["2", "2", "two"] + ["3"] * 7), 4)  # 3 matches: 7 x 1 + 3 x 2/3
+    0.9
+    >>> vqa_official_accuracy("nike", ["nike"] * 10)
+    1.0
+    """
+    if not answers:
+        return 0.0
+    predicted = vqa_normalize(prediction)
+    matches = [vqa_normalize(answer) == predicted for answer in answers]
     total = sum(matches)
     return sum(min((total - int(m)) / 3, 1.0) for m in matches) / len(matches)
 
@@ -377,8 +502,10 @@ def score_answer(
         return {"score": vqa_soft_accuracy(prediction, answers), "mode": mode}
     if mode == "exact":
         return {"score": exact_match(prediction, answers), "mode": mode}
+    if mode == "vqa_official":
+        return {"score": vqa_official_accuracy(prediction, answers), "mode": mode}
     if mode == "choice":
         options = row.get("options") or []
         picked = parse_choice(prediction, options)
         return {"score": choice_match(prediction, options, answers[0]), "mode": mode, "choice": picked}
-    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, choice or exact)")
+    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, vqa_official, choice or exact)")
