@@ -46,8 +46,12 @@ def _matches(scene, row):
     assert stem, row["question"]
     if stem["color"]:
         return [o for o in scene.objects if o.color == stem["color"]]
-    cell = GRID[stem["where"]]
-    return [o for o in scene.objects if position_cell(o.box, scene.width, scene.height, 0.0) == cell]
+    row, col = GRID[stem["where"]]
+    if (row == 1) != (col == 1):  # an edge phrase ("at the top", "on the left"): the whole row or column fits
+        fits = {(row, c) for c in range(3)} if col == 1 else {(r, col) for r in range(3)}
+    else:  # a corner or the centre: that cell
+        fits = {(row, col)}
+    return [o for o in scene.objects if position_cell(o.box, scene.width, scene.height, 0.0) in fits]
 
 
 def test_every_target_is_unique_for_its_description(items):
@@ -66,10 +70,9 @@ def test_every_target_is_unique_for_its_description(items):
 def test_the_crop_around_the_target_holds_no_other_object(items):
     for scene, row in items:
         target = scene.object(row["object_ids"][0])
-        for ratio in (1.0,):  # the oracle crop's window (the same rule as agents/oracle_crop.py)
-            window = oracle_window(Box(*target.box), (scene.width, scene.height), int(INPUT_SIDE * ratio))
-            inside = [o.id for o in scene.objects if Box(*o.box).intersection(window) is not None]
-            assert inside == [target.id], (scene.id, inside)
+        window = oracle_window(Box(*target.box), (scene.width, scene.height), INPUT_SIDE)  # agents/oracle_crop.py
+        inside = [o.id for o in scene.objects if Box(*o.box).intersection(window) is not None]
+        assert inside == [target.id], (scene.id, inside)
         assert window.width == window.height == INPUT_SIDE  # a full-size crop: the target at 1x
 
 

@@ -22,8 +22,9 @@ window) shows it at full size. The multiple-choice text follows V* Bench's publi
 Ground truth guarantees, checked at generation and by tests:
 
 - every target's description is unique: colours are distinct within a scene; a position phrase is used only
-  when the target is the one object whose centre lies in that cell of the 3 x 3 grid, at least
-  ``boundary_margin`` of the canvas away from the cell's edges (no object sits on a boundary between cells);
+  when the target is the one object whose centre lies in that cell of the 3 x 3 grid (for an edge phrase such
+  as "at the top", in that whole row or column, as people read it: `fits_position`), at least
+  ``boundary_margin`` of the canvas away from the cell's edges (the target never sits on a boundary);
 - the crop around a target holds nothing else at all: the square window of side ``max(2 x the object's side,
   crop_side)`` about its centre, shifted inside the canvas (the oracle crop's rule, `agents/oracle_crop.py`),
   intersects no other object's box, and object centres are at least ``min_center_distance`` apart.
@@ -56,6 +57,7 @@ __all__ = [
     "MC_INSTRUCTION",
     "ZoomConfig",
     "crop_window",
+    "fits_position",
     "format_choices",
     "generate_zoom_scene",
     "position_cell",
@@ -175,6 +177,20 @@ def generate_zoom_scene(
     return scene
 
 
+def fits_position(cell: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether an object in grid cell ``other`` also fits the position phrase of ``cell``.
+
+    A corner ("in the top left") or the centre names one cell; an edge phrase ("at the top", "on the left") is
+    read by people as the whole row or column, so an object in a corner of that side fits it too.
+    """
+    row, col = cell
+    if row == 1 and col != 1:  # on the left / on the right
+        return other[1] == col
+    if col == 1 and row != 1:  # at the top / at the bottom
+        return other[0] == row
+    return other == cell
+
+
 def _references(scene: Scene, obj: WorldObject, cfg: ZoomConfig) -> dict[str, str]:
     """The unique descriptions of ``obj`` that survive the downscale: {"color": ..., "position": ...}."""
     refs = {}
@@ -182,8 +198,8 @@ def _references(scene: Scene, obj: WorldObject, cfg: ZoomConfig) -> dict[str, st
         refs["color"] = f"the {obj.color} object"
     cell = position_cell(obj.box, scene.width, scene.height, cfg.boundary_margin)
     if cell is not None:
-        same = [o for o in scene.objects if position_cell(o.box, scene.width, scene.height, 0.0) == cell]
-        if same == [obj]:
+        cells = [position_cell(o.box, scene.width, scene.height, 0.0) for o in scene.objects]
+        if [o for o, c in zip(scene.objects, cells, strict=True) if fits_position(cell, c)] == [obj]:
             refs["position"] = "the object " + position_phrase(obj.box, scene.width, scene.height)
     return refs
 
