@@ -2,9 +2,11 @@
 
     python bench/world_legibility.py                       # small-detail and large, 150 questions each
     python bench/world_legibility.py --presets highres --n 40
+    python bench/world_legibility.py --presets zoom large --n 150      # the zoom preset beside a legible one
 
-Each image is downscaled the way the model's processor does it (PIL bicubic to about 224 x 224 pixels, aspect kept)
-and the question's limiting object (the one whose size class is the row's ``target_size``) is measured:
+Each image is downscaled the way the model's processor does it (PIL bicubic to about 336 x 336 pixels, the demo
+model's budget, aspect kept; ``--input``) and the question's limiting object (the one whose size class is the
+row's ``target_size``) is measured:
 
 - ``side``: the object's side in input pixels (a Qwen2-VL patch is 14 input pixels, a merged token 28).
 - ``purity``: coverage of the input pixel most "inside" the object (1.0: at least one pixel is pure fill).
@@ -16,7 +18,9 @@ and the question's limiting object (the one whose size class is the row's ``targ
 - ``label_h``: text ink height in input pixels (text questions); ``txt_contrast``: luminance std inside the label
   box after the downscale relative to full resolution (strokes blurred into the fill push it towards 0).
 
-All columns are medians over the questions of a family.
+All columns are medians over the questions of a family. ``legible@in`` / ``legible@2s`` / ``legible@zoom`` are
+the fractions of questions whose margin reaches ``--legible-margin`` grey levels (default 40: about the margin of
+a `large`-preset target at the input, whose shape the demo model reads; see the printed `large` rows).
 
 Rows without an object target (existence "no" with no near-miss object) are skipped.
 """
@@ -131,6 +135,7 @@ def measure(scene: Scene, row: dict, image: Image.Image, side: int) -> dict[str,
         "mean_col_err": float(np.linalg.norm(mean - fill)),
         "margin@in": shape_margin(scene, obj, small_arr, k),
         "margin@zoom": shape_margin(scene, obj, full_arr, 1.0),
+        "margin@2s": _margin_in_window(scene, obj, image, side),
     }
     if row["family"] == "text" and obj.label_box:
         lx1, ly1, lx2, ly2 = obj.label_box
@@ -143,14 +148,30 @@ def measure(scene: Scene, row: dict, image: Image.Image, side: int) -> dict[str,
     return out
 
 
-COLUMNS = ("side", "purity", "mean_col_err", "margin@in", "margin@zoom", "label_h", "txt_contrast")
+def _margin_in_window(scene: Scene, obj: WorldObject, image: Image.Image, side: int) -> float:
+    """Shape margin in a crop of side ``2 * side`` around the object, downscaled to ``side`` (ViCrop's r = 2).
+
+    Seen at half resolution locally, the same as the whole image downscaled 2x; when the whole image is already
+    seen at least that finely (a 672 px scene at a 336 input), the window is the image and nothing is gained.
+    """
+    size = input_size(scene.width, scene.height, side)
+    k = max(0.5, size[0] / scene.width)
+    view = image.resize((round(scene.width * k), round(scene.height * k)), Image.Resampling.BICUBIC)
+    return shape_margin(scene, obj, np.asarray(view), k)
 
 
-def summarise(values: list[dict[str, float]]) -> list[str]:
+COLUMNS = ("side", "purity", "mean_col_err", "margin@in", "margin@2s", "margin@zoom", "label_h", "txt_contrast")
+LEGIBLE = ("margin@in", "margin@2s", "margin@zoom")
+
+
+def summarise(values: list[dict[str, float]], legible_margin: float) -> list[str]:
     cells = []
     for col in COLUMNS:
         xs = [v[col] for v in values if col in v and not math.isnan(v[col])]
         cells.append(f"{statistics.median(xs):.2f}" if xs else "-")  # medians: robust to the odd clipped box
+    for col in LEGIBLE:
+        xs = [v[col] for v in values if not math.isnan(v[col])]
+        cells.append(f"{sum(x >= legible_margin for x in xs) / len(xs):.2f}" if xs else "-")
     return cells
 
 
@@ -159,10 +180,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small-detail", "large"])
     parser.add_argument("--n", type=int, default=150, help="questions per preset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--input", type=int, default=224, help="model input side (total pixels ~ input^2)")
+    parser.add_argument("--input", type=int, default=336, help="model input side (total pixels ~ input^2)")
+    parser.add_argument("--legible-margin", type=float, default=40.0, help="grey levels that count as legible")
     args = parser.parse_args()
 
-    header = ["preset", "family", "n", *COLUMNS]
+    header = ["preset", "family", "n", *COLUMNS, *(c.replace("margin", "legible") for c in LEGIBLE)]
     lines = [header]
     for preset in args.presets:
         groups: dict[str, list[dict[str, float]]] = defaultdict(list)
@@ -175,7 +197,7 @@ def main() -> None:
             groups[row["family"]].append(m)
             groups["ALL"].append(m)
         for family in sorted(groups, key=lambda f: (f == "ALL", f)):
-            lines.append([preset, family, str(len(groups[family])), *summarise(groups[family])])
+            lines.append([preset, family, str(len(groups[family])), *summarise(groups[family], args.legible_margin)])
         if skipped:
             print(f"{preset}: {skipped} rows without an object target skipped")
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]

@@ -5,6 +5,7 @@
     foveate model init-tiny OUT_DIR [--seed 0]
     foveate world generate --out DIR --n N --seed S --preset NAME
     foveate eval --task world:small-detail --strategies direct,oracle-crop [--n N] [--out results.json]
+    foveate data convert vstar|pope|textvqa PATH --out DIR [--images DIR]
     foveate serve [--host 127.0.0.1] [--port 8000] [--model DIR_OR_ID | --endpoint URL --model NAME]
     foveate chat IMAGE [--thread ID] [--strategy direct] [--model …] [--json]
 
@@ -46,6 +47,7 @@ def _mount_optional(name: str, module: str, attribute: str) -> None:
 train_app = typer.Typer(help="Train models: supervised fine-tuning on world data (sft).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 _mount_optional("world", "foveate.world.cli", "world_app")
+_mount_optional("data", "foveate.eval.data_cli", "data_app")
 
 try:  # `foveate eval --task … --strategies …` is a single command, so it is mounted with app.command
     from foveate.eval.cli import eval_command

@@ -3,6 +3,8 @@
     foveate eval --task world:small-detail --strategies direct,oracle-crop --n 200 --out results.json
     foveate eval --task exports/textvqa/tasks.jsonl --strategies direct --endpoint http://localhost:8000/v1 \\
                  --model Qwen/Qwen2.5-VL-7B-Instruct --out textvqa.json
+    foveate eval --task vstar:/data/vstar_bench --strategies direct,vicrop-rel
+    foveate eval --task pope:/data/coco_pope_adversarial.json --images /data/coco/val2014
 
 ``--task world:<preset>`` generates the held-out set once (eval seed 1000 unless ``--seed``; training uses other
 seeds) and caches it under ``$FOVEATE_HOME/tasks/``. Finished items are appended to ``<out stem>.items.jsonl``
@@ -27,8 +29,12 @@ __all__ = ["eval_command"]
 
 def eval_command(
     task: str = typer.Option(
-        ..., "--task", "-t", help="world:<preset> (e.g. world:small-detail) or a tasks.jsonl path"
+        ...,
+        "--task",
+        "-t",
+        help="world:<preset> (e.g. world:small-detail), vstar:DIR, pope:FILE, textvqa:FILE or a tasks.jsonl path",
     ),
+    images: str = typer.Option(None, "--images", help="image folder for pope:/textvqa: (COCO val2014, TextVQA)"),
     strategies: str = typer.Option("direct", "--strategies", "-s", help="comma-separated strategy names"),
     n: int = typer.Option(None, "--n", help="number of items (world: questions generated, default 200; file: first N)"),
     model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
@@ -57,7 +63,7 @@ def eval_command(
     options = {name: config.options_for(name) for name in names}  # the config's strategy_options
     for name in names:
         get_builder(name, options[name])  # unknown strategies/options fail before any data or model loads
-    tasks = resolve_tasks(task, n=n, seed=seed, home=config.home_dir)
+    tasks = resolve_tasks(task, n=n, seed=seed, home=config.home_dir, images=images)
     if not tasks.rows:
         raise FoveateError(f"no task rows in {tasks.path}")
     policy = make_policy(model, endpoint, config=config)

@@ -8,8 +8,14 @@ Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.
 - `vqa_soft_accuracy` is ``min(#matching references / 3, 1)``: full credit when at least three of the (usually
   ten) annotators gave the answer. The official VQA script additionally averages that over the ten
   leave-one-annotator-out subsets; ``leave_one_out=True`` reproduces it.
+- `vqa_normalize` / `vqa_official_accuracy` are the VQA challenge's own answer processing (punctuation, digits,
+  articles, contractions) and accuracy (min(#matching annotators / 3, 1) averaged over the leave-one-out
+  subsets): TextVQA rows use them (``scoring: vqa_official``).
 - `pope_metrics` parses free-text answers into yes/no (`parse_yes_no`); an answer that is neither counts as a
   wrong answer and never as a "yes".
+- `parse_choice` / `choice_match` score multiple choice (V* Bench, the world's `zoom` preset): the option's
+  letter ("B", "(B)", "B) star", "Answer: B") or the option's text ("star") both count; naming two options
+  counts as no answer.
 - `parse_box_answer` finds the first box in a model's answer and converts it from the model's convention into
   original pixels; anything malformed is ``None`` (a miss for `grounding_accuracy`).
 
@@ -27,14 +33,18 @@ from foveate.tools.boxes import Box, from_resized, parse_box
 
 __all__ = [
     "box_iou",
+    "choice_match",
     "exact_match",
     "grounding_accuracy",
     "normalize_answer",
     "parse_box_answer",
+    "parse_choice",
     "parse_yes_no",
     "pope_metrics",
     "score_answer",
     "scoring_mode",
+    "vqa_normalize",
+    "vqa_official_accuracy",
     "vqa_soft_accuracy",
 ]
 
@@ -124,6 +134,126 @@ def vqa_soft_accuracy(prediction: str, answers: Sequence[str], *, leave_one_out:
     return sum(min((total - int(m)) / 3, 1.0) for m in matches) / len(matches)
 
 
+# The VQA evaluation's answer processing (VQA/PythonEvaluationTools vqaEval.py, as every VQA/TextVQA harness
+# ports it): these punctuation marks are deleted when they touch a space (or the answer has a 1,000-style number)
+# and replaced by a space otherwise; a period not followed by a digit is deleted; number words zero-ten become digits;
+# articles are dropped; apostrophe-less contractions get their apostrophe back. The contraction table here is the
+# common subset of the official one (which also lists rare forms such as "couldnt've"); answers that differ only in
+# those rare forms are scored differently from the official script.
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its "(?!<=" is a typo for a lookbehind, so in effect every period
+# not followed by a digit goes ("3." -> "3"); kept as it behaves, so scores match the official script.
+_VQA_PERIOD = re.compile(r"(?!<=\d)\.(?!\d)")
+_VQA_DIGITS = {word: _NUMBER_WORDS[word] for word in list(_NUMBER_WORDS)[:11]}  # zero .. ten
+_VQA_DIGITS["none"] = "0"
+# Contractions written without their apostrophe; forms that are also words (its, well, were, ill, id, hell,
+# shell, wed, lets) are left out so a real word is never rewritten.
+_VQA_CONTRACTIONS = {
+    word.replace("'", ""): word
+    for word in (
+        "ain't",
+        "aren't",
+        "can't",
+        "could've",
+        "couldn't",
+        "didn't",
+        "doesn't",
+        "don't",
+        "hadn't",
+        "hasn't",
+        "haven't",
+        "he'd",
+        "he's",
+        "how'd",
+        "how'll",
+        "how's",
+        "i'm",
+        "i've",
+        "isn't",
+        "it'd",
+        "it'll",
+        "ma'am",
+        "mightn't",
+        "might've",
+        "mustn't",
+        "must've",
+        "needn't",
+        "o'clock",
+        "shan't",
+        "she'd",
+        "she's",
+        "should've",
+        "shouldn't",
+        "that's",
+        "there's",
+        "they'd",
+        "they'll",
+        "they're",
+        "they've",
+        "wasn't",
+        "we've",
+        "weren't",
+        "what'll",
+        "what're",
+        "what's",
+        "what've",
+        "when's",
+        "where'd",
+        "where's",
+        "who'd",
+        "who'll",
+        "who's",
+        "who've",
+        "why's",
+        "won't",
+        "would've",
+        "wouldn't",
+        "y'all",
+        "you'd",
+        "you'll",
+        "you're",
+        "you've",
+    )
+}
+
+
+def vqa_normalize(text: str) -> str:
+    """The VQA evaluation's processing of an answer (see the table above).
+
+    >>> vqa_normalize("The Coca-Cola!"), vqa_normalize("two dogs."), vqa_normalize("dont"), vqa_normalize("1,000")
+    ('coca cola', '2 dogs', "don't", '1000')
+    """
+    text = str(text).replace("\n", " ").replace("\t", " ").strip().lower()
+    out = text
+    for mark in _VQA_PUNCT:
+        if (mark + " " in text or " " + mark in text) or _VQA_COMMA_NUMBER.search(text):
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_DIGITS.get(w, w) for w in out.split()]
+    words = [_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_official_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The VQA metric as the official script computes it: for each annotator left out, ``min(#other annotators
+    who gave the (normalised) prediction / 3, 1)``, averaged.
+
+    >>> round(vqa_official_accuracy("Two", ["2", "2", "two"] + ["3"] * 7), 4)  # 3 matches: 7 x 1 + 3 x 2/3
+    0.9
+    >>> vqa_official_accuracy("nike", ["nike"] * 10)
+    1.0
+    """
+    if not answers:
+        return 0.0
+    predicted = vqa_normalize(prediction)
+    matches = [vqa_normalize(answer) == predicted for answer in answers]
+    total = sum(matches)
+    return sum(min((total - int(m)) / 3, 1.0) for m in matches) / len(matches)
+
+
 _YES_WORDS = {"yes", "yeah", "yep", "yup", "true", "correct"}
 _NO_WORDS = {"no", "nope", "not", "false", "none", "nothing", "neither", "never", "incorrect"}
 
@@ -197,6 +327,55 @@ def pope_metrics(predictions: Sequence[str], golds: Sequence[str]) -> dict[str, 
         "f1": f1,
         "yes_ratio": (tp + fp) / n if n else 0.0,
     }
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# "B", "(B)", "B)", "B.", "B:", "option B", "answer: (B)", "the answer is B" at the start of the answer.
+_LEADING_LETTER = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:correct\s+)?(?:answer|option)\s*(?:is)?\s*:?\s*)?"  # an optional "the answer is"
+    r"\(?([a-z])\)?(?=$|[\s.:,)])"  # the letter, alone or with its bracket / punctuation
+)
+
+
+def parse_choice(text: str, options: Sequence[str]) -> int | None:
+    """The option index a free-text answer picks, or ``None`` when it picks none or several.
+
+    A leading option letter decides ("B", "(B) star", "Answer: B"); otherwise the answer must name exactly one
+    option's text (normalised, as whole words; a longer option wins over one it contains).
+
+    >>> parse_choice("(B) star", ["circle", "star"]), parse_choice("a star", ["circle", "star"])
+    (1, 1)
+    >>> parse_choice("circle or star", ["circle", "star"]) is None
+    True
+    """
+    raw = str(text).strip().lower()
+    letter = _LEADING_LETTER.match(raw)
+    if letter and _LETTERS.index(letter.group(1)) < len(options):
+        rest = raw[letter.end() :].strip(" .:,)")
+        index = _LETTERS.index(letter.group(1))
+        # "a star": a lone article followed by an option's words is not the letter A.
+        if not (letter.group(1) == "a" and rest and not raw.startswith(("(", "a)", "a.", "a:"))):
+            return index
+    said = f" {normalize_answer(raw)} "
+    normal = [normalize_answer(option) for option in options]
+    hits = [i for i, option in enumerate(normal) if option and f" {option} " in said]
+    # Drop options contained in a longer named option ("red" inside "dark red").
+    hits = [i for i in hits if not any(j != i and normal[i] in normal[j] for j in hits)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def choice_match(prediction: str, options: Sequence[str], answer: str) -> float:
+    """1.0 if the prediction picks the correct option; ``answer`` is its letter ("B") or its text.
+
+    >>> choice_match("B", ["circle", "star"], "B"), choice_match("star.", ["circle", "star"], "B")
+    (1.0, 1.0)
+    """
+    gold = answer.strip().lower()
+    if len(gold) == 1 and gold in _LETTERS:
+        correct = _LETTERS.index(gold)
+    else:
+        correct = [normalize_answer(o) for o in options].index(normalize_answer(answer))
+    return float(parse_choice(prediction, options) == correct)
 
 
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
@@ -278,9 +457,10 @@ def grounding_accuracy(
 
 # ---- per-row scoring ----------------------------------------------------------------------------------------
 def scoring_mode(row: dict[str, Any]) -> str:
-    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy) or ``exact``.
+    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy), ``choice`` or ``exact``.
 
-    An explicit ``row["scoring"]`` wins. Otherwise: family ``grounding`` (or no answers but boxes) →
+    An explicit ``row["scoring"]`` wins (``choice``: multiple choice over ``row["options"]``, ``answers[0]``
+    the correct letter). Otherwise: family ``grounding`` (or no answers but boxes) →
     IoU ≥ 0.5; references that are all yes/no → yes/no parsing; several references on a row not made by the
     world generator (``preset`` unset: VQA v2, TextVQA with their ten annotator answers) → VQA soft accuracy;
     else exact match against any reference (the world lists accepted synonyms, each worth full credit).
@@ -322,4 +502,10 @@ def score_answer(
         return {"score": vqa_soft_accuracy(prediction, answers), "mode": mode}
     if mode == "exact":
         return {"score": exact_match(prediction, answers), "mode": mode}
-    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa or exact)")
+    if mode == "vqa_official":
+        return {"score": vqa_official_accuracy(prediction, answers), "mode": mode}
+    if mode == "choice":
+        options = row.get("options") or []
+        picked = parse_choice(prediction, options)
+        return {"score": choice_match(prediction, options, answers[0]), "mode": mode, "choice": picked}
+    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, vqa_official, choice or exact)")

@@ -7,11 +7,12 @@ Task sets
     ``world:<preset>`` generates (once, cached under ``$FOVEATE_HOME/tasks/<preset>-seed<S>-n<N>/``) a held-out
     set from the synthetic world with the EVAL seed (`DEFAULT_EVAL_SEED` = 1000 unless ``seed`` is given). World
     scene ``i`` is seeded from ``(preset, seed, i)`` alone, so training data must come from other seeds (the
-    training recipes use seeds below 1000) to keep the benchmark held out. Anything else is a path to a
-    ``tasks.jsonl`` (or a folder holding one) in the world's row format; exported real benchmarks (V*, TextVQA,
-    POPE, …) plug in the same way. Rows may carry several reference answers (VQA soft accuracy, see
-    `foveate.eval.metrics.scoring_mode`) and grounding rows may have ``answers: []`` with the gold box in
-    ``boxes``.
+    training recipes use seeds below 1000) to keep the benchmark held out. ``vstar:PATH``, ``pope:PATH`` and
+    ``textvqa:PATH`` read a local copy of that benchmark in its published layout (`foveate.eval.benchmarks`;
+    ``images`` names the image folder where the layout keeps images elsewhere). Anything else is a path to a
+    ``tasks.jsonl`` (or a folder holding one) in the world's row format (``foveate data convert`` writes one).
+    Rows may carry several reference answers (VQA soft accuracy, see `foveate.eval.metrics.scoring_mode`) and
+    grounding rows may have ``answers: []`` with the gold box in ``boxes``.
 
 Running
     Each strategy runs over every item; items are submitted from a thread pool (``concurrency``) and each one
@@ -106,10 +107,21 @@ def world_task_dir(preset: str, seed: int, n: int, home: Path | None = None) -> 
     return (home or _home()) / "tasks" / f"{preset}-seed{seed}-n{n}"
 
 
-def resolve_tasks(task: str, n: int | None = None, seed: int | None = None, home: Path | None = None) -> TaskSet:
-    """``world:<preset>`` (generated once with the eval seed, then cached) or a tasks.jsonl path; first ``n`` rows."""
+def resolve_tasks(
+    task: str, n: int | None = None, seed: int | None = None, home: Path | None = None, images: str | None = None
+) -> TaskSet:
+    """``world:<preset>`` (generated once with the eval seed, then cached), ``<benchmark>:PATH`` (V*, POPE,
+    TextVQA) or a tasks.jsonl path; first ``n`` rows."""
+    from foveate.eval.benchmarks import BENCHMARKS, load_benchmark
+
     if n is not None and n < 1:
         raise FoveateError(f"--n must be at least 1, got {n}")
+    name, _, rest = task.partition(":")
+    if name in BENCHMARKS and rest:
+        source = Path(rest).expanduser().resolve()
+        rows = load_benchmark(name, source, images)
+        key = f"{name}:{source}" + (f"?images={Path(images).resolve()}" if images else "")
+        return TaskSet(name=task, key=key, rows=rows[:n] if n else rows, path=source)
     if task.startswith("world:"):
         from foveate.world import generate_dataset, get_preset
 

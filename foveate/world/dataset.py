@@ -27,8 +27,7 @@ from PIL import Image
 
 from foveate.errors import FoveateError
 from foveate.world.presets import WorldConfig, get_preset
-from foveate.world.questions import generate_questions
-from foveate.world.scenes import Scene, generate_scene, render_scene
+from foveate.world.scenes import Scene, render_scene
 
 __all__ = ["REQUIRED_TASK_KEYS", "generate_dataset", "iter_items", "iter_scenes", "load_tasks"]
 
@@ -47,6 +46,9 @@ _TASK_DEFAULTS: dict[str, Any] = {
 }
 
 
+_OPTIONAL_ROW_KEYS: tuple[str, ...] = ("reference", "options", "scoring")
+
+
 def iter_scenes(seed: int, preset: str | WorldConfig = "default") -> Iterator[tuple[Scene, list[dict[str, Any]]]]:
     """Endless stream of (scene, questions); scenes with no admissible question are skipped."""
     cfg = get_preset(preset)
@@ -54,9 +56,7 @@ def iter_scenes(seed: int, preset: str | WorldConfig = "default") -> Iterator[tu
     while True:
         # A string seed goes through SHA-512 in `random.seed`, so it is stable across runs and PYTHONHASHSEED.
         rng = random.Random(f"foveate-world/{cfg.name}/{seed}/{i}")
-        scene = generate_scene(rng, cfg.scene, scene_id=f"{cfg.name}-{seed}-{i:06d}")
-        k = rng.randint(*cfg.questions_per_scene)
-        questions = generate_questions(scene, rng, k, cfg.questions, cfg.scene)
+        scene, questions = cfg.sample(rng, f"{cfg.name}-{seed}-{i:06d}")
         i += 1
         if questions:
             yield scene, questions
@@ -79,6 +79,9 @@ def _row(scene: Scene, q: dict[str, Any], j: int, preset: str) -> dict[str, Any]
         "image_size": [scene.width, scene.height],
         "scene_id": scene.id,
         "preset": preset,
+        # Keys only some presets' questions have (zoom: the reference kind, multiple-choice options and scoring);
+        # rows of the other presets stay byte-identical.
+        **{key: q[key] for key in _OPTIONAL_ROW_KEYS if key in q},
     }
 
 

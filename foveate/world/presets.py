@@ -19,18 +19,24 @@ simple         training curriculum: 1-4 medium/large objects on plain background
 objects        vision pretraining: 168 px scenes of 1-3 objects at the size a 672 px scene's have at a 336 px
                input, a quarter of the pixels per image for the vision tower
 grounding      "Locate the ..." only, all target sizes (IoU >= 0.5 accuracy per split)
+zoom           V*-style: 1344-2048 px plain canvases with 3-5 shapes of 36-52 px far apart, distinct colours;
+               "What shape is the red object / the object in the top left?", open or multiple choice; the
+               shape is illegible at a 336 px input and alone in a 336 px crop (`foveate.world.zoom`)
 =============  ==============================================================================================
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from foveate.errors import FoveateError
-from foveate.world.questions import QuestionConfig
-from foveate.world.scenes import SceneConfig
+from foveate.world.questions import QuestionConfig, generate_questions
+from foveate.world.scenes import Scene, SceneConfig, generate_scene
+from foveate.world.zoom import ZoomConfig, generate_zoom_scene, zoom_questions
 
-__all__ = ["PRESETS", "WorldConfig", "get_preset"]
+__all__ = ["PRESETS", "WorldConfig", "ZoomWorldConfig", "get_preset"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,24 @@ class WorldConfig:
     scene: SceneConfig = field(default_factory=SceneConfig)  # how scenes are composed and drawn
     questions: QuestionConfig = field(default_factory=QuestionConfig)  # which questions are asked
     questions_per_scene: tuple[int, int] = (1, 3)  # inclusive range; the last scene may get fewer to hit n exactly
+
+    def sample(self, rng: random.Random, scene_id: str) -> tuple[Scene, list[dict[str, Any]]]:
+        """One scene and its questions, all drawn from ``rng`` (the dataset seeds it per scene)."""
+        scene = generate_scene(rng, self.scene, scene_id=scene_id)
+        k = rng.randint(*self.questions_per_scene)
+        return scene, generate_questions(scene, rng, k, self.questions, self.scene)
+
+
+@dataclass(frozen=True)
+class ZoomWorldConfig(WorldConfig):
+    """A world whose scenes and questions come from `foveate.world.zoom` (the V*-style zoom benchmark)."""
+
+    zoom: ZoomConfig = field(default_factory=ZoomConfig)
+
+    def sample(self, rng: random.Random, scene_id: str) -> tuple[Scene, list[dict[str, Any]]]:
+        scene = generate_zoom_scene(rng, self.scene, self.zoom, scene_id=scene_id)
+        k = rng.randint(*self.questions_per_scene)
+        return scene, zoom_questions(scene, rng, k, self.zoom)
 
 
 # Mixed presets balance the regimes explicitly; left alone, tiny objects (the most numerous, and the smallest
@@ -156,6 +180,20 @@ PRESETS: dict[str, WorldConfig] = {
             family_weights=(("grounding", 1.0),),
             split_weights=(("small-detail", 0.3), ("mid-detail", 0.2), ("large", 0.5)),
         ),
+    ),
+    # V*-style zoom benchmark (`foveate.world.zoom`): the asked shape is illegible at the model's input and alone in
+    # a crop of the input's side. `scene` gives canvases, object count, backgrounds and shape priors.
+    "zoom": ZoomWorldConfig(
+        name="zoom",
+        scene=SceneConfig(
+            canvas_sizes=((1344, 1344), (1680, 1680), (2048, 2048), (2048, 1536), (1536, 2048)),
+            n_objects=(3, 5),
+            shape_weights=(1.0,) * 7,  # uniform: a shape prior would let a guess beat chance
+            label_prob=0.0,
+            clutter_prob=0.0,
+        ),
+        questions=QuestionConfig(family_weights=(("attribute", 1.0),), splits=("small-detail",)),
+        questions_per_scene=(1, 2),
     ),
 }
 
