@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -53,7 +54,8 @@ def build_dataset(source: Source, todo: set[str], spec: CaptionSpec, *, workers:
 
     if source.parquet is None:
         rows = [{**row, "image": None} for row in source.file_rows(todo)]
-        blocks = max(1, min(1000, math.ceil(len(rows) / batch_size)))
+        # At least one block per actor (a small job still spreads over the pool), at most 1000 (driver memory).
+        blocks = max(1, min(1000, max(math.ceil(len(rows) / batch_size), min(len(rows), workers))))
         dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     else:
         dataset = ray.data.read_parquet(
@@ -91,6 +93,8 @@ def _quiet_ray_data() -> None:
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
+    # A job smaller than the pool leaves actors idle; Ray Data warns, but that is the job's size, not a fault.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
 def run_ray(
@@ -103,8 +107,8 @@ def run_ray(
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
-        # Token authentication (Ray's default for a new local cluster), said explicitly so Ray does not warn.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray turns token authentication on for a new local cluster (its default, kept) and warns that it did.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         temp_dir = tempfile.mkdtemp(prefix="fov-ray-")  # short: Ray's socket paths live below it
         ray.init(
             address="local",

@@ -1,0 +1,120 @@
+"""Caption-job throughput: Ray Data with 2 workers vs 1, and the local runner vs Ray with 1 worker.
+
+    python bench/caption_throughput.py                      # demo model, 16 world images, 16 new tokens
+    python bench/caption_throughput.py --n 8 --configs local,ray-1,ray-2
+
+Generates ``--n`` world images (preset ``large``, 672 px, seed 0) once, then captions them with the ``direct`` strategy
+under each configuration, one after the other, each into a fresh output (so nothing is skipped):
+
+    local       the local runner, torch's default threads (all cores)
+    local-1t    the local runner, 1 torch thread
+    ray-1       Ray Data, 1 actor, cores / 1 threads        (a private local Ray, started and stopped per run)
+    ray-1-1t    Ray Data, 1 actor, 1 thread
+    ray-2       Ray Data, 2 actors, cores / 2 threads each
+
+Columns: wall time of the whole job (Ray start-up and model loading included), images/s over that wall time,
+"steady" images/s from the first written batch to the last (start-up excluded; rows after the first batch over
+that interval), and ratios: ``ray-2 / ray-1`` (the issue's target on 2 cores: ≥ 1.6× images/s) and
+``ray-1 / local`` (what Ray costs one worker). The load average is printed: on a shared machine wall times
+measure the neighbours too, so compare ratios from one run. Prints only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from foveate.api import default_model_path
+from foveate.config import load_config
+from foveate.jobs.caption import CaptionSpec, JobSummary, run_caption_job
+from foveate.jobs.sinks import JsonlSink
+from foveate.jobs.sources import resolve_source
+from foveate.world import generate_dataset
+
+CONFIGS = {  # name → (use Ray, workers, threads per worker; None = the runner's default)
+    "local": (False, 1, None),
+    "local-1t": (False, 1, 1),
+    "ray-1": (True, 1, None),
+    "ray-1-1t": (True, 1, 1),
+    "ray-2": (True, 2, None),
+}
+
+
+def run(name: str, images: Path, work: Path, args: argparse.Namespace) -> dict:
+    use_ray, workers, threads = CONFIGS[name]
+    config = load_config()
+    config = config.with_overrides(model=args.model or str(default_model_path(config)), home=str(work / "home"))
+    spec = CaptionSpec(config=config, max_new_tokens=args.max_new_tokens, threads=threads)
+    stamps: list[tuple[float, int]] = []
+
+    def progress(advance: int, summary: JobSummary) -> None:
+        if advance:
+            stamps.append((time.perf_counter(), advance))
+
+    started = time.perf_counter()
+    summary = run_caption_job(
+        resolve_source(str(images)).limited(args.n),
+        JsonlSink(work / f"{name}.jsonl"),
+        spec,
+        workers=workers,
+        batch_size=args.batch_size,
+        use_ray=use_ray,
+        progress=progress,
+    )
+    wall = time.perf_counter() - started
+    steady = None
+    if len(stamps) > 1:
+        steady = sum(rows for _, rows in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+    return {"name": name, "workers": workers, "threads": threads, "wall": wall, "done": summary.done, "steady": steady}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16, help="world images to caption")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--model", default=None, help="model directory (default: the demo model)")
+    parser.add_argument("--configs", default="local,ray-1,ray-2", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="caption-bench-") as scratch:
+        work = Path(scratch)
+        generate_dataset(work / "world", n=args.n * 3, seed=0, preset="large")  # ≈ 2 questions per scene
+        results = []
+        for name in names:
+            results.append(run(name, work / "world" / "images", work, args))
+            console.print(f"{name}: {results[-1]['done']} images in {results[-1]['wall']:.1f} s")
+    by_name = {result["name"]: result for result in results}
+    table = Table(
+        title=f"caption job throughput: {args.n} images, direct, {args.max_new_tokens} new tokens, "
+        f"batch {args.batch_size}, {os.cpu_count()} cores"
+    )
+    for column in ("config", "workers", "threads", "wall s", "images/s", "steady images/s"):
+        table.add_column(column, justify="right" if column != "config" else "left")
+    for result in results:
+        rate = result["done"] / result["wall"]
+        steady = f"{result['steady']:.3f}" if result["steady"] else "–"
+        threads = str(result["threads"] or ("default" if result["name"].startswith("local") else "cores/workers"))
+        table.add_row(result["name"], str(result["workers"]), threads, f"{result['wall']:.1f}", f"{rate:.3f}", steady)
+    console.print(table)
+    for top, bottom in (("ray-2", "ray-1"), ("ray-1", "local"), ("ray-1-1t", "local-1t")):
+        if top in by_name and bottom in by_name:
+            a, b = by_name[top], by_name[bottom]
+            wall_ratio = (a["done"] / a["wall"]) / (b["done"] / b["wall"])
+            steady = f"{a['steady'] / b['steady']:.2f}×" if a["steady"] and b["steady"] else "–"
+            console.print(f"{top} / {bottom}: images/s {wall_ratio:.2f}× (wall), {steady} (steady)")
+    console.print(f"load average during the run (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
