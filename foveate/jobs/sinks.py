@@ -91,9 +91,9 @@ class _Lock:
 class Sink:
     """The output of a job: `open` (lock, read what is done), `write` rows, `close`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = _Lock(self.lock_path(), path)
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.lock = _Lock(self.lock_path(), self.path)
 
     def lock_path(self) -> Path:
         raise NotImplementedError
@@ -159,7 +159,7 @@ class JsonlSink(Sink):
 class ParquetSink(Sink):
     """A directory of Parquet parts; a part is flushed every ``rows_per_part`` rows or ``seconds`` seconds."""
 
-    def __init__(self, path: Path, rows_per_part: int = 1000, seconds: float = 5.0) -> None:
+    def __init__(self, path: str | Path, rows_per_part: int = 1000, seconds: float = 5.0) -> None:
         super().__init__(path)
         self.rows_per_part = rows_per_part
         self.seconds = seconds
