@@ -103,6 +103,7 @@ def error_row(row: dict[str, Any], spec: CaptionSpec, error: str, model: str = "
         "model_calls": 0,
         "completion_tokens": 0,
         "model_latency_s": 0.0,
+        "finished_at": time.time(),
     }
 
 
@@ -174,6 +175,7 @@ class Captioner:
             "model_calls": len(calls),
             "completion_tokens": result.trace.completion_tokens,
             "model_latency_s": round(sum(step.get("latency_s", 0.0) for step in calls), 4),
+            "finished_at": time.time(),
         }
 
     def close(self) -> None:

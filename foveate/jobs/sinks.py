@@ -49,6 +49,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("model_calls", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("model_latency_s", pa.float64()),
+        ("finished_at", pa.float64()),  # Unix time the row was made (in the worker)
     ]
 )
 
