@@ -388,3 +388,20 @@ def test_ray_cluster_two_workers_kill_resume_and_parquet(ray_cluster, image_fold
     back = pq.read_table(tmp_path / "caps.parquet").to_pylist()
     assert sorted(row["id"] for row in back) == sorted(ids)
     assert {row["id"] for row in back if row["error"]} == set(bad)
+
+
+def test_cli_caption_twice_and_a_missing_input(tiny_model_dir, tmp_path, capsys) -> None:
+    from foveate.cli import main
+
+    noise_images(tmp_path / "imgs", 2)
+    args = ["caption", str(tmp_path / "imgs"), "--out", str(tmp_path / "caps.jsonl"), "--model", str(tiny_model_dir)]
+    args += ["--max-new-tokens", "2", "--limit", "1"]
+    main(args)
+    assert "1 new (0 error rows)" in capsys.readouterr().out
+    main(args)
+    assert "nothing new; 1 of 1 were already in" in capsys.readouterr().out
+    assert [row["id"] for row in read_jsonl(tmp_path / "caps.jsonl")] == ["img-000.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["caption", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.jsonl")])
+    assert exit_info.value.code == 2
+    assert "input not found" in capsys.readouterr().err

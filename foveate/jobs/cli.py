@@ -78,7 +78,9 @@ def caption_command(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="caption length cap per model call"),
     option: list[str] = typer.Option(None, "--option", "-o", help="strategy build option KEY=VALUE (repeatable)"),
     limit: int = typer.Option(None, "--limit", help="caption only the first N inputs"),
-    threads: int = typer.Option(None, "--threads", help="torch threads per worker (default: cores / workers)"),
+    threads: int = typer.Option(
+        None, "--threads", help="torch threads per worker (default: torch's own locally, 1 per Ray actor)"
+    ),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="caption again the ids that have error rows"),
 ) -> None:
     """Caption many images with any strategy; resumable (a rerun with the same --out does only what is missing)."""

@@ -9,8 +9,10 @@ iterates the output blocks as they finish (Ray Data streams them) and writes the
 
 Choices, after RESEARCH.md §7 (facts verified here on Ray 2.60):
 - **CPU accounting.** On 2 CPUs, two 1-CPU actors starve the read/decode tasks and the job hangs silently, so
-  actors ask for ``min(0.5, (cluster CPUs - 0.25) / N)`` CPUs and the read/decode tasks for 0.25. Each actor
-  sets its own torch threads (the node's cores divided among the N actors) instead of Ray's ``OMP_NUM_THREADS``.
+  actors ask for ``min(0.5, (cluster CPUs - 0.25) / N)`` CPUs and the read/decode tasks for 0.25. Each actor runs
+  torch on 1 thread unless ``--threads`` says otherwise: Ray's own convention (``OMP_NUM_THREADS`` = the CPUs a
+  worker reserves, at least 1), and a job scales by actors. On this shared 2-core machine torch with 2 threads
+  ran ≈ 10× slower than with 1 when the cores were oversubscribed (bench/caption_throughput.py, local vs local-1t).
 - **No native checkpointing.** Ray Data's ``CheckpointConfig`` (beta) needs a pipeline that ends in ``write_*``,
   writes one file per block from the workers, and adds a 1-CPU filter actor that hangs a 2-CPU machine; the
   driver-side sink gives exactly-once output in the user's single ``--out`` with no extra actor.
@@ -122,7 +124,7 @@ def run_ray(
     try:
         _quiet_ray_data()
         if spec.threads is None:
-            spec = CaptionSpec(**{**spec.__dict__, "threads": max(1, (os.cpu_count() or 1) // workers)})
+            spec = CaptionSpec(**{**spec.__dict__, "threads": 1})
         cpus = ray.cluster_resources().get("CPU", 0.0)
         dataset = build_dataset(source, todo, spec, workers=workers, batch_size=batch_size, cpus=cpus)
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
