@@ -1,6 +1,6 @@
 """Caption-job throughput: Ray Data with 2 workers vs 1, and the local runner vs Ray with 1 worker.
 
-    python bench/caption_throughput.py                      # demo model, 32 world images, 16 new tokens
+    python bench/caption_throughput.py                      # demo model, 64 world images, 32 new tokens
     python bench/caption_throughput.py --configs local,local-1t,ray-1,ray-1-2t,ray-2   # every configuration
 
 Generates ``--n`` world images (preset ``large``, 672 px, seed 0) once, then captions them with ``direct`` under
@@ -85,8 +85,8 @@ def run(name: str, images: Path, work: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=32, help="world images to caption")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--n", type=int, default=64, help="world images to caption")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--model", default=None, help="model directory (default: the demo model)")
     parser.add_argument("--configs", default="local-1t,ray-1,ray-2", help=f"comma-separated, from {', '.join(CONFIGS)}")
