@@ -405,3 +405,30 @@ def test_cli_caption_twice_and_a_missing_input(tiny_model_dir, tmp_path, capsys)
         main(["caption", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.jsonl")])
     assert exit_info.value.code == 2
     assert "input not found" in capsys.readouterr().err
+
+
+def test_http_backend_failures_are_error_rows_and_retried(tiny_policy, tmp_path) -> None:
+    """Over real HTTP (tests/openai_server.py on loopback): a server answering garbage gives each image an error
+    row and the job finishes; ``retry_errors`` with a working server captions them, the corrupt file stays an error."""
+    from openai_server import make_app, serve_in_thread
+
+    noise_images(tmp_path / "imgs", 2)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    source = resolve_source(str(tmp_path / "imgs"))
+    out = tmp_path / "caps.jsonl"
+
+    def spec(url: str) -> CaptionSpec:
+        config = FoveateConfig(endpoint=url, endpoint_model="tiny", home=str(tmp_path / "home"))
+        return CaptionSpec(config=config, max_new_tokens=3)
+
+    with serve_in_thread(make_app(tiny_policy, "tiny", malformed="html")) as url:
+        broken = run_caption_job(source, JsonlSink(out), spec(url))
+    assert (broken.done, broken.errors) == (3, 3)
+    reasons = {row["id"]: row["error"] for row in read_jsonl(out)}
+    assert "PolicyError" in reasons["img-000.png"] and "\n" not in reasons["img-000.png"]
+    with serve_in_thread(make_app(tiny_policy, "tiny")) as url:
+        fixed = run_caption_job(source, JsonlSink(out), spec(url), retry_errors=True)
+    assert (fixed.done, fixed.errors) == (3, 1)
+    rows = {row["id"]: row for row in read_jsonl(out)}
+    assert len(rows) == 3 and rows["bad.png"]["error"] and rows["img-001.png"]["model"] == "openai:tiny"
+    assert rows["img-000.png"]["caption"] is not None
