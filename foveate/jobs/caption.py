@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ DEFAULT_PROMPT = "Describe this image in detail."
 # not latency: 200 ms is small next to a CPU generation (seconds) and covers each image's decode and store
 # write, which the default 5 ms of an interactive server does not (the first image would then run alone).
 BATCH_WAIT_MS = 200
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process made a row (Ray actors differ by pid)
 DECODED_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("image", pa.binary()), ("error", pa.string())])
 
 
@@ -104,6 +106,7 @@ def error_row(row: dict[str, Any], spec: CaptionSpec, error: str, model: str = "
         "completion_tokens": 0,
         "model_latency_s": 0.0,
         "finished_at": time.time(),
+        "worker": WORKER,
     }
 
 
@@ -176,6 +179,7 @@ class Captioner:
             "completion_tokens": result.trace.completion_tokens,
             "model_latency_s": round(sum(step.get("latency_s", 0.0) for step in calls), 4),
             "finished_at": time.time(),
+            "worker": WORKER,
         }
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("completion_tokens", pa.int64()),
         ("model_latency_s", pa.float64()),
         ("finished_at", pa.float64()),  # Unix time the row was made (in the worker)
+        ("worker", pa.string()),  # host:pid of the process that made it
     ]
 )
 
