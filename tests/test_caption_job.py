@@ -432,3 +432,30 @@ def test_http_backend_failures_are_error_rows_and_retried(tiny_policy, tmp_path)
     rows = {row["id"]: row for row in read_jsonl(out)}
     assert len(rows) == 3 and rows["bad.png"]["error"] and rows["img-001.png"]["model"] == "openai:tiny"
     assert rows["img-000.png"]["caption"] is not None
+
+
+@pytest.mark.slow
+def test_ray_private_local_cluster_parquet_bytes(tiny_model_dir, tmp_path) -> None:
+    """Without --ray-address: a private local Ray (started and shut down by the job, its temp dir removed), Parquet
+    rows carrying encoded bytes through ``read_parquet``, two actors, a corrupt row as an error row."""
+    import ray
+
+    noise_images(tmp_path / "imgs", 6)
+    names = sorted(path.name for path in (tmp_path / "imgs").iterdir())
+    data = [(tmp_path / "imgs" / name).read_bytes() for name in names] + [b"GIF89a broken"]
+    ids = [*names, "broken.gif"]
+    pq.write_table(pa.table({"id": ids, "image": data}), tmp_path / "in.parquet")
+    source = resolve_source(str(tmp_path / "in.parquet"))
+    before = set(Path(tempfile.gettempdir()).glob("fov-ray-*"))
+    summary = run_caption_job(
+        source,
+        make_sink(tmp_path / "out.parquet"),
+        spec_for(tiny_model_dir, tmp_path / "home"),
+        workers=2,
+        batch_size=2,
+    )
+    assert (summary.done, summary.errors, summary.mode) == (7, 1, "ray (2 workers)")
+    assert not ray.is_initialized() and set(Path(tempfile.gettempdir()).glob("fov-ray-*")) <= before
+    rows = {row["id"]: row for row in pq.read_table(tmp_path / "out.parquet").to_pylist()}
+    assert sorted(rows) == sorted(ids) and rows["broken.gif"]["error"]
+    assert all(rows[name]["caption"] is not None and rows[name]["worker"] for name in names)

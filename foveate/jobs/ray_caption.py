@@ -56,18 +56,20 @@ def build_dataset(source: Source, todo: set[str], spec: CaptionSpec, *, workers:
 
     if source.parquet is None:
         rows = [{**row, "image": None} for row in source.file_rows(todo)]
-        # At least one block per actor (a small job still spreads over the pool), at most 1000 (driver memory).
+        # At least one block per actor (a small job still spreads over the pool), at most 1000 (each is a task).
         blocks = max(1, min(1000, max(math.ceil(len(rows) / batch_size), min(len(rows), workers))))
         dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     else:
-        dataset = ray.data.read_parquet(
-            str(source.parquet), columns=source.columns.names(), ray_remote_args={"num_cpus": TASK_CPUS}
-        ).map_batches(
-            parquet_rows,
-            fn_kwargs={"columns": source.columns, "todo": todo},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=TASK_CPUS,
+        dataset = (
+            ray.data.read_parquet(str(source.parquet), num_cpus=TASK_CPUS)
+            .select_columns(source.columns.names())
+            .map_batches(
+                parquet_rows,
+                fn_kwargs={"columns": source.columns, "todo": todo},
+                batch_format="pyarrow",
+                batch_size=None,
+                num_cpus=TASK_CPUS,
+            )
         )
     dataset = dataset.map_batches(
         decode_batch,
@@ -99,28 +101,37 @@ def _quiet_ray_data() -> None:
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
 
+def _connect(address: str | None) -> str | None:
+    """Join ``address``, or start a private local Ray; returns the temp dir to remove afterwards (or None)."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return None
+    # Ray turns token authentication on for a new local cluster (its default, kept) and warns that it did.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    temp_dir = tempfile.mkdtemp(prefix="fov-ray-")  # short: Ray's socket paths live below it
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        object_store_memory=256 * 1024 * 1024,
+        _temp_dir=temp_dir,
+    )
+    return temp_dir
+
+
 def run_ray(
     source: Source, todo: set[str], spec: CaptionSpec, *, workers: int, batch_size: int, address: str | None = None
 ) -> Iterator[pa.Table]:
-    """Run the pipeline (joining ``address`` or starting a private local Ray) and yield output tables."""
+    """Run the pipeline (joining ``address`` or starting a private local Ray, unless this process is already
+    connected to one, e.g. a notebook) and yield output tables."""
     import ray
 
-    temp_dir = None
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        # Ray turns token authentication on for a new local cluster (its default, kept) and warns that it did.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        temp_dir = tempfile.mkdtemp(prefix="fov-ray-")  # short: Ray's socket paths live below it
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            object_store_memory=256 * 1024 * 1024,
-            _temp_dir=temp_dir,
-        )
+    owned = not ray.is_initialized()
+    temp_dir = _connect(address) if owned else None
     try:
         _quiet_ray_data()
         if spec.threads is None:
@@ -129,6 +140,7 @@ def run_ray(
         dataset = build_dataset(source, todo, spec, workers=workers, batch_size=batch_size, cpus=cpus)
         yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
