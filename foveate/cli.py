@@ -8,6 +8,7 @@
     foveate data convert vstar|pope|textvqa PATH --out DIR [--images DIR]
     foveate serve [--host 127.0.0.1] [--port 8000] [--model DIR_OR_ID | --endpoint URL --model NAME]
     foveate chat IMAGE [--thread ID] [--strategy direct] [--model …] [--json]
+    foveate caption INPUT --out caps.jsonl [--strategy direct] [--workers N] [--ray-address ADDR] [--format parquet]
 
 Errors a user can cause (missing files, unreadable images, unknown strategies, unloadable models, unreachable
 endpoints) print one line on stderr and exit with status 2; anything else prints one line and exits 1
@@ -55,6 +56,13 @@ except ImportError:
     pass
 else:
     app.command("eval")(eval_command)
+
+try:  # `foveate caption INPUT --out OUT` (batch jobs, local or on Ray Data)
+    from foveate.jobs.cli import caption_command
+except ImportError:
+    pass
+else:
+    app.command("caption")(caption_command)
 
 
 @app.command()

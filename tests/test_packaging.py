@@ -52,6 +52,7 @@ def test_wheel_has_only_the_foveate_package(wheel):
         assert not any(name.startswith(f"{bare}/") for name in names), bare
     for subpackage in ("agents", "tools", "policies", "rl", "configs"):
         assert f"foveate/{subpackage}/__init__.py" in names, subpackage
+    assert "foveate/jobs/caption.py" in names  # `foveate caption` is mounted only if it imports
 
 
 def test_wheel_ships_data_files(wheel):
