@@ -283,6 +283,7 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
             batch = self.processor(**kwargs)
         except ValueError as error:
             raise PolicyError(f"the processor rejected the input: {error}") from error
+        self.check_context(int(batch["attention_mask"].sum(dim=1).max()), 0)  # white-box passes read prompts too
         return {key: value.to(self.device) if hasattr(value, "to") else value for key, value in batch.items()}
 
     def render_all(self, conversations: Sequence[Conversation]) -> tuple[list[str], list[list[Image.Image]]]:
@@ -344,9 +345,10 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
         config = self.model.config
         limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
         if limit and prompt_tokens + max_new_tokens > limit:
+            generated = f" and up to {max_new_tokens:,} may be generated" if max_new_tokens else ""
             raise ContextLengthError(
-                f"the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} may be generated, more than "
-                f"the model's {limit:,} positions: shorten the question or ask for fewer tokens"
+                f"the prompt is {prompt_tokens:,} tokens{generated}, more than the model's {limit:,} positions: "
+                "shorten the question" + (" or ask for fewer tokens" if max_new_tokens else "")
             )
 
     def _completion(self, token_ids: list[int], params: SamplingParams) -> Completion:

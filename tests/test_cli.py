@@ -83,6 +83,11 @@ def _error_cases(workdir: Path, images: dict[str, Path]) -> dict[str, tuple[list
         "dir without config.json": (["ask", good, "q", "--model", str(not_a_model)], "no config.json"),
         # The default (demo) model has 8,192 positions; 10,000 "a" are 10,000 tokens.
         "question past the model's positions": (["ask", good, "a" * 10_000], "more than the model's 8,192 positions"),
+        # White-box passes (ViCrop's attention) read the prompt without generating: refused the same way.
+        "vicrop question past the positions": (
+            ["ask", good, "a" * 10_000, "-s", "vicrop-rel"],
+            "more than the model's 8,192 positions",
+        ),
         # Rich markup would eat the "[[x1, y1, x2, y2]]" of the message.
         "oracle-crop without boxes": (
             ["ask", good, "q", "-s", "oracle-crop"],
@@ -107,6 +112,7 @@ ALL_ERRORS = [
     "model dir not found",
     "dir without config.json",
     "question past the model's positions",
+    "vicrop question past the positions",
     "oracle-crop without boxes",
     "endpoint refused",
 ]
