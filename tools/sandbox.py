@@ -22,7 +22,7 @@ defences, each enough on its own against the common escapes and layered so one s
    empty environment and ``/`` as its working directory.
 3. **Kernel limits** set on the child by the parent (``resource.prlimit`` once it is ready, before it sees the
    program): address space (``memory_mb``), CPU seconds, no file growth (``RLIMIT_FSIZE`` 0), no new file
-   descriptors (``RLIMIT_NOFILE`` = the three it has, so no files or sockets can be opened), no core files,
+   descriptors (``RLIMIT_NOFILE`` 0: the pipes it has keep working, no file or socket can be opened), no core files,
    no new processes (``RLIMIT_NPROC`` 0; the kernel does not apply it to root).
 4. **Parent-side enforcement**: a wall-clock timeout (the child is killed; time the parent spends answering
    model calls does not count), a cap on model-backed calls, on each message's size and on the value and
@@ -265,7 +265,7 @@ class _Child:
             (resource.RLIMIT_AS, memory),
             (resource.RLIMIT_CPU, cpu),
             (resource.RLIMIT_FSIZE, 0),
-            (resource.RLIMIT_NOFILE, 3),
+            (resource.RLIMIT_NOFILE, 0),  # no new descriptor at all, even after closing one
             (resource.RLIMIT_CORE, 0),
             (resource.RLIMIT_NPROC, 0),
         ):
