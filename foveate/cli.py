@@ -61,6 +61,8 @@ def ask(
     strategy: str = typer.Option(None, "--strategy", "-s", help="strategy name (default from config: direct)"),
     model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
     trace: Path = typer.Option(None, "--trace", help="write the trace here (.html page or .json)"),
     as_json: bool = typer.Option(False, "--json", help="print the answer and trace as JSON"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
@@ -86,6 +88,8 @@ def ask(
         endpoint=endpoint,
         max_new_tokens=max_new_tokens,
         options=options,
+        wisdom_model=wisdom_model,
+        wisdom_endpoint=wisdom_endpoint,
     )
     if trace:
         written = result.trace.save(trace, ImageStore(config.home_dir / "images"))
@@ -163,6 +167,8 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port"),
     model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of the underlying VLM"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
     strategies: str = typer.Option(None, "--strategies", help="comma-separated strategies to serve (default: all)"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="per model call, when a request sets none"),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="largest request body, in MiB (413 above)"),
@@ -178,7 +184,7 @@ def serve(
     """Serve every strategy as an OpenAI-compatible model (foveate-<strategy>) plus a chat page at /."""
     import uvicorn
 
-    from foveate.api import make_policy
+    from foveate.api import make_policy, make_wisdom_policy
     from foveate.config import load_config
     from foveate.serve.app import create_app
     from foveate.serve.limits import ServeLimits
@@ -197,6 +203,7 @@ def serve(
     policy = make_policy(model, endpoint, config=config)
     app_ = create_app(
         policy,
+        wisdom=make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config),
         store=ImageStore(config.home_dir / "images"),
         limits=limits,
         batching=batching,
