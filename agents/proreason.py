@@ -33,7 +33,7 @@ Policies: ``eyesight`` is the run's VLM (``--model``/``--endpoint``); ``wisdom``
 
 Deviations from the paper: the reference parses free text; here roles answer in validated JSON with one retry.
 The dispatcher may send several independent vision sub-questions at once (the paper asks one per round).
-Greedy decoding everywhere; wisdom calls get ``role_max_new_tokens``.
+Greedy decoding everywhere.
 """
 
 from __future__ import annotations
@@ -104,11 +104,14 @@ def _turn_steps(node: str, role: str, turn: RoleTurn, content: Any, **extra: Any
     return [*steps, role_step(node, role, content, **extra)]
 
 
-def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens: int = 384, retries: int = 1):
-    """The compiled ProReason graph: at most ``max_rounds`` dispatches, ``retries`` re-asks per invalid reply."""
-    if max_rounds < 1 or role_max_new_tokens < 1 or retries < 0:
+def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens: int | None = None, retries: int = 1):
+    """The compiled ProReason graph: at most ``max_rounds`` dispatches, ``retries`` re-asks per invalid reply;
+    wisdom replies get ``role_max_new_tokens`` (None: the run's ``max_new_tokens``, the cap of every call)."""
+    if max_rounds < 1 or (role_max_new_tokens is not None and role_max_new_tokens < 1) or retries < 0:
         raise FoveateError("proreason needs max_rounds >= 1, role_max_new_tokens >= 1 and retries >= 0")
-    role_params = SamplingParams(max_new_tokens=role_max_new_tokens)
+
+    def role_params(context: FoveateContext) -> SamplingParams:
+        return context.sampling(max_new_tokens=role_max_new_tokens or context.max_new_tokens)
 
     def intake_node(state: ProReasonState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
         update = intake(state, resolve_context(runtime).store)
@@ -118,7 +121,7 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
         context = resolve_context(runtime)
         memory, rounds = state.get("memory", []), state.get("rounds", 0) + 1
         prompt = DISPATCH_PROMPT.format(question=state["question"], memory=memory_text(memory))
-        turn = ask_role(wisdom_policy(context), prompt, Dispatch, role_params, retries)
+        turn = ask_role(wisdom_policy(context), prompt, Dispatch, role_params(context), retries)
         fallback = turn.value is None
         choice = Dispatch(expert="vision", sub_questions=[state["question"]]) if fallback else turn.value
         decision = {**choice.model_dump(), "fallback": fallback}
@@ -151,7 +154,7 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
         context = resolve_context(runtime)
         memory, sub_question = state.get("memory", []), state["dispatch"]["sub_questions"][0]
         prompt = REASON_PROMPT.format(question=state["question"], memory=memory_text(memory), sub_question=sub_question)
-        turn = ask_role(wisdom_policy(context), prompt, Reasoned, role_params, retries)
+        turn = ask_role(wisdom_policy(context), prompt, Reasoned, role_params(context), retries)
         raw = strip_thought(turn.calls[-1][1].text) or turn.calls[-1][1].text
         answer = turn.value.answer if turn.value is not None else raw.strip()[:500]
         entry = {"round": state["rounds"], "expert": "reasoning", "question": sub_question, "answer": answer}
@@ -162,7 +165,7 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
         context = resolve_context(runtime)
         memory = state.get("memory", [])
         prompt = REFEREE_PROMPT.format(question=state["question"], memory=memory_text(memory))
-        turn = ask_role(wisdom_policy(context), prompt, Verdict, role_params, retries)
+        turn = ask_role(wisdom_policy(context), prompt, Verdict, role_params(context), retries)
         verdict = turn.value.model_dump() if turn.value is not None else {"verdict": "UNSOLVABLE", "reason": ""}
         steps = _turn_steps("referee", "referee", turn, verdict, memory=memory, fallback=turn.value is None)
         return {"verdict": verdict["verdict"], "parse_failures": turn.failures, "steps": steps}
@@ -176,7 +179,7 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
         context = resolve_context(runtime)
         memory = state.get("memory", [])
         prompt = SUMMARY_PROMPT.format(question=state["question"], memory=memory_text(memory))
-        turn = ask_role(wisdom_policy(context), prompt, Summary, role_params, retries)
+        turn = ask_role(wisdom_policy(context), prompt, Summary, role_params(context), retries)
         answer = turn.value.answer.strip() if turn.value is not None else ""
         steps = _turn_steps("summarize", "summarizer", turn, {"answer": answer}, memory=memory)
         update: dict[str, Any] = {"parse_failures": turn.failures, "steps": steps}

@@ -82,13 +82,14 @@ def build(
     k: int = 5,
     temperature: float = 0.7,
     seed: int = 0,
-    max_program_tokens: int = 384,
+    max_program_tokens: int | None = None,
     timeout_s: float = 10.0,
     memory_mb: int = 256,
 ):
-    """The compiled VPD graph. ``k`` programs sampled at ``temperature`` (greedy when k = 1) with ``seed``;
-    each runs within ``timeout_s`` seconds and ``memory_mb`` MiB."""
-    if k < 1 or max_program_tokens < 1 or timeout_s <= 0 or memory_mb < 32:
+    """The compiled VPD graph. ``k`` programs sampled at ``temperature`` (greedy when k = 1) with ``seed``, each
+    up to ``max_program_tokens`` (None: the run's ``max_new_tokens``); each runs within ``timeout_s`` seconds
+    and ``memory_mb`` MiB."""
+    if k < 1 or (max_program_tokens is not None and max_program_tokens < 1) or timeout_s <= 0 or memory_mb < 32:
         raise FoveateError("vpd needs k >= 1, max_program_tokens >= 1, timeout_s > 0 and memory_mb >= 32")
 
     def intake_node(state: VPDState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
@@ -100,7 +101,10 @@ def build(
         programmer = wisdom_policy(context)
         prompt = [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=state["question"])}]
         params = context.sampling(
-            max_new_tokens=max_program_tokens, n=k, temperature=temperature if k > 1 else 0.0, seed=seed
+            max_new_tokens=max_program_tokens or context.max_new_tokens,
+            n=k,
+            temperature=temperature if k > 1 else 0.0,
+            seed=seed,
         )
         result = programmer.chat_one(prompt, params)
         programs = [extract_program(completion.text) for completion in result.completions]
