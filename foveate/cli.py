@@ -161,6 +161,43 @@ def train_sft(
     typer.echo(f"model written to {run(recipe, start_stage=start_stage)}")
 
 
+vpd_app = typer.Typer(
+    help="Visual Program Distillation: programs → verified executions → SFT data.", no_args_is_help=True
+)
+app.add_typer(vpd_app, name="vpd")
+
+
+@vpd_app.command("distill")
+def vpd_distill(
+    task: str = typer.Option(..., "--task", "-t", help="world:<preset> or a tasks.jsonl with labels"),
+    out: Path = typer.Option(..., "--out", help="SFT rows (JSON lines, TRL conversational with image paths)"),
+    n: int = typer.Option(None, "--n", help="number of items"),
+    seed: int = typer.Option(0, "--seed", help="world seed (a training seed; eval uses 1000) and sampling seed"),
+    k: int = typer.Option(5, "--k", min=1, help="programs sampled per item"),
+    temperature: float = typer.Option(0.7, "--temperature", help="programmer sampling temperature (k > 1)"),
+    max_program_tokens: int = typer.Option(384, "--max-program-tokens", help="length cap of each program"),
+    model: str = typer.Option(None, "--model", "-m", help="the VLM (eyesight) answering the programs' queries"),
+    endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of that VLM"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="programmer and rewriter LLM (default: the VLM)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
+) -> None:
+    """Sample programs per labelled item, keep the first verified one, rewrite it into a rationale, write SFT rows."""
+    from foveate.api import make_policy, make_wisdom_policy
+    from foveate.config import load_config
+    from foveate.eval.runner import resolve_tasks
+    from foveate.rl.vpd_distill import distill, write_rows
+
+    config = load_config()
+    tasks = resolve_tasks(task, n=n, seed=seed)
+    eyesight = make_policy(model, endpoint, config=config)
+    programmer = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config) or eyesight
+    rows, stats = distill(
+        tasks.rows, programmer, eyesight, k=k, temperature=temperature, seed=seed, max_program_tokens=max_program_tokens
+    )
+    written = write_rows(rows, out)
+    typer.echo(json.dumps({"out": str(written), "rows": len(rows), **vars(stats)}))
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0: every interface)"),
