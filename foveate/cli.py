@@ -145,8 +145,19 @@ def train_sft(
     max_steps: int = typer.Option(None, "--max-steps", help="override train.max_steps (e.g. a quick smoke run)"),
     start_stage: int = typer.Option(1, "--start-stage", help="resume at this stage (earlier ones saved in .work)"),
     init_from: Path = typer.Option(None, "--init-from", help="override the recipe's init_from (a model directory)"),
+    data: Path = typer.Option(None, "--data", help="train with TRL's SFTTrainer on these JSON-lines rows instead"),
 ) -> None:
-    """Supervised fine-tuning on world data (the recipe that builds the demo model)."""
+    """Supervised fine-tuning on world data (the recipe that builds the demo model), or with --data on a file of
+    TRL conversational rows (e.g. from `foveate vpd distill`), from --init-from (default: the demo model)."""
+    if data:
+        from foveate.api import default_model_path
+        from foveate.rl.trl_sft import TRLSFTSettings, train_trl_sft
+
+        if not output_dir:
+            raise FoveateError("--data needs --output-dir (where the fine-tuned model goes)")
+        settings = TRLSFTSettings(**({"max_steps": max_steps} if max_steps else {}))
+        typer.echo(f"model written to {train_trl_sft(data, init_from or default_model_path(), output_dir, settings)}")
+        return
     from foveate.rl.sft import load_recipe
     from foveate.rl.sft import train_sft as run
 

@@ -14,10 +14,11 @@ Paper: "Visual Program Distillation" (CVPR 2024; RESEARCH.md §6). Per labelled 
    grounding ("find('square') found 2 at [40, 40, 120, 110], …") and ends with the answer — one batched call over
    the kept items. A rewrite whose last sentence does not state the answer is replaced by `template_rationale`,
    which states the logged calls and their boxes itself (counted as ``template_rationales``).
-5. **Rows**: two TRL conversational rows per kept item, ``{"images": [path], "messages": [user, assistant]}`` with
-   an ``{"type": "image"}`` placeholder: ``question + ANSWER_SUFFIX → answer`` and ``question + RATIONALE_SUFFIX →
-   rationale`` (``task`` says which). TRL's ``DataCollatorForVisionLanguageModeling`` reads them once the image
-   paths are loaded (``datasets.Image``).
+5. **Rows**: two TRL conversational prompt-completion rows per kept item, ``{"images": [path], "prompt": [user],
+   "completion": [assistant]}`` with an ``{"type": "image"}`` placeholder (TRL trains on the completion only):
+   ``question + ANSWER_SUFFIX → answer`` and ``question + RATIONALE_SUFFIX → rationale`` (``task`` says which).
+   TRL's ``DataCollatorForVisionLanguageModeling`` reads them once the image paths are loaded (``datasets.Image``);
+   ``foveate train sft --data FILE`` trains on them with TRL's ``SFTTrainer`` (`rl.trl_sft`).
 
 Deviations: the paper's tools are PaLI-X-era models; here the project's VLM, its attention and PP-OCRv4. The
 paper uses PaLM-2 for the rewrite; any wisdom LLM here, with the template as a checked fallback.
@@ -127,12 +128,13 @@ def ends_with_answer(text: str, answer: str) -> bool:
 
 
 def sft_rows(row: dict[str, Any], answer: str, rationale: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """The two TRL conversational rows of one verified item (the short answer and the rationale task)."""
+    """The two TRL conversational prompt-completion rows of one verified item (short answer, rationale)."""
 
     def chat(suffix: str, target: str, task: str) -> dict[str, Any]:
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"] + suffix}]}
         reply = {"role": "assistant", "content": [{"type": "text", "text": target}]}
-        return {"images": [str(row["image"])], "messages": [user, reply], "task": task, "id": row["id"], **extra}
+        return {"images": [str(row["image"])], "prompt": [user], "completion": [reply], "task": task, "id": row["id"],
+                **extra}  # fmt: skip
 
     return [chat(ANSWER_SUFFIX, answer, "answer"), chat(RATIONALE_SUFFIX, rationale, "rationale")]
 

@@ -82,12 +82,12 @@ def test_programs_are_verified_against_the_labels_and_unverified_items_dropped(d
     program_calls = [seen for seen in programmer.seen if "class ImagePatch" in seen[0][0]["content"]]
     assert len(program_calls) == 6 and all(n == 2 for _, n in program_calls)  # one batched call: 6 prompts, n=2
     answers = {row["id"]: row["answers"][0] for row in existence}
-    assert {r["id"]: r["messages"][1]["content"][0]["text"] for r in out if r["task"] == "answer"} == answers
+    assert {r["id"]: r["completion"][0]["content"][0]["text"] for r in out if r["task"] == "answer"} == answers
 
 
 def test_rationales_keep_the_grounding_and_end_with_the_answer(distilled):
     _, out, stats, _ = distilled
-    rationales = {r["id"]: r["messages"][1]["content"][0]["text"] for r in out if r["task"] == "rationale"}
+    rationales = {r["id"]: r["completion"][0]["content"][0]["text"] for r in out if r["task"] == "rationale"}
     assert stats.llm_rationales == 2 and stats.template_rationales == 1
     assert rationales["large-7-000000-q0"] == "A blue triangle. So yes."
     assert rationales["large-7-000001-q1"] == "There is no red square. So the answer is no."
@@ -96,7 +96,7 @@ def test_rationales_keep_the_grounding_and_end_with_the_answer(distilled):
     assert rationales["large-7-000002-q1"].endswith("So the answer is yes.")
     for row in out:
         suffix = ANSWER_SUFFIX if row["task"] == "answer" else RATIONALE_SUFFIX
-        assert row["messages"][0]["content"][1]["text"].endswith(suffix)
+        assert row["prompt"][0]["content"][1]["text"].endswith(suffix)
         assert json.loads(row["execution"])[0]["name"] == "find"
 
 
@@ -110,10 +110,14 @@ def test_rows_load_in_trl_and_its_vision_collator_tokenises_them(distilled, tiny
     path = write_rows(out, tmp_path / "sft.jsonl")
     dataset = load_dataset("json", data_files=str(path), split="train").cast_column("images", Sequence(Image()))
     assert len(dataset) == 6 and dataset[0]["images"][0].size == (672, 672)
-    collator = DataCollatorForVisionLanguageModeling(load_processor(tiny_model_dir), completion_only_loss=False)
+    collator = DataCollatorForVisionLanguageModeling(load_processor(tiny_model_dir), completion_only_loss=True)
     batch = collator([dataset[i] for i in range(2)])
     assert {"input_ids", "labels", "pixel_values", "image_grid_thw"} <= set(batch)
-    assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"] != -100).any()
+    # Only the completion is trained on: the answer row's labels are its answer and the end of turn.
+    answer_row = next(i for i in range(2) if dataset[i]["task"] == "answer")
+    labels = batch["labels"][answer_row]
+    trained = load_processor(tiny_model_dir).tokenizer.decode(labels[labels != -100])
+    assert trained.strip().startswith(dataset[answer_row]["completion"][0]["content"][0]["text"])
 
 
 def test_template_rationale_states_every_model_call() -> None:
@@ -144,3 +148,40 @@ def test_vpd_distill_command_writes_rows_and_prints_its_counts(tiny_model_dir, t
     assert counts["items"] == 6 and counts["programs_run"] == 12 and counts["kept"] + counts["dropped"] == 6
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert counts["rows"] == len(rows) == 2 * counts["kept"]
+
+
+def test_sft_rows_that_trl_cannot_use_are_refused_clearly(tmp_path):
+    from foveate.errors import FoveateError
+    from foveate.rl.trl_sft import load_rows
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no images"}\n')
+    with pytest.raises(FoveateError, match="rows need 'images'"):
+        load_rows(bad)
+    with pytest.raises(FoveateError, match="not found"):
+        load_rows(tmp_path / "missing.jsonl")
+    bad.write_text("{not json\n")
+    with pytest.raises(FoveateError, match="cannot read SFT rows"):
+        load_rows(bad)
+
+
+@pytest.mark.slow
+def test_train_sft_on_distilled_rows_with_trl(distilled, tiny_model_dir, tmp_path, capsys):
+    """`foveate train sft --data` runs TRL's SFTTrainer on the distilled rows; the result loads and answers."""
+    from foveate.cli import main
+    from foveate.policies.transformers_vlm import TransformersVLM
+
+    _, out, _, _ = distilled
+    data = write_rows(out, tmp_path / "sft.jsonl")
+    target = tmp_path / "vpd-model"
+    main(["train", "sft", "--data", str(data), "--init-from", str(tiny_model_dir), "--output-dir", str(target),
+          "--max-steps", "2"])  # fmt: skip
+    assert f"model written to {target}" in capsys.readouterr().out
+    losses = json.loads((target / "training_log.json").read_text())
+    assert losses[-1]["step"] == 2 and all(entry["loss"] > 0 for entry in losses)
+    policy = TransformersVLM(target)
+    image = load_image(WORLD / "images" / "large-7-000000.png")
+    reply = policy.chat_one(
+        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}]
+    )
+    assert isinstance(reply.text, str) and not (target / "checkpoints").exists()
