@@ -181,7 +181,8 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
         prompt = SUMMARY_PROMPT.format(question=state["question"], memory=memory_text(memory))
         turn = ask_role(wisdom_policy(context), prompt, Summary, role_params(context), retries)
         answer = turn.value.answer.strip() if turn.value is not None else ""
-        steps = _turn_steps("summarize", "summarizer", turn, {"answer": answer}, memory=memory)
+        totals = {"rounds": state.get("rounds", 0), "parse_failures": state.get("parse_failures", 0) + turn.failures}
+        steps = _turn_steps("summarize", "summarizer", turn, {"answer": answer}, memory=memory, **totals)
         update: dict[str, Any] = {"parse_failures": turn.failures, "steps": steps}
         if answer:
             update.update(answer=answer, messages=[AIMessage(content=answer)])

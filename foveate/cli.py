@@ -272,6 +272,8 @@ def chat(
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (answer and trace) per turn"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
 ) -> None:
     """Chat about an image; threads persist in $FOVEATE_HOME/threads.sqlite and resume with --thread."""
     from foveate.chat import run_chat
@@ -284,6 +286,8 @@ def chat(
         endpoint=endpoint,
         max_new_tokens=max_new_tokens,
         as_json=as_json,
+        wisdom_model=wisdom_model,
+        wisdom_endpoint=wisdom_endpoint,
     )
 
 

@@ -227,3 +227,28 @@ def _env(home: Path) -> dict[str, str]:
     import os
 
     return {**os.environ, "FOVEATE_HOME": str(home)}
+
+
+@pytest.mark.slow
+def test_eval_runs_proreason_with_a_wisdom_llm_that_is_part_of_the_cache_key(wisdom_server, tiny_policy, tmp_path):
+    from foveate.eval.runner import TaskSet, load_eval_tasks, run_eval
+
+    rows = load_eval_tasks(ROOT / "examples" / "world" / "tasks.jsonl")[:2]
+    tasks = TaskSet(name="examples", key="examples", rows=rows, path=ROOT / "examples" / "world" / "tasks.jsonl")
+    script = RoleScript(dispatcher=[VISION], referee=[SOLVED], summarizer=['{"answer": "yes"}'])
+    url = wisdom_server(script)
+    items = tmp_path / "items.jsonl"
+
+    def evaluate(wisdom):
+        return run_eval(
+            tasks, ["proreason"], tiny_policy, items_path=items, store=ImageStore(tmp_path / "images"),
+            max_new_tokens=8, wisdom=wisdom, strategy_options={"proreason": {"max_rounds": 1}},
+        )  # fmt: skip
+
+    first = evaluate(OpenAIChatPolicy(url, "wisdom"))
+    assert [r["prediction"] for r in first] == ["yes", "yes"] and [r["score"] for r in first] == [1.0, 0.0]
+    assert len(script.asked["summarizer"]) == 2 and first[0]["wisdom"]
+    evaluate(OpenAIChatPolicy(url, "wisdom"))  # same wisdom: cached, the LLM is not asked again
+    assert len(script.asked["summarizer"]) == 2
+    evaluate(None)  # no wisdom LLM (the VLM answers every role): a different run, not the cached one
+    assert len(script.asked["summarizer"]) == 2 and len(items.read_text().splitlines()) == 4
