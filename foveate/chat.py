@@ -57,6 +57,14 @@ def describe_step(step: dict[str, Any]) -> str | None:
     if kind == "tool_call":
         outcome = f"error: {step['error']}" if step.get("error") else str(step.get("result"))[:120]
         return f"tool {step.get('name')}({json.dumps(step.get('arguments'))[:120]}) → {outcome}"
+    if kind == "program":
+        outcome = step.get("outcome")
+        if outcome is None:
+            return f"program {step.get('index', 0)} ({node}): not run"
+        result = f"value {json.dumps(outcome.get('value'))[:80]}" if outcome.get("ok") else outcome.get("error", "")
+        return f"program {step.get('index', 0)} ({node}): {len(outcome.get('log', []))} calls → {result}"
+    if kind == "role":
+        return f"{step.get('role')} ({node}): {json.dumps(step.get('content'))[:160]}"
     if kind == "answer":
         return None
     return f"{kind} ({node})"

@@ -7,6 +7,7 @@ and gives each role the exact reply a control-flow test needs. The eyesight is t
 
 from __future__ import annotations
 
+import html
 import json
 import threading
 from collections.abc import Iterator
@@ -20,11 +21,13 @@ from foveate.agents import get_builder
 from foveate.agents.proreason_roles import Dispatch, first_json_object, parse_reply
 from foveate.agents.state import FoveateContext, wisdom_policy
 from foveate.api import ask, make_wisdom_policy
+from foveate.chat import describe_step
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy
 from foveate.policies.batching import MicroBatcher
 from foveate.policies.openai_http import OpenAIChatPolicy
 from foveate.tools.store import ImageStore
+from foveate.trace import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = {
@@ -106,6 +109,13 @@ def test_referee_can_solve_hands_the_memory_to_the_summarizer(wisdom_server, tin
     assert entry["answer"] in script.asked["summarizer"][0][0]["content"]
     for conversations in script.asked.values():
         assert all(isinstance(message["content"], str) for c in conversations for message in c)
+    summary = next(s for s in state["steps"] if s["kind"] == "role" and s["role"] == "summarizer")
+    assert summary["memory"] == state["memory"] and (summary["rounds"], summary["parse_failures"]) == (1, 0)
+    # The trace page and the terminal chat show each role's turn and the memory it saw.
+    page = Trace("proreason", state["question"], state["image"], state["answer"], state["steps"])
+    text = page.save(tmp_path / "trace.html", ImageStore(tmp_path)).read_text()
+    assert "summarizer" in text and "vision expert" in text and html.escape(json.dumps(entry["answer"])) in text
+    assert describe_step(summary) == 'summarizer (summarize): {"answer": "blue"}'
 
 
 @pytest.mark.parametrize("rounds", [3, pytest.param(8, marks=pytest.mark.slow, id="default-8")])

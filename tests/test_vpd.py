@@ -19,6 +19,7 @@ from foveate.agents import get_builder
 from foveate.agents.state import FoveateContext
 from foveate.agents.vpd import extract_program
 from foveate.api import ask
+from foveate.chat import describe_step
 from foveate.policies.openai_http import OpenAIChatPolicy
 from foveate.protocol import strip_thought
 from foveate.tools.store import ImageStore
@@ -93,6 +94,8 @@ def test_the_trace_page_shows_programs_and_their_calls(tiny_policy, tmp_path):
     trace = Trace("vpd", state["question"], state["image"], state["answer"], state["steps"])
     page = Trace.from_dict(json.loads(trace.to_json())).save(tmp_path / "trace.html", store).read_text()
     assert "import os" in page and "import statements are not allowed" in page and "value &quot;yes&quot;" in page
+    lines = [describe_step(step) for step in program_steps(state)]
+    assert lines[0].startswith("program 0 (execute): 0 calls → refused: import") and lines[1].endswith('value "yes"')
 
 
 def test_extract_program_takes_the_code() -> None:
