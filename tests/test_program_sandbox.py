@@ -287,3 +287,18 @@ def test_the_default_grounder_of_a_white_box_policy_is_attention(demo_policy) ->
 
 def test_grounding_protocol_is_runtime_checkable() -> None:
     assert isinstance(WorldGrounder(scene("large-7-000000")), Grounder)
+
+
+def test_without_prlimit_the_child_limits_itself(monkeypatch, tmp_path: Path) -> None:
+    """Platforms without ``resource.prlimit`` (macOS): the child sets the same kernel limits on itself first."""
+    import resource
+
+    monkeypatch.delattr(resource, "prlimit")
+    assert "memory limit reached" in run_program(program("return len('a' * 10**10)"), IMAGE).error
+    monkeypatch.setattr(sandbox, "check_program", lambda source: None)
+    target = tmp_path / "escaped.txt"
+    escape = (
+        "importer = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'BuiltinImporter'][0]\n"
+        f"return importer.load_module('posix').open({str(target)!r}, 65)"
+    )
+    assert "Too many open files" in run_program(program(escape), IMAGE).error and not target.exists()

@@ -425,6 +425,11 @@ def main() -> None:
     if not line:
         return
     job = json.loads(line)
+    if job.get("self_limits"):  # no prlimit on this platform: the parent asked the child to limit itself
+        import resource
+
+        for name, value in job["self_limits"].items():
+            resource.setrlimit(getattr(resource, name), (value, value))
     _channel.max_log = int(job.get("max_log", 200))
     try:
         done = run_job(job, _channel)

@@ -38,6 +38,7 @@ import ast
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -237,6 +238,18 @@ class Execution:
 Handler = Callable[[str, list[float] | None, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
+def kernel_limits(limits: Limits) -> dict[str, int]:
+    """The ``resource`` limits of a child, by name (set from the parent with prlimit, or by the child itself)."""
+    return {
+        "RLIMIT_AS": limits.memory_mb * 1024 * 1024,
+        "RLIMIT_CPU": int(limits.timeout_s) + 2,
+        "RLIMIT_FSIZE": 0,
+        "RLIMIT_NOFILE": 0,  # no new descriptor at all, even after closing one; the pipes it has keep working
+        "RLIMIT_CORE": 0,
+        "RLIMIT_NPROC": 0,
+    }
+
+
 class _Child:
     """The parent's view of one child process: line-buffered reads against a deadline."""
 
@@ -257,19 +270,8 @@ class _Child:
 
     def restrict(self) -> None:
         """Kernel limits on the ready child (before it receives the program)."""
-        import resource
-
-        memory = self.limits.memory_mb * 1024 * 1024
-        cpu = int(self.limits.timeout_s) + 2
-        for limit, value in (
-            (resource.RLIMIT_AS, memory),
-            (resource.RLIMIT_CPU, cpu),
-            (resource.RLIMIT_FSIZE, 0),
-            (resource.RLIMIT_NOFILE, 0),  # no new descriptor at all, even after closing one
-            (resource.RLIMIT_CORE, 0),
-            (resource.RLIMIT_NPROC, 0),
-        ):
-            resource.prlimit(self.proc.pid, limit, (value, value))
+        for limit, value in kernel_limits(self.limits).items():
+            resource.prlimit(self.proc.pid, getattr(resource, limit), (value, value))
 
     def send(self, message: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -309,7 +311,7 @@ class _Child:
                     stream.close()
 
     def death_reason(self) -> str:
-        code = self.proc.wait()
+        code = self.proc.returncode
         if code < 0:
             name = signal.Signals(-code).name
             if -code == signal.SIGXCPU:
@@ -336,10 +338,12 @@ def execute(source: str, image_size: tuple[int, int], handler: Handler, limits: 
     try:
         if child.receive().get("type") != "ready":
             return Execution(ok=False, error="the sandbox child did not start", elapsed_s=time.monotonic() - started)
-        if hasattr(__import__("resource"), "prlimit"):
-            child.restrict()
-        child.deadline = time.monotonic() + limits.timeout_s
         job = {"source": source, "image_size": list(image_size), **vars(limits)}
+        if hasattr(resource, "prlimit"):  # Linux: set from outside, before the child sees the program
+            child.restrict()
+        else:  # elsewhere the child limits itself before compiling the program
+            job["self_limits"] = kernel_limits(limits)
+        child.deadline = time.monotonic() + limits.timeout_s
         child.send(job)
         while True:
             message = child.receive()
@@ -370,8 +374,9 @@ def execute(source: str, image_size: tuple[int, int], handler: Handler, limits: 
     except OverflowError:
         error = f"the program sent a message larger than {MAX_MESSAGE_BYTES} bytes"
     except (EOFError, BrokenPipeError):
-        child.kill()
-        error = child.death_reason()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout=2)  # it closed its end: let it finish dying before asking how
+        error = child.death_reason() if child.proc.poll() is not None else "the program closed the channel"
     except (ValueError, KeyError, TypeError) as problem:  # a malformed message: the child is not trusted
         error = f"the program broke the sandbox protocol: {problem}"
     finally:
