@@ -262,3 +262,21 @@ def test_eval_runs_proreason_with_a_wisdom_llm_that_is_part_of_the_cache_key(wis
     assert len(script.asked["summarizer"]) == 2
     evaluate(None)  # no wisdom LLM (the VLM answers every role): a different run, not the cached one
     assert len(script.asked["summarizer"]) == 2 and len(items.read_text().splitlines()) == 4
+
+
+def test_a_follow_up_question_in_a_thread_starts_with_an_empty_memory(wisdom_server, tiny_policy, scene, tmp_path):
+    from langchain_core.messages import HumanMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    script = RoleScript(dispatcher=[VISION], referee=[SOLVED], summarizer=['{"answer": "blue"}'])
+    store = ImageStore(tmp_path)
+    graph = get_builder("proreason")(checkpointer=InMemorySaver())
+    context = FoveateContext(policy=tiny_policy, wisdom=OpenAIChatPolicy(wisdom_server(script), "wisdom"), store=store,
+                             max_new_tokens=8)  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    graph.invoke({"image": store.put(scene), "question": "What color is the square?"}, config, context=context)
+    follow_up = {"messages": [HumanMessage(content="And its shape?")]}  # as `foveate chat` sends it
+    state = graph.invoke(follow_up, config, context=context)
+    assert state["question"] == "And its shape?" and len(state["memory"]) == 1 and state["rounds"] == 1
+    assert state["parse_failures"] == 0 and len(state["messages"]) == 4  # both turns kept in the transcript
+    assert "What color is the square?" not in script.asked["referee"][-1][0]["content"].split("known")[0]
