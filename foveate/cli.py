@@ -191,6 +191,9 @@ def vpd_distill(
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of that VLM"),
     wisdom_model: str = typer.Option(None, "--wisdom-model", help="programmer and rewriter LLM (default: the VLM)"),
     wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
+    world_programs: bool = typer.Option(
+        False, "--world-programs", help="programs from the world's question templates (no programmer LLM)"
+    ),
 ) -> None:
     """Sample programs per labelled item, keep the first verified one, rewrite it into a rationale, write SFT rows."""
     from foveate.api import make_policy, make_wisdom_policy
@@ -201,9 +204,18 @@ def vpd_distill(
     config = load_config()
     tasks = resolve_tasks(task, n=n, seed=seed)
     eyesight = make_policy(model, endpoint, config=config)
-    programmer = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config) or eyesight
+    programmer = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config)
+    if not world_programs:
+        programmer = programmer or eyesight
     rows, stats = distill(
-        tasks.rows, programmer, eyesight, k=k, temperature=temperature, seed=seed, max_program_tokens=max_program_tokens
+        tasks.rows,
+        programmer,
+        eyesight,
+        k=k,
+        temperature=temperature,
+        seed=seed,
+        max_program_tokens=max_program_tokens,
+        world_programs=world_programs,
     )
     written = write_rows(rows, out)
     typer.echo(json.dumps({"out": str(written), "rows": len(rows), **vars(stats)}))

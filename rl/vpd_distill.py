@@ -5,7 +5,8 @@
 Paper: "Visual Program Distillation" (CVPR 2024; RESEARCH.md §6). Per labelled (image, question):
 
 1. **Programs**: the programmer LLM (the wisdom policy, else the VLM) samples ``k`` programs against the ViperGPT
-   API (`tools.program_api.API_DOC`); all items' prompts go out in ONE batched ``chat`` call with ``n = k``.
+   API (`tools.program_api.API_DOC`); all items' prompts go out in ONE batched ``chat`` call with ``n = k``. With
+   ``--world-programs`` the program is instead the one the world's question template implies (`rl.vpd_world`).
 2. **Executions**: programs run in the sandbox (`tools.program.run_program`, the VLM answering ``simple_query`` and
    the others, attention grounding for ``find`` on a white-box VLM), in order, every call logged.
 3. **Verification**: the first program whose answer scores 1 against the item's labels (`eval.metrics.score_answer`,
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from foveate.errors import FoveateError
 from foveate.eval.metrics import normalize_answer, score_answer
 from foveate.policies.base import ChatPolicy, SamplingParams
 from foveate.protocol import strip_thought
@@ -139,43 +141,30 @@ def sft_rows(row: dict[str, Any], answer: str, rationale: str, extra: dict[str, 
     return [chat(ANSWER_SUFFIX, answer, "answer"), chat(RATIONALE_SUFFIX, rationale, "rationale")]
 
 
-def distill(
-    rows: Sequence[dict[str, Any]],
-    programmer: ChatPolicy,
-    eyesight: ChatPolicy,
-    *,
-    k: int = 5,
-    temperature: float = 0.7,
-    seed: int = 0,
-    max_program_tokens: int = 384,
-    rewrite_tokens: int = 256,
-    grounder: Grounder | None = None,
-    timeout_s: float = 10.0,
-) -> tuple[list[dict[str, Any]], DistillStats]:
-    """SFT rows from ``rows`` (task rows with ``image``, ``question``, ``answers``); see the module docstring."""
-    stats = DistillStats(items=len(rows))
-    prompts = [[{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=r["question"])}] for r in rows]
-    params = SamplingParams(
-        max_new_tokens=max_program_tokens, n=k, temperature=temperature if k > 1 else 0.0, seed=seed
-    )
-    samples = programmer.chat(prompts, params) if rows else []
+def sample_programs(
+    rows: Sequence[dict[str, Any]], programmer: ChatPolicy | None, params: SamplingParams, world_programs: bool
+) -> list[list[str]]:
+    """Candidate programs per row: ``params.n`` samples from ``programmer`` in one batched call, or with
+    ``world_programs`` the one program `rl.vpd_world.world_program` writes from the question's template."""
+    if world_programs:
+        from foveate.rl.vpd_world import world_program
+
+        return [[source] if (source := world_program(row["question"])) else [] for row in rows]
+    if programmer is None:
+        raise FoveateError("distill needs a programmer LLM, or world_programs=True")
     from foveate.agents.vpd import extract_program  # the strategy's own code extraction (rl may use agents)
 
-    verified: list[tuple[dict[str, Any], str, ProgramResult]] = []
-    for row, sample in zip(rows, samples, strict=True):
-        image = load_image(row["image"])
-        for completion in sample.completions:
-            source = extract_program(completion.text)
-            result = run_program(
-                source, image, policy=eyesight, wisdom=programmer, grounder=grounder, timeout_s=timeout_s
-            )
-            stats.programs_run += 1
-            if result.ok and result.answer and score_answer(result.answer, row, image.size)["score"] == 1.0:
-                stats.programs_ok += 1
-                verified.append((row, source, result))
-                break
-    stats.kept, stats.dropped = len(verified), len(rows) - len(verified)
-    rewrites = [
+    prompts = [[{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=r["question"])}] for r in rows]
+    samples = programmer.chat(prompts, params) if rows else []
+    return [[extract_program(completion.text) for completion in sample.completions] for sample in samples]
+
+
+def rationales(
+    verified: Sequence[tuple[dict[str, Any], str, ProgramResult]], rewriter: ChatPolicy | None, tokens: int
+) -> tuple[list[str], int]:
+    """One rationale per verified item (the rewriter's when its last sentence states the answer, else the
+    template's) and how many came from the rewriter. No rewriter: templates only."""
+    prompts = [
         [
             {
                 "role": "user",
@@ -189,15 +178,57 @@ def distill(
         ]  # fmt: skip
         for row, source, result in verified
     ]
-    replies = programmer.chat(rewrites, SamplingParams(max_new_tokens=rewrite_tokens)) if verified else []
-    out: list[dict[str, Any]] = []
-    for (row, source, result), reply in zip(verified, replies, strict=True):
-        rationale = strip_thought(reply.text).strip()
-        if ends_with_answer(rationale, result.answer):
-            stats.llm_rationales += 1
+    replies = rewriter.chat(prompts, SamplingParams(max_new_tokens=tokens)) if verified and rewriter else []
+    texts = [strip_thought(reply.text).strip() for reply in replies] or [""] * len(verified)
+    out, from_llm = [], 0
+    for (_, _, result), text in zip(verified, texts, strict=True):
+        if ends_with_answer(text, result.answer):
+            out.append(text)
+            from_llm += 1
         else:
-            rationale = template_rationale(result.log, result.answer)
-            stats.template_rationales += 1
+            out.append(template_rationale(result.log, result.answer))
+    return out, from_llm
+
+
+def distill(
+    rows: Sequence[dict[str, Any]],
+    programmer: ChatPolicy | None,
+    eyesight: ChatPolicy,
+    *,
+    k: int = 5,
+    temperature: float = 0.7,
+    seed: int = 0,
+    max_program_tokens: int = 384,
+    rewrite_tokens: int = 256,
+    grounder: Grounder | None = None,
+    timeout_s: float = 10.0,
+    world_programs: bool = False,
+) -> tuple[list[dict[str, Any]], DistillStats]:
+    """SFT rows from ``rows`` (task rows with ``image``, ``question``, ``answers``); see the module docstring.
+    ``programmer`` also rewrites rationales (None: templates); ``world_programs`` takes the programs from the
+    world's question templates instead of sampling them."""
+    stats = DistillStats(items=len(rows))
+    params = SamplingParams(
+        max_new_tokens=max_program_tokens, n=k, temperature=temperature if k > 1 else 0.0, seed=seed
+    )
+    candidates = sample_programs(rows, programmer, params, world_programs)
+    verified: list[tuple[dict[str, Any], str, ProgramResult]] = []
+    for row, sources in zip(rows, candidates, strict=True):
+        image = load_image(row["image"])
+        for source in sources:
+            result = run_program(
+                source, image, policy=eyesight, wisdom=programmer, grounder=grounder, timeout_s=timeout_s
+            )
+            stats.programs_run += 1
+            if result.ok and result.answer and score_answer(result.answer, row, image.size)["score"] == 1.0:
+                stats.programs_ok += 1
+                verified.append((row, source, result))
+                break
+    stats.kept, stats.dropped = len(verified), len(rows) - len(verified)
+    texts, stats.llm_rationales = rationales(verified, programmer, rewrite_tokens)
+    stats.template_rationales = len(verified) - stats.llm_rationales
+    out: list[dict[str, Any]] = []
+    for (row, source, result), rationale in zip(verified, texts, strict=True):
         # The log's results vary in type (lists, text, booleans): kept as JSON text so Arrow can type the column.
         extra = {"program": source, "execution": json.dumps(result.log), "value": value_to_answer(result.value)}
         out.extend(sft_rows(row, result.answer, rationale, extra))

@@ -185,3 +185,15 @@ def test_train_sft_on_distilled_rows_with_trl(distilled, tiny_model_dir, tmp_pat
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}]
     )
     assert isinstance(reply.text, str) and not (target / "checkpoints").exists()
+
+
+def test_world_programs_need_no_programmer_and_rationales_fall_back_to_templates(tiny_policy):
+    rows = load_eval_tasks(WORLD / "tasks.jsonl")
+    out, stats = distill(rows, None, tiny_policy, world_programs=True, grounder=SceneGrounder())
+    assert stats.programs_run == 6 and stats.llm_rationales == 0 and stats.template_rationales == stats.kept
+    kept = {row["id"] for row in out}
+    # Exact grounding answers existence and the relation; reading a colour or shape is the tiny model's job.
+    assert {"large-7-000000-q0", "large-7-000001-q1", "large-7-000002-q1", "large-7-000001-q0"} <= kept
+    relation = next(r for r in out if r["id"] == "large-7-000001-q0" and r["task"] == "rationale")
+    text = relation["completion"][0]["content"][0]["text"]
+    assert text.startswith("Looking for black hexagon, I found 1 at [") and text.endswith("So the answer is no.")
