@@ -21,6 +21,7 @@ STRATEGY_MODULES: dict[str, str] = {
     "deepeyes": "deepeyes",
     "direct": "direct",
     "oracle-crop": "oracle_crop",
+    "proreason": "proreason",
     "vicrop-carve": "vicrop",
     "vicrop-grad": "vicrop",
     "vicrop-puregrad": "vicrop",
@@ -28,6 +29,7 @@ STRATEGY_MODULES: dict[str, str] = {
     "vicrop-rel-blocks": "vicrop",
     "vicrop-rel-gate": "vicrop",
     "visrl": "visrl",
+    "vpd": "vpd",
 }
 
 # name → options passed to that module's ``build`` (names not listed here build with no options).

@@ -48,6 +48,7 @@ class FoveateContext:
     """Live objects a run needs: the model backend, the image store and decoding defaults."""
 
     policy: ChatPolicy | None = None  # None → the default model (loaded once, on first use)
+    wisdom: ChatPolicy | None = None  # text-only roles' LLM; None → the configured one, else ``policy``
     store: ImageStore | None = None  # None → the default store under $FOVEATE_HOME
     max_new_tokens: int = 128  # answer length cap for every model call of a strategy
 
@@ -62,7 +63,15 @@ def resolve_context(runtime: Runtime[FoveateContext] | None) -> FoveateContext:
     context = getattr(runtime, "context", None) or FoveateContext()
     policy = context.policy or default_policy()
     store = context.store or ImageStore()
-    return FoveateContext(policy=policy, store=store, max_new_tokens=context.max_new_tokens)
+    return FoveateContext(policy=policy, wisdom=context.wisdom, store=store, max_new_tokens=context.max_new_tokens)
+
+
+def wisdom_policy(context: FoveateContext) -> ChatPolicy:
+    """The LLM for text-only roles (ProReason's "wisdom", VPD's programmer): the context's, else the one the
+    config names (``wisdom_model`` / ``wisdom_endpoint``), else the eyesight policy itself."""
+    from foveate.api import default_wisdom
+
+    return context.wisdom or default_wisdom() or context.policy
 
 
 def _parts(message: AnyMessage) -> list[Any]:

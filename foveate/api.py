@@ -10,6 +10,7 @@ repeatedly load a model once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -79,6 +80,27 @@ def make_policy(
         return policy
 
 
+def make_wisdom_policy(
+    model: str | None = None, endpoint: str | None = None, *, config: FoveateConfig | None = None
+) -> ChatPolicy | None:
+    """The wisdom LLM (text-only roles) from arguments or the config's ``wisdom_model``/``wisdom_endpoint``;
+    None when neither names one (strategies then use the eyesight policy)."""
+    config = config or load_config()
+    model, endpoint = model or config.wisdom_model, endpoint or config.wisdom_endpoint
+    if not (model or endpoint):
+        return None
+    if endpoint and not model:
+        raise FoveateError("--wisdom-endpoint needs --wisdom-model NAME (the model name the server serves)")
+    # The eyesight backend's endpoint must not leak into a local wisdom model (make_policy falls back to it).
+    own = dataclasses.replace(config, model=None, endpoint=None, endpoint_model=None)
+    return make_policy(model, endpoint, config=own)
+
+
+def default_wisdom() -> ChatPolicy | None:
+    """The wisdom LLM the configuration names, or None."""
+    return make_wisdom_policy()
+
+
 def default_policy() -> ChatPolicy:
     """The policy named by the configuration (the demo VLM unless configured otherwise)."""
     return make_policy()
@@ -104,12 +126,13 @@ def run_strategy(
     store: ImageStore,
     max_new_tokens: int = 128,
     thread_id: str | None = None,
+    wisdom: ChatPolicy | None = None,
 ) -> AskResult:
     """Invoke a compiled strategy graph and package its final state as an answer plus trace."""
     from foveate.agents.state import FoveateContext
 
     run_config = {"configurable": {"thread_id": thread_id}} if thread_id else None
-    context = FoveateContext(policy=policy, store=store, max_new_tokens=max_new_tokens)
+    context = FoveateContext(policy=policy, wisdom=wisdom, store=store, max_new_tokens=max_new_tokens)
     before = len(graph.get_state(run_config).values.get("steps", [])) if thread_id and graph.checkpointer else 0
     state = graph.invoke(inputs, config=run_config, context=context)
     trace = Trace(
@@ -134,12 +157,17 @@ def ask(
     store: ImageStore | None = None,
     max_new_tokens: int | None = None,
     options: dict[str, Any] | None = None,
+    wisdom_model: str | None = None,
+    wisdom_endpoint: str | None = None,
+    wisdom: ChatPolicy | None = None,
 ) -> AskResult:
     """Answer ``question`` about ``image`` (path, bytes, data URL, base64 or PIL) with one strategy.
 
     ``model`` is a model directory or cached Hub id (default: the demo VLM); with ``endpoint`` (an
     OpenAI-compatible base URL) ``model`` is the served model's name. Pass ``policy`` to reuse a backend.
     ``options`` are the strategy's build options on top of the config's ``strategy_options``.
+    ``wisdom_model``/``wisdom_endpoint`` (or a ``wisdom`` policy) name the LLM of text-only roles (ProReason,
+    VPD); by default the config's, else the eyesight model.
     """
     from foveate.agents import get_builder
 
@@ -147,6 +175,7 @@ def ask(
     graph = get_builder(strategy, {**config.options_for(strategy), **(options or {})})()
     loaded = load_image(image, max_pixels=config.max_image_pixels)
     policy = policy or make_policy(model, endpoint, config=config)
+    wisdom = wisdom or make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config)
     store = store or ImageStore(config.home_dir / "images")
     inputs = {"image": store.put(loaded), "question": question}
     return run_strategy(
@@ -156,4 +185,5 @@ def ask(
         policy=policy,
         store=store,
         max_new_tokens=max_new_tokens or config.max_new_tokens,
+        wisdom=wisdom,
     )

@@ -67,6 +67,14 @@ def describe_step(step: dict[str, Any]) -> str | None:
     if kind == "tool_call":
         outcome = f"error: {step['error']}" if step.get("error") else str(step.get("result"))[:120]
         return f"tool {step.get('name')}({json.dumps(step.get('arguments'))[:120]}) → {outcome}"
+    if kind == "program":
+        outcome = step.get("outcome")
+        if outcome is None:
+            return f"program {step.get('index', 0)} ({node}): not run"
+        result = f"value {json.dumps(outcome.get('value'))[:80]}" if outcome.get("ok") else outcome.get("error", "")
+        return f"program {step.get('index', 0)} ({node}): {len(outcome.get('log', []))} calls → {result}"
+    if kind == "role":
+        return f"{step.get('role')} ({node}): {json.dumps(step.get('content'))[:160]}"
     if kind == "answer":
         return None
     return f"{kind} ({node})"
@@ -98,6 +106,8 @@ def run_chat(
     endpoint: str | None = None,
     max_new_tokens: int | None = None,
     as_json: bool = False,
+    wisdom_model: str | None = None,
+    wisdom_endpoint: str | None = None,
     questions: TextIO | None = None,
     out: TextIO | None = None,
 ) -> str:
@@ -107,7 +117,7 @@ def run_chat(
 
     from foveate.agents import STRATEGY_MODULES, get_builder
     from foveate.agents.state import FoveateContext
-    from foveate.api import make_policy
+    from foveate.api import make_policy, make_wisdom_policy
     from foveate.config import load_config
     from foveate.serve.streaming import iter_run, make_trace
     from foveate.tools.images import load_image
@@ -127,6 +137,7 @@ def run_chat(
     show = Console(file=stdout, soft_wrap=True, highlight=False)  # answers and steps
     info = Console(file=sys.stderr if as_json else stdout, soft_wrap=True, highlight=False)
     policy = make_policy(model, endpoint, config=config)
+    wisdom = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config)
     thread_id = thread or uuid.uuid4().hex[:12]
     db = threads_path(config.home_dir)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +151,9 @@ def run_chat(
         else:
             info.print(f"[bold]thread {thread_id}[/bold] (new; resume with --thread {thread_id})")
         current_image = earlier.get("image")
-        context = FoveateContext(policy=policy, store=store, max_new_tokens=max_new_tokens or config.max_new_tokens)
+        context = FoveateContext(
+            policy=policy, wisdom=wisdom, store=store, max_new_tokens=max_new_tokens or config.max_new_tokens
+        )
         for question in read_questions(questions or sys.stdin, info):
             parts: list[dict[str, Any]] = [] if current_image == ref else [{"type": "image", "ref": ref}]
             parts.append({"type": "text", "text": question})

@@ -72,6 +72,8 @@ def ask(
     strategy: str = typer.Option(None, "--strategy", "-s", help="strategy name (default from config: direct)"),
     model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
     trace: Path = typer.Option(None, "--trace", help="write the trace here (.html page or .json)"),
     as_json: bool = typer.Option(False, "--json", help="print the answer and trace as JSON"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
@@ -97,6 +99,8 @@ def ask(
         endpoint=endpoint,
         max_new_tokens=max_new_tokens,
         options=options,
+        wisdom_model=wisdom_model,
+        wisdom_endpoint=wisdom_endpoint,
     )
     if trace:
         written = result.trace.save(trace, ImageStore(config.home_dir / "images"))
@@ -159,8 +163,19 @@ def train_sft(
     max_steps: int = typer.Option(None, "--max-steps", help="override train.max_steps (e.g. a quick smoke run)"),
     start_stage: int = typer.Option(1, "--start-stage", help="resume at this stage (earlier ones saved in .work)"),
     init_from: Path = typer.Option(None, "--init-from", help="override the recipe's init_from (a model directory)"),
+    data: Path = typer.Option(None, "--data", help="train with TRL's SFTTrainer on these JSON-lines rows instead"),
 ) -> None:
-    """Supervised fine-tuning on world data (the recipe that builds the demo model)."""
+    """Supervised fine-tuning on world data (the recipe that builds the demo model), or with --data on a file of
+    TRL conversational rows (e.g. from `foveate vpd distill`), from --init-from (default: the demo model)."""
+    if data:
+        from foveate.api import default_model_path
+        from foveate.rl.trl_sft import TRLSFTSettings, train_trl_sft
+
+        if not output_dir:
+            raise FoveateError("--data needs --output-dir (where the fine-tuned model goes)")
+        settings = TRLSFTSettings(**({"max_steps": max_steps} if max_steps else {}))
+        typer.echo(f"model written to {train_trl_sft(data, init_from or default_model_path(), output_dir, settings)}")
+        return
     from foveate.config import load_config
     from foveate.rl.sft import load_recipe
     from foveate.rl.sft import train_sft as run
@@ -196,6 +211,53 @@ def sft_output_dir(recipe_dir: str | None, option: Path | None, replace_shipped:
             "or --output-dir DIR to write elsewhere"
         )
     return target
+vpd_app = typer.Typer(
+    help="Visual Program Distillation: programs → verified executions → SFT data.", no_args_is_help=True
+)
+app.add_typer(vpd_app, name="vpd")
+
+
+@vpd_app.command("distill")
+def vpd_distill(
+    task: str = typer.Option(..., "--task", "-t", help="world:<preset> or a tasks.jsonl with labels"),
+    out: Path = typer.Option(..., "--out", help="SFT rows (JSON lines, TRL conversational with image paths)"),
+    n: int = typer.Option(None, "--n", help="number of items"),
+    seed: int = typer.Option(0, "--seed", help="world seed (a training seed; eval uses 1000) and sampling seed"),
+    k: int = typer.Option(5, "--k", min=1, help="programs sampled per item"),
+    temperature: float = typer.Option(0.7, "--temperature", help="programmer sampling temperature (k > 1)"),
+    max_program_tokens: int = typer.Option(384, "--max-program-tokens", help="length cap of each program"),
+    model: str = typer.Option(None, "--model", "-m", help="the VLM (eyesight) answering the programs' queries"),
+    endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of that VLM"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="programmer and rewriter LLM (default: the VLM)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
+    world_programs: bool = typer.Option(
+        False, "--world-programs", help="programs from the world's question templates (no programmer LLM)"
+    ),
+) -> None:
+    """Sample programs per labelled item, keep the first verified one, rewrite it into a rationale, write SFT rows."""
+    from foveate.api import make_policy, make_wisdom_policy
+    from foveate.config import load_config
+    from foveate.eval.runner import resolve_tasks
+    from foveate.rl.vpd_distill import distill, write_rows
+
+    config = load_config()
+    tasks = resolve_tasks(task, n=n, seed=seed)
+    eyesight = make_policy(model, endpoint, config=config)
+    programmer = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config)
+    if not world_programs:
+        programmer = programmer or eyesight
+    rows, stats = distill(
+        tasks.rows,
+        programmer,
+        eyesight,
+        k=k,
+        temperature=temperature,
+        seed=seed,
+        max_program_tokens=max_program_tokens,
+        world_programs=world_programs,
+    )
+    written = write_rows(rows, out)
+    typer.echo(json.dumps({"out": str(written), "rows": len(rows), **vars(stats)}))
 
 
 @app.command()
@@ -204,6 +266,8 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port"),
     model: str = typer.Option(None, "--model", "-m", help="model directory or Hub id; with --endpoint: model name"),
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL of the underlying VLM"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
     strategies: str = typer.Option(None, "--strategies", help="comma-separated strategies to serve (default: all)"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="per model call, when a request sets none"),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="largest request body, in MiB (413 above)"),
@@ -219,7 +283,7 @@ def serve(
     """Serve every strategy as an OpenAI-compatible model (foveate-<strategy>) plus a chat page at /."""
     import uvicorn
 
-    from foveate.api import make_policy
+    from foveate.api import make_policy, make_wisdom_policy
     from foveate.config import load_config
     from foveate.serve.app import create_app
     from foveate.serve.limits import ServeLimits
@@ -238,6 +302,7 @@ def serve(
     policy = make_policy(model, endpoint, config=config)
     app_ = create_app(
         policy,
+        wisdom=make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config),
         store=ImageStore(config.home_dir / "images"),
         limits=limits,
         batching=batching,
@@ -258,6 +323,8 @@ def chat(
     endpoint: str = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1"),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (answer and trace) per turn"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
 ) -> None:
     """Chat about an image; threads persist in $FOVEATE_HOME/threads.sqlite and resume with --thread."""
     from foveate.chat import run_chat
@@ -270,6 +337,8 @@ def chat(
         endpoint=endpoint,
         max_new_tokens=max_new_tokens,
         as_json=as_json,
+        wisdom_model=wisdom_model,
+        wisdom_endpoint=wisdom_endpoint,
     )
 
 

@@ -26,6 +26,11 @@ class FoveateConfig:
     model: str | None = _help("model directory or cached Hub id; None = the bundled demo VLM")
     endpoint: str | None = _help("OpenAI-compatible base URL; when set, the HTTP backend is used")
     endpoint_model: str | None = _help("model name to request from the endpoint")
+    wisdom_model: str | None = _help(
+        "LLM for text-only roles (ProReason's dispatcher/referee/summarizer, VPD's programmer): a model directory or "
+        "Hub id, or with wisdom_endpoint the served model's name; None = the eyesight model (--model/--endpoint)"
+    )
+    wisdom_endpoint: str | None = _help("OpenAI-compatible base URL of the wisdom LLM (needs wisdom_model)")
     strategy: str = _help("strategy used by `foveate ask` when --strategy is not given", "direct")
     max_new_tokens: int = _help("answer length cap per model call", 128)
     max_image_pixels: int = _help("images above this pixel count are refused", 40_000_000)

@@ -62,6 +62,18 @@ def map_step(node: str, image: str, values: np.ndarray, map_kind: str, layer: An
     }
 
 
+def program_step(node: str, image: str, source: str, outcome: dict[str, Any] | None, index: int = 0) -> Step:
+    """A generated program (source) and, when it ran, its outcome (`tools.program.ProgramResult.to_dict`: ok,
+    value or error, the call log with boxes in original pixels of ``image`` (ref), print output, counts)."""
+    return {"kind": "program", "node": node, "image": image, "index": index, "source": source, "outcome": outcome}
+
+
+def role_step(node: str, role: str, content: Any, **extra: Any) -> Step:
+    """A turn of a role in a multi-role strategy (ProReason's dispatcher, experts, referee, summarizer): what
+    the role decided or answered, as JSON data, plus e.g. the memory it saw."""
+    return {"kind": "role", "node": node, "role": role, "content": content, **extra}
+
+
 def answer_step(node: str, text: str) -> Step:
     return {"kind": "answer", "node": node, "text": text}
 
@@ -184,6 +196,12 @@ def _render_step(step: Step, store: ImageStore) -> str:
         result = step.get("error") or step.get("result") or ""
         call = f"{step['name']}({json.dumps(step['arguments'])})\n→ {result}"
         body = f"<pre>{html.escape(call)}</pre>"
+    elif kind == "program":
+        body = _render_program(step, store)
+    elif kind == "role":
+        extra = {key: value for key, value in step.items() if key not in ("kind", "node", "role", "content")}
+        text = json.dumps(step["content"], indent=1) + (f"\n{json.dumps(extra, indent=1)}" if extra else "")
+        body = f"<div><b>{html.escape(step['role'])}</b></div><pre>{html.escape(text)}</pre>"
     elif kind == "answer":
         body = f"<div class='answer'>{html.escape(step['text'])}</div>"
     node = step.get("node") or ""
@@ -194,6 +212,27 @@ def _render_step(step: Step, store: ImageStore) -> str:
 def plural(count: int, noun: str) -> str:
     """``1 model call``, ``2 model calls``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+def _render_program(step: Step, store: ImageStore) -> str:
+    """The program's source, whether it ran and how it ended, and its call log with the boxes drawn."""
+    outcome = step.get("outcome")
+    body = f"<pre>{html.escape(step['source'])}</pre>"
+    if outcome is None:
+        return body + "<div>not run (an earlier program answered)</div>"
+    status = f"value {json.dumps(outcome.get('value'))}" if outcome.get("ok") else f"error: {outcome.get('error')}"
+    body += f"<div>{html.escape(status)} · {outcome.get('steps', 0)} lines, {outcome.get('calls', 0)} model calls</div>"
+    calls = "\n".join(
+        f"{entry.get('name')}({json.dumps(entry.get('args', {}))}) → "
+        f"{json.dumps(entry.get('error') or entry.get('result'))}"
+        for entry in outcome.get("log", [])
+    )
+    if calls:
+        body += f"<pre>{html.escape(calls)}</pre>"
+    boxes = [box for entry in outcome.get("log", []) for box in entry.get("boxes", [])[1:]]
+    if boxes and step.get("image") and step["image"] in store:
+        body += _figure(store.get(step["image"]), boxes)
+    if outcome.get("stdout"):
+        body += f"<pre>{html.escape(outcome['stdout'])}</pre>"
+    return body
 
 
 def render_html(trace: Trace, store: ImageStore) -> str:

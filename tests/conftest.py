@@ -53,3 +53,11 @@ def quick_train():
         return TrainConfig(**{**settings, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_policy():
+    """The shipped demo VLM through the API's policy cache (loaded once per session; do not mutate it)."""
+    from foveate.api import make_policy
+
+    return make_policy()

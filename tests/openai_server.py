@@ -16,6 +16,9 @@ behaviour of this server: ``fail_first_n`` answers the first n chat requests wit
 with a body that is not a chat completion (``"html"``: a proxy's page; ``"json"``: truncated JSON; ``"shape"``:
 JSON without choices), and ``ignore_n`` answers one choice whatever ``n`` asks, like
 Ollama. ``app.state.stats`` counts requests and records the order in which answers left.
+
+`FunctionPolicy` answers with a Python function of the conversation: served by this app it stands in for a remote
+LLM (a wisdom or programmer model) whose exact replies a control-flow test needs, where none can run here.
 """
 
 from __future__ import annotations
@@ -37,6 +40,30 @@ from starlette.concurrency import run_in_threadpool
 
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatPolicy, SamplingParams
+
+
+class FunctionPolicy(ChatPolicy):
+    """A text-only policy whose completion ``i`` of a conversation is ``reply(conversation, i)``; records every
+    conversation and the ``n`` it was asked for. For control-flow tests served over HTTP (see the docstring)."""
+
+    name = "function"
+    supports_images = False
+
+    def __init__(self, reply: Callable[[list[dict[str, Any]], int], str]) -> None:
+        self.reply = reply
+        self.seen: list[tuple[list[dict[str, Any]], int]] = []
+
+    def chat(self, conversations, params=None):
+        from foveate.policies.base import ChatResult, Completion
+
+        params = params or SamplingParams()
+        results = []
+        for conversation in conversations:
+            self.seen.append((list(conversation), params.n))
+            texts = [self.reply(list(conversation), i) for i in range(params.n)]
+            completions = [Completion(text, len(text.split())) for text in texts]
+            results.append(ChatResult(completions, prompt_tokens=0, latency_s=0.0, model=self.name))
+        return results
 
 
 class BadRequest(Exception):

@@ -46,10 +46,12 @@ def eval_command(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="answer length cap per model call"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="most conversations merged into one model call"),
     concurrency: int = typer.Option(16, "--concurrency", min=1, help="items run at the same time"),
+    wisdom_model: str = typer.Option(None, "--wisdom-model", help="LLM of text-only roles (proreason, vpd)"),
+    wisdom_endpoint: str = typer.Option(None, "--wisdom-endpoint", help="OpenAI-compatible URL of that LLM"),
 ) -> None:
     """Evaluate strategies on a task set: accuracy, POPE, grounding, model calls, tokens and latency."""
     from foveate.agents import get_builder
-    from foveate.api import make_policy
+    from foveate.api import make_policy, make_wisdom_policy
     from foveate.config import load_config
     from foveate.eval.report import aggregate, print_run_times, print_tables, results_json, write_results
     from foveate.eval.runner import default_items_path, items_path_for, model_identity, resolve_tasks, run_eval
@@ -68,6 +70,7 @@ def eval_command(
         raise FoveateError(f"no task rows in {tasks.path}")
     policy = make_policy(model, endpoint, config=config)
     model_id = model_identity(policy)
+    wisdom = make_wisdom_policy(wisdom_model, wisdom_endpoint, config=config)
     items_path = items_path_for(out) if out else default_items_path(tasks, model_id, config.home_dir)
     max_new_tokens = max_new_tokens or config.max_new_tokens
     err.print(f"{len(tasks.rows)} items from {tasks.path}; model {model_id}; items file {items_path}", highlight=False)
@@ -101,6 +104,7 @@ def eval_command(
             progress=on_progress,
             strategy_options=options,
             walls=walls,
+            wisdom=wisdom,
         )
     rows = aggregate(records, names)
     # Piped output is not squeezed into 80 columns: tables stay readable in logs and files.

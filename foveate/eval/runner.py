@@ -242,6 +242,7 @@ def run_item(
     max_new_tokens: int,
     box_convention: str,
     needs_evidence: bool = False,
+    wisdom: ChatPolicy | None = None,
 ) -> dict[str, Any]:
     """Run one strategy on one task row and score it; never raises (errors are recorded)."""
     from foveate.api import run_strategy
@@ -269,7 +270,7 @@ def run_item(
         image = load_image(row["image"])
         inputs = {"image": store.put(image), "question": row["question"], "evidence_boxes": row.get("boxes") or []}
         result = run_strategy(
-            graph, inputs, strategy=strategy, policy=policy, store=store, max_new_tokens=max_new_tokens
+            graph, inputs, strategy=strategy, policy=policy, store=store, max_new_tokens=max_new_tokens, wisdom=wisdom
         )
         resized = policy.resized_size(image.size) if box_convention == "resized" else None
         scored = score_answer(result.answer, row, image.size, box_convention, resized)
@@ -310,14 +311,16 @@ def run_eval(
     progress: ProgressFn | None = None,
     strategy_options: dict[str, dict[str, Any]] | None = None,
     walls: dict[str, dict[str, float]] | None = None,
+    wisdom: ChatPolicy | None = None,
 ) -> list[dict[str, Any]]:
     """Run every strategy on every row (resuming from ``items_path``); return one record per (strategy, row).
 
     Records come back in (strategy, row) order, cached and new alike, so the report is the same whether a
     run computed everything or nothing. ``strategy_options`` are build options per strategy name (the
-    config's); they are part of what a cached record must match to be reused. ``walls``, when given, gets per
-    strategy ``{"items": N, "wall_s": S}``: the items this call ran (cached ones took no time) and the wall time
-    they took together, concurrency and batching included.
+    config's); they are part of what a cached record must match to be reused, as is ``wisdom`` (the LLM of
+    text-only roles; None = the configured one, else the VLM). ``walls``, when given, gets per strategy
+    ``{"items": N, "wall_s": S}``: the items this call ran (cached ones took no time) and the wall time they took
+    together, concurrency and batching included.
     """
     from foveate.agents import get_builder
     from foveate.policies.batching import MicroBatcher
@@ -332,6 +335,12 @@ def run_eval(
     store = store or ImageStore(_home() / "images")
     model_id = model_id or model_identity(policy)
     identity = {"task": tasks.key, "model": model_id, "max_new_tokens": max_new_tokens}
+    if wisdom is None:  # strategies would fall back to the configured wisdom LLM: it belongs to the identity too
+        from foveate.api import default_wisdom
+
+        wisdom = default_wisdom()
+    # None when there is none: records made before this key existed (no wisdom LLM) match through .get().
+    identity["wisdom"] = model_identity(wisdom) if wisdom is not None else None
     items = ItemsFile(items_path)
     done: dict[tuple[str, str], dict[str, Any]] = {}
     for record in items.load():
@@ -367,6 +376,7 @@ def run_eval(
                         max_new_tokens=max_new_tokens,
                         box_convention=box_convention,
                         needs_evidence=needs_evidence,
+                        wisdom=wisdom,
                     )
                     for row in todo
                 ]

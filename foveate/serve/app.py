@@ -129,10 +129,12 @@ class StrategyServer:
         max_batch: int = 16,
         max_wait_ms: float = 5,
         strategies: list[str] | None = None,
+        wisdom: ChatPolicy | None = None,
     ) -> None:
         self.limits = limits or ServeLimits()
         self.store = store or ImageStore()
         self.backend = policy
+        self.wisdom = wisdom  # text-only roles' LLM (proreason, vpd); None = the configured one or the VLM
         # batching off = one conversation per model call, still serialised (backends need not be thread-safe)
         self.policy = MicroBatcher(policy, max_batch=max_batch if batching else 1, max_wait_ms=max_wait_ms)
         self.graphs = servable_strategies(strategies, white_box=policy.white_box)
@@ -161,7 +163,9 @@ class StrategyServer:
     def context(self, request: ChatRequest) -> Any:
         from foveate.agents.state import FoveateContext
 
-        return FoveateContext(policy=self.policy, store=self.store, max_new_tokens=request.max_new_tokens)
+        return FoveateContext(
+            policy=self.policy, wisdom=self.wisdom, store=self.store, max_new_tokens=request.max_new_tokens
+        )
 
     def inputs(self, request: ChatRequest) -> dict[str, Any]:
         # ``image`` = the conversation's last image: a follow-up turn without an image asks about it.
@@ -259,6 +263,7 @@ def create_app(
     max_batch: int = 16,
     max_wait_ms: float = 5,
     strategies: list[str] | None = None,
+    wisdom: ChatPolicy | None = None,
 ) -> FastAPI:
     """The FastAPI app serving every strategy over ``policy`` (``app.state.server`` is its `StrategyServer`)."""
     server = StrategyServer(
@@ -269,6 +274,7 @@ def create_app(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         strategies=strategies,
+        wisdom=wisdom,
     )
 
     @contextlib.asynccontextmanager

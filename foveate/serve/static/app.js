@@ -165,6 +165,23 @@ function renderStep(step) {
     if (typeof step.result === "string" && /^sha256:[0-9a-f]{64}$/.test(step.result)) {
       node.append(el("div", { class: "figures" }, figure(step.result)));
     }
+  } else if (step.kind === "program") {
+    const outcome = step.outcome;
+    node.append(el("pre", { text: step.source }));
+    if (!outcome) {
+      node.append(el("div", { class: "meta", text: "not run (an earlier program answered)" }));
+    } else {
+      const status = outcome.ok ? `value ${JSON.stringify(outcome.value)}` : `error: ${outcome.error}`;
+      node.append(el("div", { class: "meta", text: `${status} · ${outcome.steps} lines · ${outcome.calls} model calls` }));
+      const calls = (outcome.log || []).map((e) => `${e.name}(${JSON.stringify(e.args || {})}) → ${JSON.stringify(e.error || e.result)}`);
+      if (calls.length) node.append(el("pre", { text: calls.join("\n") }));
+      const boxes = (outcome.log || []).flatMap((e) => (e.boxes || []).slice(1));
+      if (boxes.length && step.image) node.append(el("div", { class: "figures" }, figure(step.image, boxes)));
+    }
+  } else if (step.kind === "role") {
+    const { kind, node: _node, role, content, ...extra } = step;
+    const text = JSON.stringify(content, null, 1) + (Object.keys(extra).length ? `\n${JSON.stringify(extra, null, 1)}` : "");
+    node.append(el("div", { class: "meta", text: role }), el("pre", { text }));
   } else if (step.kind === "answer") {
     node.append(el("div", { class: "step-text", text: step.text }));
   } else {
