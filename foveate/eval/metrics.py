@@ -13,6 +13,9 @@ Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.
 - `parse_box_answer` finds the first box in a model's answer and converts it from the model's convention into
   original pixels; anything malformed is ``None`` (a miss for `grounding_accuracy`).
 
+Dense captions (family ``caption``, the ``world:caption`` preset) are scored by `foveate.eval.captions` against the
+row's ``objects``; their ``score`` is the object F1.
+
 `score_answer` decides per task row which of these applies; the evaluator calls only that.
 """
 
@@ -278,7 +281,7 @@ def grounding_accuracy(
 
 # ---- per-row scoring ----------------------------------------------------------------------------------------
 def scoring_mode(row: dict[str, Any]) -> str:
-    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy) or ``exact``.
+    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy), ``caption`` or ``exact``.
 
     An explicit ``row["scoring"]`` wins. Otherwise: family ``grounding`` (or no answers but boxes) →
     IoU ≥ 0.5; references that are all yes/no → yes/no parsing; several references on a row not made by the
@@ -287,6 +290,8 @@ def scoring_mode(row: dict[str, Any]) -> str:
     """
     if row.get("scoring"):
         return str(row["scoring"])
+    if row.get("family") == "caption" and row.get("objects") is not None:
+        return "caption"
     answers = row.get("answers") or []
     if row.get("family") == "grounding" or (not answers and row.get("boxes")):
         return "grounding"
@@ -322,4 +327,9 @@ def score_answer(
         return {"score": vqa_soft_accuracy(prediction, answers), "mode": mode}
     if mode == "exact":
         return {"score": exact_match(prediction, answers), "mode": mode}
-    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa or exact)")
+    if mode == "caption":
+        from foveate.eval.captions import caption_metrics
+
+        metrics = caption_metrics(prediction, row.get("objects") or [])
+        return {"score": metrics["object_f1"], "mode": mode, **metrics}
+    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, caption or exact)")

@@ -79,6 +79,7 @@ def _row(scene: Scene, q: dict[str, Any], j: int, preset: str) -> dict[str, Any]
         "image_size": [scene.width, scene.height],
         "scene_id": scene.id,
         "preset": preset,
+        **({"objects": q["objects"]} if "objects" in q else {}),  # caption rows: every object, for the metrics
     }
 
 

@@ -19,6 +19,8 @@ simple         training curriculum: 1-4 medium/large objects on plain background
 objects        vision pretraining: 168 px scenes of 1-3 objects at the size a 672 px scene's have at a 336 px
                input, a quarter of the pixels per image for the vision tower
 grounding      "Locate the ..." only, all target sizes (IoU >= 0.5 accuracy per split)
+caption        "Describe the image in detail." once per scene; the scene's objects are the reference (object and
+               attribute precision / recall / F1, CHAIR-style hallucination rate, caption length)
 =============  ==============================================================================================
 """
 
@@ -156,6 +158,12 @@ PRESETS: dict[str, WorldConfig] = {
             family_weights=(("grounding", 1.0),),
             split_weights=(("small-detail", 0.3), ("mid-detail", 0.2), ("large", 0.5)),
         ),
+    ),
+    # Dense captioning: one "Describe the image in detail." per default scene, scored against the scene's objects.
+    "caption": WorldConfig(
+        name="caption",
+        questions=QuestionConfig(family_weights=(("caption", 1.0),)),
+        questions_per_scene=(1, 1),
     ),
 }
 
