@@ -61,8 +61,8 @@ def divide(
     the (original) quadrant, plus the semantic main box (union of ``main_boxes``) when its IoU with the whole
     image is below ``main_iou``. One pass: a box pulled in does not pull in further boxes.
 
-    >>> [p.box.to_list() for p in divide((100, 100), [Box(40, 40, 60, 60)])][:2]
-    [[0.0, 0.0, 60.0, 60.0], [40.0, 0.0, 100.0, 60.0]]
+    >>> [p.box.to_list() for p in divide((100, 100), [Box(30, 30, 60, 60)])][:2]  # 44 % in top-left, 22 % top-right
+    [[0.0, 0.0, 60.0, 60.0], [50.0, 0.0, 100.0, 50.0]]
     """
     patches = []
     for name, quadrant in zip(QUADRANTS, quadrants(image_size), strict=True):

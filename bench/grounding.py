@@ -101,7 +101,7 @@ def main() -> None:
             cells.append(f"{accuracy:.1f} ({statistics.fmean(values) if values else 0:.3f})")
         per_item = f"{seconds[name] / len(tasks.rows):.2f}" if name in seconds else "–"
         table.add_row(name, *cells, per_item)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ sizes from `foveate.world.scenes`) reads the object *mentions* of a caption and 
   **object precision** = mentions consistent with some object / mentions (= 1 − CHAIR_i, so repeating a real
   object is not a false positive: duplicates show in the length instead); F1 from those.
 - **Attributes**: every mention states (shape, attribute, value) triples for its colour and size; every object
-  has its colour and size triples; precision / recall are the multiset overlap over predicted / reference
-  triples. Labels (text written on objects) are not scored.
+  has its colour and size triples. Precision = predicted triples that some object has / predicted triples (a
+  repeated true triple is not penalised, as for objects); recall = the multiset overlap / reference triples.
+  Labels (text written on objects) are not scored.
 - **Length**: words in the caption.
 
 The CAPTURE metric the paper reports (object/attribute/relation F1 weighted 0.5/0.5/0.2 over scene graphs parsed by
@@ -130,9 +131,9 @@ def caption_metrics(text: str, objects: Sequence[dict[str, Any]]) -> dict[str, A
         for o in objects
         for key in ("color", "size")
     )
-    overlap = sum((predicted & reference).values())
-    attribute_precision = overlap / sum(predicted.values()) if predicted else 0.0
-    attribute_recall = overlap / sum(reference.values()) if reference else 0.0
+    true_triples = sum(count for triple, count in predicted.items() if triple in reference)
+    attribute_precision = true_triples / sum(predicted.values()) if predicted else 0.0
+    attribute_recall = sum((predicted & reference).values()) / sum(reference.values()) if reference else 0.0
     hallucinated = len(mentions) - sum(consistent)
     return {
         "object_precision": precision,
