@@ -17,8 +17,8 @@ the facts implemented are in RESEARCH.md §5. Graph::
 - ``aggregate``: each patch's samples are cut into sentences (`tools.sentences.split_sentences`) and grouped with
   MiniLM embeddings (`patch_matters_parts.group_samples`): similar (≥ 2 samples agree, cosine ≥ 0.9) → kept once;
   contradictory (same topic, cosine ≥ 0.75) and unique → scored against the crop: on white-box backends the
-  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``answer_logprobs``,
-  one batched call for every doubtful sentence of every patch; a look-first model is scored on its own
+  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``answer_logprobs``
+  over every doubtful sentence of every patch, in batches of 32 rows; a look-first model is scored on its own
   ``<think>{sentence} yes</think>yes`` form); elsewhere embedding agreement (the sentence's best cosine with the
   other samples and the global caption). Kept: the best contradictory alternative and unique sentences scoring
   above 0.3 (the paper's threshold).
@@ -92,6 +92,7 @@ from foveate.trace import answer_step, crop_step, model_call_step, tool_call_ste
 GROUNDERS = ("auto", "attention", "vlm", "none")
 SCORERS = ("auto", "likelihood", "embedding")
 SCORE_QUESTION = "Is there {claim} in the image?"
+SCORE_BATCH = 32  # rows per answer_logprobs call (two rows per scored sentence)
 MERGE_PATCH_PROMPT = (
     "These sentences describe overlapping parts of one image. Rewrite them as one description that keeps every "
     "detail once and repeats nothing.\n{sentences}"
@@ -261,7 +262,10 @@ def _likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], lo
         for word in ("yes", "no"):
             conversations.append(turn)
             answers.append(protocol.look_answer([claim], word) if look_first else word)
-    logprobs = policy.answer_logprobs(conversations, answers)
+    logprobs: list[float] = []
+    for start in range(0, len(conversations), SCORE_BATCH):  # bounded batches: a patch can have dozens of sentences
+        end = start + SCORE_BATCH
+        logprobs += policy.answer_logprobs(conversations[start:end], answers[start:end])
     return [1.0 / (1.0 + math.exp(min(700.0, logprobs[2 * i + 1] - logprobs[2 * i]))) for i in range(len(items))]
 
 
