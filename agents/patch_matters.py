@@ -295,7 +295,10 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
     scorer = options.scorer
     if scorer == "auto":
         scorer = "likelihood" if getattr(context.policy, "white_box", False) else "embedding"
-    if scorer == "likelihood":
+    if options.keep >= 1.0:  # no score exceeds 1: agreement alone decides, nothing needs scoring
+        scorer = "none"
+        scores = [[0.0] * len(g.doubtful()) for g in groupings]
+    elif scorer == "likelihood":
         items = [(p["crop"], s) for p, g in zip(state["patches"], groupings, strict=True) for s in g.doubtful()]
         flat = (
             _likelihood_scores(context.policy, context.store, items, wants_thoughts(context.policy, options.look_first))

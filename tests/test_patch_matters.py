@@ -154,6 +154,7 @@ class Counting:
         return self.policy.image_attention(conversations, layer, position)
 
     def answer_logprobs(self, conversations, answers):
+        self.scored = getattr(self, "scored", 0) + len(conversations)
         return self.policy.answer_logprobs(conversations, answers)
 
 
@@ -201,6 +202,17 @@ def test_black_box_options_and_an_llm_merge(tiny_policy) -> None:
     merges = [s for s in result.trace.steps if s["kind"] == "model_call" and s["node"] == "merge"]
     assert merges and merges[-1]["merged"] == "global" and result.answer  # the LLM's merge is the answer
     assert any(call[1] == 2 for call in policy.calls)
+
+
+def test_agreement_only_scores_nothing_and_adds_only_agreed_sentences(tiny_policy) -> None:
+    policy = Counting(tiny_policy)
+    result = _run(policy, keep=1.0)
+    groups = [s for s in result.trace.steps if s.get("name") == "group_samples"]
+    assert groups and all(g["arguments"]["scorer"] == "none" for g in groups)
+    assert getattr(policy, "scored", 0) == 0  # no answer_logprobs call at all
+    agreed = {d["sentences"][0] for g in groups for d in g["arguments"]["groups"] if d["kind"] == "similar"}
+    added = next(s for s in result.trace.steps if s.get("name") == "merge_global")["arguments"]["added"]
+    assert all(text in agreed for region in added for text, _ in region["sentences"])
 
 
 def test_unknown_or_invalid_options_fail_before_running() -> None:
