@@ -291,6 +291,7 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
     context, options = resolve_context(runtime), _options(config)
     embed = default_embedder().embed
     split = [[split_sentences(text) for text in patch_samples] for patch_samples in state["samples"]]
+    embed([s for patch in split for sample in patch for s in sample])  # one batch for every patch (then cached)
     groupings = [group_samples(s, embed, similar=options.similar, contradict=options.contradict) for s in split]
     scorer = options.scorer
     if scorer == "auto":

@@ -56,7 +56,9 @@ def minilm_path() -> Path:
 class SentenceEmbedder:
     """all-MiniLM-L6-v2 sentence embeddings (384-d, unit length) on the CPU; thread-safe, batched."""
 
-    def __init__(self, path: str | Path | None = None, max_length: int = 128, batch_size: int = 64) -> None:
+    def __init__(
+        self, path: str | Path | None = None, max_length: int = 128, batch_size: int = 64, cache_size: int = 20000
+    ) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -67,18 +69,31 @@ class SentenceEmbedder:
         self.model = AutoModel.from_pretrained(self.path).eval()
         self._torch = torch
         self._lock = threading.Lock()
+        self._cache: dict[str, np.ndarray] = {}  # text → vector: merges compare the same sentences many times
+        self.cache_size = cache_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``(len(texts), 384)`` float32 unit vectors; an empty input gives a ``(0, 384)`` array."""
-        torch = self._torch
+        """``(len(texts), 384)`` float32 unit vectors; an empty input gives a ``(0, 384)`` array. Texts seen
+        before come from a bounded cache; the rest are embedded in batches of ``batch_size``."""
         dim = int(self.model.config.hidden_size)
         if not texts:
             return np.zeros((0, dim), dtype=np.float32)
+        texts = [str(t) for t in texts]
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if missing:
+                if len(self._cache) + len(missing) > self.cache_size:
+                    self._cache.clear()
+                self._cache.update(zip(missing, self._encode(missing), strict=True))
+            return np.stack([self._cache[t] for t in texts]).astype(np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
         chunks = []
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = self.tokenizer(
-                    [str(t) for t in texts[start : start + self.batch_size]],
+                    texts[start : start + self.batch_size],
                     padding=True,
                     truncation=True,
                     max_length=self.max_length,
