@@ -18,7 +18,9 @@ the facts implemented are in RESEARCH.md §5. Graph::
   MiniLM embeddings (`patch_matters_parts.group_samples`): similar (≥ 2 samples agree, cosine ≥ 0.9) → kept once;
   contradictory (same topic, cosine ≥ 0.75) and unique → scored against the crop: on white-box backends the
   VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``answer_logprobs``
-  over every doubtful sentence of every patch, in batches of 32 rows; a look-first model is scored on its own
+  over the doubtful sentences of every patch that the merge could still add, in batches of 32 rows; with the
+  deterministic merge a sentence naming no object or repeating the global caption is dropped there whatever it
+  scores, so it is not scored; a look-first model is scored on its own
   ``<think>{sentence} yes</think>yes`` form); elsewhere embedding agreement (the sentence's best cosine with the
   other samples and the global caption). Kept: the best contradictory alternative and unique sentences scoring
   above 0.3 (the paper's threshold).
@@ -285,6 +287,22 @@ def _embedding_scores(groupings: list[Grouping], samples: list[list[list[str]]],
     return out
 
 
+def _could_be_added(groupings: list[Grouping], caption: str, options: PatchMattersConfig) -> set[str]:
+    """Doubtful sentences the merge could still add: all of them for an LLM merge; for the deterministic merge only
+    those naming an object and not repeating the global caption (the rest are dropped there whatever they score,
+    so scoring them is wasted model work)."""
+    doubtful = list(dict.fromkeys(s for g in groupings for s in g.doubtful()))
+    if options.merge_model or options.merge_endpoint:
+        return set(doubtful)
+    named = [s for s in doubtful if object_phrases([s])]
+    known = split_sentences(caption)
+    if not named or not known:
+        return set(named)
+    embed = default_embedder().embed
+    best = (embed(named) @ embed(known).T).max(axis=1)
+    return {text for text, cosine in zip(named, best, strict=True) if cosine < options.duplicate}
+
+
 def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], config: RunnableConfig):
     from foveate.agents.vicrop_thought import wants_thoughts
 
@@ -300,12 +318,14 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
         scorer = "none"
         scores = [[0.0] * len(g.doubtful()) for g in groupings]
     elif scorer == "likelihood":
+        useful = _could_be_added(groupings, state["global_caption"], options)
         items = [(p["crop"], s) for p, g in zip(state["patches"], groupings, strict=True) for s in g.doubtful()]
-        flat = (
-            _likelihood_scores(context.policy, context.store, items, wants_thoughts(context.policy, options.look_first))
-            if items
-            else []
-        )
+        wanted = [i for i, (_, sentence) in enumerate(items) if sentence in useful]
+        look_first = wants_thoughts(context.policy, options.look_first)
+        measured = _likelihood_scores(context.policy, context.store, [items[i] for i in wanted], look_first)
+        flat = [0.0] * len(items)  # a sentence that can never enter the caption is not scored (and not kept)
+        for i, value in zip(wanted, measured, strict=True):
+            flat[i] = value
         scores, index = [], 0
         for grouping in groupings:
             count = len(grouping.doubtful())
