@@ -9,6 +9,10 @@ consistent with an object whose box meets the patch. Prints the true rate per ki
 unique) and, for scored doubtful sentences (score > 0; sentences the merge could never add are not scored), per
 score band: a useful image-text score rises with the true rate. The direct caption's precision on the same scenes is
 the bar an added sentence must clear not to raise the hallucination rate.
+
+Measured with the demo model, `python bench/patch_sentences.py --n 4`: similar 53 sentences, 22.6 % true;
+contradictory 142, 7.0 %; unique 188, 4.3 %; by score 0-0.5 / 0.5-0.6 / 0.6-0.7 / 0.7-0.8 / 0.8-1: 8.9 / 10.3 / 1.5 /
+5.5 / 0.0 % (the demo model's yes-likelihood carries no signal; direct's caption precision is 22.4 %).
 """
 
 from __future__ import annotations
