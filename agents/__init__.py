@@ -21,6 +21,7 @@ STRATEGY_MODULES: dict[str, str] = {
     "deepeyes": "deepeyes",
     "direct": "direct",
     "oracle-crop": "oracle_crop",
+    "patch-matters": "patch_matters",
     "proreason": "proreason",
     "vicrop-carve": "vicrop",
     "vicrop-grad": "vicrop",

@@ -116,7 +116,9 @@ def build(
         image = context.store.get(state["image"])
         grounder = None
         if context.policy.white_box:
-            grounder = AttentionGrounder(context.policy, input_side=model_input_side(context.policy))
+            grounder = AttentionGrounder(
+                context.policy, box="window", input_side=model_input_side(context.policy), verify=True
+            )
         steps, winner, answer = [], -1, ""
         for index, source in enumerate(state["programs"]):
             if winner >= 0:

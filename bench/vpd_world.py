@@ -48,7 +48,7 @@ def main() -> None:
         for image, _, row in items
     ]
     direct = [strip_thought(r.text) for r in policy.chat(conversations, SamplingParams(max_new_tokens=32))]
-    grounder = AttentionGrounder(policy, input_side=model_input_side(policy))
+    grounder = AttentionGrounder(policy, box="window", input_side=model_input_side(policy), verify=True)
     stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for (image, _, row), answer in zip(items, direct, strict=True):
         result = run_program(world_program(row["question"]), image, policy=policy, grounder=grounder, timeout_s=60)

@@ -211,6 +211,8 @@ def sft_output_dir(recipe_dir: str | None, option: Path | None, replace_shipped:
             "or --output-dir DIR to write elsewhere"
         )
     return target
+
+
 vpd_app = typer.Typer(
     help="Visual Program Distillation: programs → verified executions → SFT data.", no_args_is_help=True
 )

@@ -212,6 +212,8 @@ def _render_step(step: Step, store: ImageStore) -> str:
 def plural(count: int, noun: str) -> str:
     """``1 model call``, ``2 model calls``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _render_program(step: Step, store: ImageStore) -> str:
     """The program's source, whether it ran and how it ended, and its call log with the boxes drawn."""
     outcome = step.get("outcome")

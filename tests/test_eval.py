@@ -24,6 +24,8 @@ from foveate.tools.store import ImageStore
 ROW_KEYS = {"strategy", "family", "split", "n", "accuracy", "precision", "recall", "f1", "yes_ratio", "mean_iou"}
 ROW_KEYS |= {"model_calls", "completion_tokens", "prompt_tokens", "model_latency_s", "latency_s"}
 ROW_KEYS |= {"skipped", "errors", "pope_by_subtype"}
+ROW_KEYS |= {"object_precision", "object_recall", "object_f1", "attribute_precision", "attribute_recall"}
+ROW_KEYS |= {"attribute_f1", "hallucination", "hallucinated_caption", "caption_words"}  # caption rows (else None)
 
 
 class Counting(ChatPolicy):

@@ -149,7 +149,7 @@ class ProgramTools:
     ) -> None:
         self.image, self.policy, self.wisdom, self.max_new_tokens = image, policy, wisdom, max_new_tokens
         if grounder is None and policy is not None and getattr(policy, "white_box", False):
-            grounder = AttentionGrounder(policy)
+            grounder = AttentionGrounder(policy, verify=True)
         self.grounder = grounder
 
     def __call__(self, method: str, box: list[float] | None, args: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -19,6 +19,9 @@ Every function is pure and unit-tested on hand-worked cases (tests/test_metrics.
 - `parse_box_answer` finds the first box in a model's answer and converts it from the model's convention into
   original pixels; anything malformed is ``None`` (a miss for `grounding_accuracy`).
 
+Dense captions (family ``caption``, the ``world:caption`` preset) are scored by `foveate.eval.captions` against the
+row's ``objects``; their ``score`` is the object F1.
+
 `score_answer` decides per task row which of these applies; the evaluator calls only that.
 """
 
@@ -457,7 +460,8 @@ def grounding_accuracy(
 
 # ---- per-row scoring ----------------------------------------------------------------------------------------
 def scoring_mode(row: dict[str, Any]) -> str:
-    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy), ``choice`` or ``exact``.
+    """How a task row is scored: ``grounding``, ``yes_no``, ``vqa`` (soft accuracy), ``vqa_official``, ``choice``,
+    ``caption`` or ``exact``.
 
     An explicit ``row["scoring"]`` wins (``choice``: multiple choice over ``row["options"]``, ``answers[0]``
     the correct letter). Otherwise: family ``grounding`` (or no answers but boxes) →
@@ -467,6 +471,8 @@ def scoring_mode(row: dict[str, Any]) -> str:
     """
     if row.get("scoring"):
         return str(row["scoring"])
+    if row.get("family") == "caption" and row.get("objects") is not None:
+        return "caption"
     answers = row.get("answers") or []
     if row.get("family") == "grounding" or (not answers and row.get("boxes")):
         return "grounding"
@@ -508,4 +514,10 @@ def score_answer(
         options = row.get("options") or []
         picked = parse_choice(prediction, options)
         return {"score": choice_match(prediction, options, answers[0]), "mode": mode, "choice": picked}
-    raise ValueError(f"unknown scoring mode {mode!r} (expected grounding, yes_no, vqa, vqa_official, choice or exact)")
+    if mode == "caption":
+        from foveate.eval.captions import caption_metrics
+
+        metrics = caption_metrics(prediction, row.get("objects") or [])
+        return {"score": metrics["object_f1"], "mode": mode, **metrics}
+    expected = "grounding, yes_no, vqa, vqa_official, choice, caption or exact"
+    raise ValueError(f"unknown scoring mode {mode!r} (expected {expected})")

@@ -7,6 +7,9 @@ Rows: one per (strategy, family, split), plus per strategy one per split over al
     strategy family split n skipped errors accuracy
     precision recall f1 yes_ratio pope_by_subtype     (existence rows: POPE, "yes" is positive)
     mean_iou                                          (grounding rows; accuracy is then IoU >= 0.5)
+    object_precision object_recall object_f1 attribute_precision attribute_recall attribute_f1
+    hallucination hallucinated_caption caption_words  (caption rows, means per item; accuracy is the object F1;
+                                                       hallucination = CHAIR_i, hallucinated_caption = CHAIR_s)
     model_calls completion_tokens prompt_tokens       (means per item, summed over the item's model calls)
     model_latency_s latency_s                         (means per item, seconds)
 
@@ -38,7 +41,18 @@ from foveate.eval.metrics import parse_yes_no, pope_metrics
 
 __all__ = ["aggregate", "print_run_times", "print_tables", "results_json", "write_results"]
 
-FAMILY_ORDER = ("attribute", "existence", "counting", "relation", "text", "comparison", "grounding")
+FAMILY_ORDER = ("attribute", "existence", "counting", "relation", "text", "comparison", "grounding", "caption")
+CAPTION_KEYS = (
+    "object_precision",
+    "object_recall",
+    "object_f1",
+    "attribute_precision",
+    "attribute_recall",
+    "attribute_f1",
+    "hallucination",
+    "hallucinated_caption",
+    "caption_words",
+)
 SPLIT_ORDER = ("small-detail", "mid-detail", "large")
 POPE_KEYS = ("precision", "recall", "f1", "yes_ratio")
 
@@ -73,6 +87,7 @@ def summarize(records: list[dict[str, Any]], strategy: str, family: str, split: 
         **dict.fromkeys(POPE_KEYS),
         "pope_by_subtype": None,
         "mean_iou": None,
+        **dict.fromkeys(CAPTION_KEYS),
         "model_calls": _mean([r.get("model_calls", 0) for r in scored]),
         "completion_tokens": _mean([r.get("completion_tokens", 0) for r in scored]),
         # Items recorded before these were kept have none: the mean is over the items that have them.
@@ -89,6 +104,8 @@ def summarize(records: list[dict[str, Any]], strategy: str, family: str, split: 
         row["pope_by_subtype"] = {s: m for s, m in by_subtype.items() if m} or None
     if family == "grounding":
         row["mean_iou"] = _mean([float(r.get("iou") or 0.0) for r in scored])
+    if family == "caption":  # an item that failed counts as an empty caption (zeros)
+        row.update({key: _mean([float(r.get(key) or 0.0) for r in scored]) for key in CAPTION_KEYS})
     return row
 
 
@@ -137,6 +154,13 @@ def print_tables(rows: list[dict[str, Any]], console: Console | None = None) -> 
             columns += [("yes_ratio", "yes %", True)]
         if family == "grounding":
             columns += [("mean_iou", "mIoU", False)]
+        if family == "caption":
+            columns = [c for c in columns if c[0] != "accuracy"]
+            columns += [("object_precision", "obj P %", True), ("object_recall", "obj R %", True)]
+            columns += [("object_f1", "obj F1 %", True), ("attribute_precision", "attr P %", True)]
+            columns += [("attribute_recall", "attr R %", True), ("attribute_f1", "attr F1 %", True)]
+            columns += [("hallucination", "CHAIR_i %", True), ("hallucinated_caption", "CHAIR_s %", True)]
+            columns += [("caption_words", "words", False)]
         columns += [("model_calls", "calls", False), ("completion_tokens", "gen tok", False)]
         columns += [("prompt_tokens", "prompt tok", False), ("model_latency_s", "model s", False)]
         columns += [("latency_s", "item s", False)]

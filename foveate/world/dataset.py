@@ -46,7 +46,7 @@ _TASK_DEFAULTS: dict[str, Any] = {
 }
 
 
-_OPTIONAL_ROW_KEYS: tuple[str, ...] = ("reference", "options", "scoring")
+_OPTIONAL_ROW_KEYS: tuple[str, ...] = ("reference", "options", "scoring", "objects")
 
 
 def iter_scenes(seed: int, preset: str | WorldConfig = "default") -> Iterator[tuple[Scene, list[dict[str, Any]]]]:
@@ -79,8 +79,8 @@ def _row(scene: Scene, q: dict[str, Any], j: int, preset: str) -> dict[str, Any]
         "image_size": [scene.width, scene.height],
         "scene_id": scene.id,
         "preset": preset,
-        # Keys only some presets' questions have (zoom: the reference kind, multiple-choice options and scoring);
-        # rows of the other presets stay byte-identical.
+        # Keys only some presets' questions have (zoom: the reference kind, multiple-choice options and scoring;
+        # caption: every object, for the metrics); rows of the other presets stay byte-identical.
         **{key: q[key] for key in _OPTIONAL_ROW_KEYS if key in q},
     }
 

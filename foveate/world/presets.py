@@ -22,6 +22,8 @@ grounding      "Locate the ..." only, all target sizes (IoU >= 0.5 accuracy per 
 zoom           V*-style: 1344-2048 px plain canvases with 3-5 shapes of 36-52 px far apart, distinct colours;
                "What shape is the red object / the object in the top left?", open or multiple choice; the
                shape is illegible at a 336 px input and alone in a 336 px crop (`foveate.world.zoom`)
+caption        "Describe the image in detail." once per scene; the scene's objects are the reference (object and
+               attribute precision / recall / F1, CHAIR-style hallucination rate, caption length)
 =============  ==============================================================================================
 """
 
@@ -194,6 +196,12 @@ PRESETS: dict[str, WorldConfig] = {
         ),
         questions=QuestionConfig(family_weights=(("attribute", 1.0),), splits=("small-detail",)),
         questions_per_scene=(1, 2),
+    ),
+    # Dense captioning: one "Describe the image in detail." per default scene, scored against the scene's objects.
+    "caption": WorldConfig(
+        name="caption",
+        questions=QuestionConfig(family_weights=(("caption", 1.0),)),
+        questions_per_scene=(1, 1),
     ),
 }
 

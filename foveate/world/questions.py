@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from foveate.protocol import GROUNDING_PROMPT
+from foveate.protocol import DESCRIBE_PROMPT, GROUNDING_PROMPT
 from foveate.world.describe import matching_objects, unique_reference
 from foveate.world.scenes import COLORS, SHAPES, SIZE_CLASSES, Scene, SceneConfig, WorldObject
 
@@ -333,6 +333,22 @@ def ask_grounding(scene: Scene, rng: random.Random, cfg: QuestionConfig, scfg: S
     return _make(scene, question, [], "grounding", "box", [obj], obj.size_class, boxes=[list(obj.box)])
 
 
+def ask_caption(scene: Scene, rng: random.Random, cfg: QuestionConfig, scfg: SceneConfig) -> dict[str, Any] | None:
+    """ "Describe the image in detail." -- the reference is the scene's dense description, and the row carries every
+    object with its attributes and box (``objects``) for the caption metrics (`foveate.eval.captions`).
+
+    Only the `caption` preset asks it; its split is the smallest object's regime (what a detailed caption must
+    reach). The prompt is the one the demo model learned its descriptions with (`protocol.DESCRIBE_PROMPT`).
+    """
+    del rng, scfg  # one caption per scene: nothing to draw
+    if not scene.objects or not _ok(cfg, _smallest(scene.objects)):
+        return None
+    smallest = _smallest(scene.objects)
+    row = _make(scene, DESCRIBE_PROMPT, [scene.description], "caption", "dense", scene.objects, smallest)
+    row["objects"] = [{**o.attrs(), "box": list(o.box)} for o in scene.objects]
+    return row
+
+
 FamilyFn = Callable[[Scene, random.Random, QuestionConfig, SceneConfig], dict[str, Any] | None]
 FAMILIES: dict[str, FamilyFn] = {
     "attribute": ask_attribute,
@@ -342,6 +358,7 @@ FAMILIES: dict[str, FamilyFn] = {
     "text": ask_text,
     "comparison": ask_comparison,
     "grounding": ask_grounding,
+    "caption": ask_caption,
 }
 
 
