@@ -29,11 +29,19 @@ from foveate.errors import FoveateError
 
 # A local cluster started with `ray start` has token authentication on: drivers must either carry the token or the
 # cluster and drivers must both run with auth disabled (RESEARCH.md §7). We never touch credentials.
+TAG_FILE = "foveate_tag.txt"
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 class RankZeroReport(TrainerCallback):
-    """On every Trainer save: barrier, then rank 0 reports the new checkpoint folder to Ray; others report none."""
+    """On every Trainer save: barrier, then rank 0 reports the new checkpoint folder to Ray; others report none.
+
+    ``tag`` (e.g. a stage name) is written into the folder as ``foveate_tag.txt`` so a resumed run of several
+    stages continues only the stage the checkpoint belongs to (`resume_checkpoint`).
+    """
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback's signature
         import ray.train
@@ -45,13 +53,14 @@ class RankZeroReport(TrainerCallback):
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ray.train.get_context().get_world_rank() == 0 and folder.is_dir():
+            (folder / TAG_FILE).write_text(self.tag)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         else:
             ray.train.report(metrics)
 
 
 @contextlib.contextmanager
-def resume_checkpoint(output_dir: str | Path, resume: bool, on_ray: bool) -> Iterator[str | bool | None]:
+def resume_checkpoint(output_dir: str | Path, resume: bool, on_ray: bool, tag: str = "") -> Iterator[str | bool | None]:
     """What to pass as ``Trainer.train(resume_from_checkpoint=…)``: inside Ray, the folder of
     ``ray.train.get_checkpoint()`` (None when Ray has none yet); locally, True with ``resume`` when
     ``output_dir`` holds a ``checkpoint-N`` (the Trainer then picks the last), else None."""
@@ -63,9 +72,18 @@ def resume_checkpoint(output_dir: str | Path, resume: bool, on_ray: bool) -> Ite
             yield None
             return
         with checkpoint.as_directory() as folder:
-            yield folder
+            saved = Path(folder) / TAG_FILE
+            yield folder if (saved.read_text() if saved.is_file() else "") == tag else None
         return
     yield True if resume and any(Path(output_dir).glob("checkpoint-*")) else None
+
+
+def world_barrier() -> None:
+    """Wait for every rank (a no-op outside distributed training)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def run(

@@ -96,7 +96,8 @@ def prepare_run_dir(output_dir: str | Path, config: Any, resume: bool) -> Path:
     A directory that already holds checkpoints is refused unless ``resume`` (so a typo cannot overwrite a run).
     """
     out = Path(output_dir)
-    has_checkpoints = any(out.glob("checkpoint-*")) or (out / "ray").exists()
+    has_checkpoints = any(out.glob("checkpoint-*")) or any(out.glob("stage*/checkpoint-*"))
+    has_checkpoints = has_checkpoints or any((out / name).exists() for name in ("ray", "model", "preferences"))
     if has_checkpoints and not resume:
         raise FoveateError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
