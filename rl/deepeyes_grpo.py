@@ -48,7 +48,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # environment_factory is
 class GRPORecipe:
     """A DeepEyes GRPO run (configs/rl/deepeyes.yaml). Every field has help text; CLI flags override."""
 
-    model: str = help_field(DEFAULT_MODEL, "model directory or cached Hub id to start from (default: the demo model)")
+    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
     data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
     families: list = help_field([], "only task rows of these families (empty: all)")
     n_items: int = help_field(64, "training prompts drawn from --data")
@@ -73,6 +73,7 @@ class GRPORecipe:
     max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
 
     def __post_init__(self) -> None:
+        self.model = self.model or DEFAULT_MODEL
         check_box_convention(self.box_convention)
         if self.box_convention == "resized":
             raise ValueError("box_convention 'resized' needs a policy's resized input size; use pixels/thousand")

@@ -64,7 +64,7 @@ PAIRS_DIR = "preferences"
 class DPORecipe:
     """A VisRL DPO run (configs/rl/visrl.yaml). Every field has help text; CLI flags override."""
 
-    model: str = help_field(DEFAULT_MODEL, "model directory or cached Hub id to start from (default: the demo model)")
+    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
     data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
     families: list = help_field([], "only task rows of these families (empty: all with an evidence box)")
     n_items: int = help_field(64, "items to sample attempts for (pairs come from the kept ones)")
@@ -91,6 +91,11 @@ class DPORecipe:
     ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
     ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
     max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
+
+    def __post_init__(self) -> None:
+        self.model = self.model or DEFAULT_MODEL
+        if self.samples < 2:
+            raise ValueError(f"samples must be at least 2 (a pair needs two attempts), got {self.samples}")
 
     def stage_steps(self) -> tuple[int, int]:
         return (self.max_steps, self.max_steps) if self.max_steps else (self.stage1_steps, self.stage2_steps)
