@@ -12,8 +12,8 @@ Paper: "VisRL: Intention-Driven Visual Perception via Reinforced Reasoning". Ste
    look-first thought); box score by IoU (`box_score`): IoU of the crop window the stated box yields with the
    window the ground-truth evidence box yields (both through ``focus_window``). Comparing windows, not raw boxes,
    is the honest reading of "box relevance" here: the strategy crops a window of at least the model's input side,
-   so a correct small box and the evidence box give the same crop (score 1), while a raw-box IoU against a
-   24-px object would call every useful window irrelevant.
+   so a small box on the object gives about the crop the evidence box gives (score near 1), while a raw-box IoU
+   against a 24-px object would call every useful window irrelevant.
 3. **Select** (`select_pair`, pure): keep an item if max acc ≥ ``acc_high`` (0.8) and min acc ≤ ``acc_low`` (0.2);
    chosen = the best-acc attempt among those with box score ≥ ``box_high`` (0.8), rejected = the worst-acc attempt
    among those with box score ≤ ``box_low`` (0.2); ties go to the better (chosen) / worse (rejected) box score,
