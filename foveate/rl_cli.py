@@ -57,12 +57,16 @@ def train_grpo(
     resume: bool = RESUME,
     ray_workers: int = WORKERS,
     ray_address: str = ADDRESS,
+    warm_start: Path = typer.Option(
+        None, "--warm-start", help="SFT recipe run first (configs/rl/deepeyes-warmstart.yaml)"
+    ),
 ) -> None:
     """DeepEyes GRPO: reinforce zooming with image_zoom_in_tool (TRL GRPOTrainer; Ray Train with --ray-workers)."""
     from foveate.rl.deepeyes_grpo import GRPORecipe, train
     from foveate.rl.runs import load_config
 
     overrides = _overrides(model, data, output_dir, max_steps, ray_workers, ray_address)
+    overrides["warm_start"] = str(_config_path(warm_start)) if warm_start else None
     recipe = load_config(GRPORecipe, _config_path(config), overrides)
     typer.echo(f"run written to {train(recipe, resume=resume)}")
 

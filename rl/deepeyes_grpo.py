@@ -21,8 +21,9 @@ batch sizes fit a 2-core CPU (the YAML says what to use on a GPU box).
 
 from __future__ import annotations
 
+import inspect
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ class GRPORecipe:
     bf16: bool = help_field(False, "bfloat16 training (GPU)")
     use_vllm: bool = help_field(False, "generate rollouts with vLLM (GPU; pip install vllm)")
     use_gpu: bool = help_field(False, "train on GPUs (Ray workers get one GPU each, nccl)")
+    warm_start: str | None = help_field(
+        None,
+        "an SFT recipe (configs/rl/deepeyes-warmstart.yaml) run first into <output_dir>/warm-start; GRPO starts there",
+    )
     ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
     ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
     max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
@@ -110,7 +115,6 @@ class ZoomEnvironment:
         Args:
             bbox_2d: the region [x1, y1, x2, y2] of the original image
             label: what is in the region
-            extra: other arguments are ignored
         """
         self.calls += 1
         arguments = {k: v for k, v in {"bbox_2d": bbox_2d, "label": label}.items() if v is not None}
@@ -121,6 +125,26 @@ class ZoomEnvironment:
         self.zooms += 1
         self.boxes.append(zoom.box.to_list())
         return [{"type": "image", "image": zoom.image}]
+
+
+# The schema TRL shows the model is read from the signature: declare the call as the paper's (bbox_2d required, label
+# optional), while the method itself also takes a missing bbox_2d and unknown arguments, so that every malformed call
+# gets the tool's own "Error: …" turn instead of a Python TypeError.
+ZoomEnvironment.image_zoom_in_tool.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("bbox_2d", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[float]),
+        inspect.Parameter("label", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=str),
+    ],
+    return_annotation=Any,
+)
+
+
+def zoom_tool_schema() -> dict[str, Any]:
+    """The tool's JSON schema exactly as TRL renders it into GRPO prompts (for the warm start's SFT data)."""
+    from transformers.utils import get_json_schema
+
+    return get_json_schema(ZoomEnvironment().image_zoom_in_tool)
 
 
 def environment_factory(convention: str):
@@ -221,9 +245,23 @@ def train_worker(config: dict[str, Any]) -> None:
         trainer.save_model(str(Path(output_dir) / "model"))
 
 
+def warm_start(recipe: GRPORecipe, out: Path) -> str:
+    """Run the warm-start SFT recipe from ``recipe.model`` into ``<out>/warm-start`` (once; reused on resume)."""
+    from foveate.rl.sft import load_recipe, train_sft
+
+    target = out / "warm-start"
+    if not (target / "config.json").is_file():
+        sft = load_recipe(recipe.warm_start)
+        sft.output_dir, sft.init_from = str(target), sft.init_from or recipe.model
+        train_sft(sft)
+    return str(target)
+
+
 def train(recipe: GRPORecipe, resume: bool = False) -> Path:
     """Run a recipe locally or on Ray Train (``ray_workers`` ≥ 1); returns the run directory."""
     out = prepare_run_dir(recipe.output_dir, recipe, resume)
+    if recipe.warm_start:
+        recipe = replace(recipe, model=warm_start(recipe, out), warm_start=None)
     config = {**asdict(recipe), "output_dir": str(out.resolve()), "resume": resume}
     if recipe.ray_workers:
         from foveate.rl import ray_train
