@@ -15,9 +15,9 @@ Paper: "VisRL: Intention-Driven Visual Perception via Reinforced Reasoning". Ste
    so a small box on the object gives about the crop the evidence box gives (score near 1), while a raw-box IoU
    against a 24-px object would call every useful window irrelevant.
 3. **Select** (`select_pair`, pure): keep an item if max acc ≥ ``acc_high`` (0.8) and min acc ≤ ``acc_low`` (0.2);
-   chosen = the best-acc attempt among those with box score ≥ ``box_high`` (0.8), rejected = the worst-acc attempt
-   among those with box score ≤ ``box_low`` (0.2); ties go to the better (chosen) / worse (rejected) box score,
-   then to the earlier attempt; no pair unless chosen acc > rejected acc.
+   chosen = the best-acc attempt among those with a usable box and box score ≥ ``box_high`` (0.8), rejected = the
+   worst-acc attempt among those with box score ≤ ``box_low`` (0.2; no box scores 0); ties go to the better
+   (chosen) / worse (rejected) box score, then to the earlier attempt; no pair unless chosen acc > rejected acc.
 4. **Train** (`train_worker`): DPO (sigmoid loss, β 0.1, a frozen reference copy that TRL makes). Stage 1 on the
    box step only (prompt: image + question; chosen / rejected: the two focus replies). Stage 2 from stage 1's model
    on box-step and answer-step pairs in equal parts (every kept item gives one of each, so the mean DPO loss over
@@ -143,7 +143,7 @@ def select_pair(
 ) -> tuple[int, int] | None:
     """(chosen, rejected) attempt indices by VisRL's rules (module docstring), or None if the item is dropped.
 
-    >>> def a(acc, box): return Attempt("", None, None, "", box, acc)
+    >>> def a(acc, box): return Attempt("", [0, 0, 9, 9], [0, 0, 9, 9], "", box, acc)
     >>> select_pair([a(1.0, 0.9), a(0.0, 0.1), a(0.0, 0.5)])
     (0, 1)
     >>> select_pair([a(1.0, 0.9), a(1.0, 0.1)]) is None   # no attempt is wrong: dropped
@@ -156,7 +156,7 @@ def select_pair(
     accs = [attempt.acc for attempt in attempts]
     if max(accs) < acc_high or min(accs) > acc_low:
         return None
-    good = [i for i, attempt in enumerate(attempts) if attempt.box_score >= box_high]
+    good = [i for i, attempt in enumerate(attempts) if attempt.box_score >= box_high and attempt.window is not None]
     bad = [i for i, attempt in enumerate(attempts) if attempt.box_score <= box_low]
     if not good or not bad:
         return None

@@ -13,8 +13,9 @@ from foveate.rl.visrl_dpo import Attempt, box_score, dpo_rows, select_pair
 from foveate.tools.boxes import Box
 
 
-def attempt(acc: float, box: float, name: str = "") -> Attempt:
-    return Attempt(f'{{"bbox_2d": "{name}"}}', None, None, f"answer {name}", box, acc)
+def attempt(acc: float, box: float, name: str = "", usable: bool = True) -> Attempt:
+    window = [0.0, 0.0, 50.0, 50.0] if usable else None
+    return Attempt(f'{{"bbox_2d": "{name}"}}', window, window, f"answer {name}", box, acc)
 
 
 def test_doctests():
@@ -40,6 +41,14 @@ def test_doctests():
 )
 def test_select_pair(attempts, expected):
     assert select_pair(attempts) == expected
+
+
+def test_an_attempt_without_a_usable_box_is_never_chosen():
+    attempts = [attempt(1, 0.0, usable=False), attempt(1, 0.5), attempt(0, 0.0)]
+    assert select_pair(attempts, box_high=0.0, box_low=1.0) == (1, 2)
+    assert select_pair([attempt(1, 0.0, usable=False), attempt(0, 0.0)], box_high=0.0, box_low=1.0) is None
+    # ... but it may be rejected: no box is the worst box
+    assert select_pair([attempt(1, 0.9), attempt(0, 0.0, usable=False)]) == (0, 1)
 
 
 def test_select_pair_thresholds_are_parameters():
