@@ -100,6 +100,16 @@ def ray_checkpoints(out: Path) -> list[Path]:
     return sorted((out / "ray" / "deepeyes-grpo").glob("checkpoint_*/trainer_state.json"))
 
 
+def registered_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints Ray has registered (its snapshot is written after the copy: only these are resumed from)."""
+    snapshot = out / "ray" / "deepeyes-grpo" / "checkpoint_manager_snapshot.json"
+    try:
+        text = snapshot.read_text()
+    except OSError:
+        return []
+    return [path for path in ray_checkpoints(out) if path.parent.name in text]
+
+
 def test_short_run_on_a_real_cluster(ray_cluster, tmp_path):
     out = tmp_path / "run"
     command = grpo_command(config_file(tmp_path), out, ray_cluster["address"], 2)
@@ -123,14 +133,14 @@ def test_killed_run_resumes_on_the_cluster_to_the_same_final_step(ray_cluster, t
     )
     try:
         deadline = time.time() + 900
-        while not ray_checkpoints(out):
+        while not registered_checkpoints(out):
             assert driver.poll() is None, "the run ended before its first checkpoint"
             assert time.time() < deadline
             time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    killed_at = max(json.loads(p.read_text())["global_step"] for p in ray_checkpoints(out))
+    killed_at = max(json.loads(p.read_text())["global_step"] for p in registered_checkpoints(out))
     assert killed_at < 3
     time.sleep(5)  # the cluster reaps the dead driver's workers
     done = subprocess.run([*command, "--resume"], env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
@@ -140,4 +150,4 @@ def test_killed_run_resumes_on_the_cluster_to_the_same_final_step(ray_cluster, t
     steps = [
         json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in line
     ]
-    assert steps[-1] == 3 and steps.count(1) == 1  # resumed after step 1, not restarted
+    assert steps[-1] == 3 and steps.count(1) == 1  # resumed from the registered checkpoint, not restarted
