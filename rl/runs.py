@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 import yaml
 from transformers import TrainerCallback
 
+import foveate
 from foveate.errors import FoveateError
 
 T = TypeVar("T")
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "foveate" / "assets" / "models" / "demo")
+DEFAULT_MODEL = str(Path(foveate.__file__).resolve().parent / "assets" / "models" / "demo")  # as foveate.api's
 TRAIN_WORLD_SEED = 7  # training items' world seed: never the evaluator's held-out 1000
 METRICS_FILE = "metrics.jsonl"
 
