@@ -115,7 +115,8 @@ def run(
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=True)
         else:
-            ray.init(num_cpus=max(2, workers), include_dashboard=False)
+            # "local": always a fresh instance of our own, never another user's cluster found on this machine
+            ray.init(address="local", num_cpus=max(2, workers), include_dashboard=False)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={**config, "output_dir": str(output_dir), "on_ray": True},
