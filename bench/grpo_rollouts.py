@@ -62,7 +62,8 @@ def main() -> None:
         ("one prompt's group per call", options.generations),
         ("one rollout per call", 1),
     ):
-        trainer.num_generations = max(group, 1) if group < options.generations else options.generations
+        # The group size the advantage step reshapes by (TRL reads the eval one when the model is not training).
+        trainer.num_generations = trainer.num_generations_eval = min(group, options.generations)
         rollouts(trainer, rows[:group], group)  # warm-up
         runs = [timed(lambda group=group: rollouts(trainer, rows, group)) for _ in range(REPEATS)]
         made = runs[0][2]
