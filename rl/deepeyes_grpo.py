@@ -13,6 +13,13 @@ turns per rollout (``GRPOConfig.max_tool_calling_iterations``). Tokens the tool 
 loss by TRL (its ``tool_mask``; `tests/test_rl_grpo.py` checks it on a real batch). Rewards: `rl.rewards`
 (``0.8·acc + 0.2·fmt + 1.2·tool``, as ``reward_weights``; TRL logs each part).
 
+Warm start (``warm_start`` / ``--warm-start configs/rl/deepeyes-warmstart.yaml``): sampled freely, the demo model
+writes no valid tool call (RESEARCH.md §7), so every rollout of a group gets the same tool reward and GRPO has
+nothing to reinforce; DeepEyes starts from a model that can call the tool. The warm start is an ``rl.sft`` run on
+zoom trajectories built from world items with the ground-truth box (``rl.sft_data.deepeyes`` with
+``deepeyes_tools``: the tool schema in a system turn, exactly as TRL renders GRPO prompts) into
+``<output_dir>/warm-start``; GRPO then starts from that model.
+
 Deviations from the paper: the demo model writes boxes in 0–1000 (``box_convention``), DeepEyes' Qwen2.5-VL in
 pixels; TRL puts the tool's JSON schema in a system turn (the ``deepeyes`` strategy sends none, since the demo model
 was trained without one); accuracy is the task's exact answer rule instead of an LLM judge; default learning rate and
