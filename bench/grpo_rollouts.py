@@ -69,11 +69,13 @@ def main() -> None:
         made = runs[0][2]
         results.append((name, made, made / min(r[0] for r in runs), made / min(r[1] for r in runs)))
     table = Table(title=f"GRPO rollouts on {recipe.model} ({options.tokens} new tokens max, best of {REPEATS})")
-    for column in ("rollouts", "completions", "completions/s wall", "completions/s CPU", "batched / this (wall)"):
+    for column in ("rollouts", "completions", "per s wall", "per s CPU", "batched / this, wall", "batched / this, CPU"):
         table.add_column(column)
-    base = results[0][2]
+    wall, cpu = results[0][2], results[0][3]
     for name, made, per_wall, per_cpu in results:
-        table.add_row(name, str(made), f"{per_wall:.2f}", f"{per_cpu:.2f}", f"{base / per_wall:.2f}x")
+        table.add_row(
+            name, str(made), f"{per_wall:.2f}", f"{per_cpu:.2f}", f"{wall / per_wall:.2f}x", f"{cpu / per_cpu:.2f}x"
+        )
     Console().print(table)
 
 

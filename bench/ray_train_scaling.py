@@ -4,11 +4,13 @@
 
 Runs the VisRL DPO recipe (``configs/rl/visrl.yaml``, demo model, stage 1: the box step) on Ray Train (a local Ray
 started by the run, gloo on CPU) once with 1 worker at ``per_device_batch = global`` and once with 2 workers at
-``global / 2`` each, from the same preference pairs (sampled once, shared by both runs), the same seed and data
-order (the distributed sampler deals each global batch's examples out to the ranks, and the Trainer logs the loss
-averaged over them). DPO is used because its loss is a deterministic function of the batch; a GRPO loss also
-depends on the rollouts sampled. The table shows each step's loss for both runs, their largest difference, and
-training throughput (pairs/s, from the Trainer's own ``train_samples_per_second``, which excludes Ray start-up).
+``global / 2`` each, from the same preference pairs (sampled once, shared by both runs) and the same seed. The
+Trainer logs the loss averaged over the ranks. The batches are not the same examples: one worker shuffles with a
+RandomSampler, two with a DistributedSampler, so the curves can only agree within batch-to-batch noise; the table
+puts the largest difference beside the loss's own range over the run. DPO is used because its loss is a
+deterministic function of the batch; a GRPO loss also depends on the rollouts sampled. Throughput is pairs/s from
+the Trainer's own ``train_samples_per_second`` (excludes Ray start-up); on a shared machine the two runs see
+different neighbours, so read one run's ratio with that in mind.
 The preference thresholds accept any box so that a dozen items give enough pairs. Takes several minutes on 2 cores.
 """
 
