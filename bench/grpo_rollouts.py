@@ -9,8 +9,9 @@ step does (``GRPOTrainer._generate_and_score_completions``: sampling, tool turns
 (``--generations`` rollouts per call) and once one rollout per call (the trainer's ``num_generations`` set to 1
 after construction, so its advantage step accepts a single row; the advantages are meaningless, the generation is
 what is timed). Each is run twice after a warm-up;
-the table shows completions per second of wall and of process CPU time (on a shared machine wall time mostly
-measures the neighbours) and the ratio to the batched run. Takes a few minutes on 2 cores. Prints only.
+the table shows the tokens generated (sampling differs between runs, so lengths do too), completions per second of
+wall and of process CPU time (on a shared machine wall time mostly measures the neighbours) and the ratio of the
+batched run's rate to each. Takes a few minutes on 2 cores. Prints only.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from foveate.rl.runs import load_config
 REPEATS = 2
 
 
-def rollouts(trainer, rows: list[dict], group: int) -> int:
-    """Generate (and score) the rollouts of ``rows`` in calls of ``group`` rollouts; return how many were made."""
-    made = 0
+def rollouts(trainer, rows: list[dict], group: int) -> tuple[int, int]:
+    """Generate (and score) the rollouts of ``rows`` in calls of ``group`` rollouts; return (rollouts, tokens
+    generated, padding excluded)."""
+    made = tokens = 0
     for start in range(0, len(rows), group):
         out = trainer._generate_and_score_completions(rows[start : start + group])
         made += len(out["completion_ids"])
-    return made
+        tokens += int(out["completion_mask"].sum())
+    return made, tokens
 
 
 def main() -> None:
@@ -66,16 +69,16 @@ def main() -> None:
         trainer.num_generations = trainer.num_generations_eval = min(group, options.generations)
         rollouts(trainer, rows[:group], group)  # warm-up
         runs = [timed(lambda group=group: rollouts(trainer, rows, group)) for _ in range(REPEATS)]
-        made = runs[0][2]
-        results.append((name, made, made / min(r[0] for r in runs), made / min(r[1] for r in runs)))
+        made, tokens = runs[0][2]
+        results.append((name, made, tokens, made / min(r[0] for r in runs), made / min(r[1] for r in runs)))
     table = Table(title=f"GRPO rollouts on {recipe.model} ({options.tokens} new tokens max, best of {REPEATS})")
-    for column in ("rollouts", "completions", "per s wall", "per s CPU", "batched / this, wall", "batched / this, CPU"):
+    columns = ("rollouts", "completions", "tokens", "per s wall", "per s CPU", "batched/this wall", "batched/this CPU")
+    for column in columns:
         table.add_column(column)
-    wall, cpu = results[0][2], results[0][3]
-    for name, made, per_wall, per_cpu in results:
-        table.add_row(
-            name, str(made), f"{per_wall:.2f}", f"{per_cpu:.2f}", f"{wall / per_wall:.2f}x", f"{cpu / per_cpu:.2f}x"
-        )
+    wall, cpu = results[0][3], results[0][4]
+    for name, made, tokens, per_wall, per_cpu in results:
+        ratios = f"{wall / per_wall:.2f}x", f"{cpu / per_cpu:.2f}x"
+        table.add_row(name, str(made), str(tokens), f"{per_wall:.2f}", f"{per_cpu:.2f}", *ratios)
     Console().print(table)
 
 
