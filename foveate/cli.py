@@ -9,6 +9,8 @@
     foveate serve [--host 127.0.0.1] [--port 8000] [--model DIR_OR_ID | --endpoint URL --model NAME]
     foveate chat IMAGE [--thread ID] [--strategy direct] [--model …] [--json]
     foveate caption INPUT --out caps.jsonl [--strategy direct] [--workers N] [--ray-address ADDR] [--format parquet]
+    foveate train grpo|dpo --config configs/rl/deepeyes.yaml|visrl.yaml [--max-steps N] [--ray-workers N]
+    foveate plot RUN_DIR
 
 Errors a user can cause (missing files, unreadable images, unknown strategies, unloadable models, unreachable
 endpoints) print one line on stderr and exit with status 2; anything else prints one line and exits 1
@@ -45,10 +47,18 @@ def _mount_optional(name: str, module: str, attribute: str) -> None:
     app.add_typer(sub_app, name=name)
 
 
-train_app = typer.Typer(help="Train models: supervised fine-tuning on world data (sft).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train models: SFT on world data or TRL rows (sft), DeepEyes GRPO (grpo), VisRL DPO (dpo).",
+    no_args_is_help=True,
+)
 app.add_typer(train_app, name="train")
 _mount_optional("world", "foveate.world.cli", "world_app")
 _mount_optional("data", "foveate.eval.data_cli", "data_app")
+from foveate.rl_cli import plot_command, train_dpo, train_grpo  # noqa: E402 - the RL recipes' commands
+
+train_app.command("grpo")(train_grpo)
+train_app.command("dpo")(train_dpo)
+app.command("plot")(plot_command)
 
 try:  # `foveate eval --task … --strategies …` is a single command, so it is mounted with app.command
     from foveate.eval.cli import eval_command

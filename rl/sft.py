@@ -205,7 +205,9 @@ class ChatCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts, images, scene_image_index = [], [], []
         for example in examples:
-            texts.append(self.processor.apply_chat_template(example["messages"], tokenize=False))
+            texts.append(
+                self.processor.apply_chat_template(example["messages"], tools=example.get("tools"), tokenize=False)
+            )
             scene_image_index.append(len(images))  # every format's first image is the full scene
             for message in example["messages"]:
                 content = message["content"]

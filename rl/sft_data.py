@@ -97,6 +97,10 @@ class DataMix:
     # question gets one format, so the formats' weights are the shares of the questions: a stage can make chats of
     # qa answers most of its examples instead of one single-question example beside every question.
     second_format: bool = True
+    # DeepEyes examples carry the zoom tool's schema (``tools``), so the chat template renders it in a system turn
+    # as TRL's GRPOTrainer does for its environment's tool: the warm start before DeepEyes GRPO
+    # (configs/rl/deepeyes-warmstart.yaml) then trains on exactly the prompts GRPO samples from.
+    deepeyes_tools: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -266,7 +270,7 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
     answer = row["answers"][0]
     if not row["boxes"] or row.get("target_size") not in mix.zoom_sizes:
         final = protocol.think_answer("The answer is visible in the image.", answer)
-        return {"messages": [_user(image, question), _assistant(final)]}
+        return _with_tools({"messages": [_user(image, question), _assistant(final)]}, mix)
     window = evidence_window(row["boxes"], image.size, rng, mix)
     zoomed, used = crop(image, window)
     call = {
@@ -282,7 +286,16 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
         {"role": "tool", "content": [{"type": "image", "image": zoomed}]},
         _assistant(protocol.think_answer("Now the detail is visible.", answer)),
     ]
-    return {"messages": messages}
+    return _with_tools({"messages": messages}, mix)
+
+
+def _with_tools(example: Example, mix: DataMix) -> Example:
+    """The example with the zoom tool's schema as TRL renders it for GRPO (`DataMix.deepeyes_tools`)."""
+    if mix.deepeyes_tools:
+        from foveate.rl.deepeyes_grpo import zoom_tool_schema
+
+        example["tools"] = [zoom_tool_schema()]
+    return example
 
 
 def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example | None:

@@ -59,6 +59,7 @@ def test_wheel_ships_data_files(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "foveate/policies/chat_template.jinja" in names
     assert "foveate/configs/default.yaml" in names
+    assert {"foveate/configs/rl/deepeyes.yaml", "foveate/configs/rl/visrl.yaml"} <= names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
     assert b"foveate = foveate.cli:main" in entry_points
 

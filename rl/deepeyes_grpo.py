@@ -1,0 +1,290 @@
+"""DeepEyes GRPO: reinforce zooming with a tool on TRL's `GRPOTrainer` (RESEARCH.md §2).
+
+    foveate train grpo --config configs/rl/deepeyes.yaml [--max-steps 3 --output-dir OUT] [--ray-workers 2]
+
+Paper: "DeepEyes: Incentivizing 'Thinking with Images' via Reinforcement Learning". Each prompt is a task item in
+the ``deepeyes`` strategy's format (image + question + ``protocol.DEEPEYES_SUFFIX``); TRL samples
+``num_generations`` rollouts per prompt, each with its own `ZoomEnvironment`. The model's ``<tool_call>`` of
+``image_zoom_in_tool`` runs `ZoomEnvironment.image_zoom_in_tool`, which crops the ORIGINAL image by DeepEyes'
+validity rules with the very code the ``deepeyes`` strategy runs (``agents.zoom_tool.run_zoom``: the box in the
+policy's convention, clipped to the image, short side > 30 px, aspect ≤ 100) and returns the crop as an image,
+which TRL feeds to the next turn; refusals come back as text ``Error: …``. At most ``max_tool_turns`` (5) tool
+turns per rollout (``GRPOConfig.max_tool_calling_iterations``). Tokens the tool returned are masked out of the
+loss by TRL (its ``tool_mask``; `tests/test_rl_grpo.py` checks it on a real batch). Rewards: `rl.rewards`
+(``0.8·acc + 0.2·fmt + 1.2·tool``, as ``reward_weights``; TRL logs each part).
+
+Warm start (``warm_start`` / ``--warm-start configs/rl/deepeyes-warmstart.yaml``): sampled freely, the demo model
+writes no valid tool call (RESEARCH.md §7), so every rollout of a group gets the same tool reward and GRPO has
+nothing to reinforce; DeepEyes starts from a model that can call the tool. The warm start is an ``rl.sft`` run on
+zoom trajectories built from world items with the ground-truth box (``rl.sft_data.deepeyes`` with
+``deepeyes_tools``: the tool schema in a system turn, exactly as TRL renders GRPO prompts) into
+``<output_dir>/warm-start``; GRPO then starts from that model.
+
+Deviations from the paper: the demo model writes boxes in 0–1000 (``box_convention``), DeepEyes' Qwen2.5-VL in
+pixels; TRL puts the tool's JSON schema in a system turn (the ``deepeyes`` strategy sends none, since the demo model
+was trained without one); accuracy is the task's exact answer rule instead of an LLM judge; default learning rate and
+batch sizes fit a 2-core CPU (the YAML says what to use on a GPU box).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from foveate.agents.zoom_tool import ToolCall, ToolError, run_zoom
+from foveate.errors import FoveateError
+from foveate.policies.base import ChatPolicy, check_box_convention
+from foveate.protocol import DEEPEYES_SUFFIX, ZOOM_TOOL_NAME
+from foveate.rl import rewards
+from foveate.rl.runs import (
+    DEFAULT_MODEL,
+    TRAIN_WORLD_SEED,
+    MetricsCallback,
+    help_field,
+    load_model_and_processor,
+    load_rows,
+    prepare_run_dir,
+)
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # environment_factory is marked experimental in TRL 1.16
+
+
+@dataclass
+class GRPORecipe:
+    """A DeepEyes GRPO run (configs/rl/deepeyes.yaml). Every field has help text; CLI flags override."""
+
+    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
+    data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
+    families: list = help_field([], "only task rows of these families (empty: all)")
+    n_items: int = help_field(64, "training prompts drawn from --data")
+    seed: int = help_field(0, "seed of the trainer (sampling, shuffling, initialisation)")
+    output_dir: str = help_field("runs/deepeyes-grpo", "run directory: checkpoints, model/, metrics.jsonl, config")
+    max_steps: int = help_field(50, "optimiser steps")
+    batch_size: int = help_field(4, "completions per device per step (a multiple of num_generations)")
+    num_generations: int = help_field(4, "rollouts per prompt (DeepEyes: 16)")
+    max_completion_length: int = help_field(128, "tokens per rollout, tool-returned tokens included")
+    max_tool_turns: int = help_field(5, "tool turns per rollout (DeepEyes: 5)")
+    temperature: float = help_field(1.0, "sampling temperature of the rollouts")
+    learning_rate: float = help_field(1e-5, "peak learning rate (DeepEyes on Qwen2.5-VL-7B: 1e-6)")
+    beta: float = help_field(0.0, "KL coefficient to the reference model (DeepEyes: 0, no KL)")
+    box_convention: str = help_field("thousand", "how the model writes bbox_2d: thousand, normalized or pixels")
+    logging_steps: int = help_field(1, "log (and append to metrics.jsonl) every this many steps")
+    save_steps: int = help_field(10, "write checkpoint-N every this many steps (and at the end)")
+    bf16: bool = help_field(False, "bfloat16 training (GPU)")
+    use_vllm: bool = help_field(False, "generate rollouts with vLLM (GPU; pip install vllm)")
+    use_gpu: bool = help_field(False, "train on GPUs (Ray workers get one GPU each, nccl)")
+    warm_start: str | None = help_field(
+        None,
+        "an SFT recipe (configs/rl/deepeyes-warmstart.yaml) run first into <output_dir>/warm-start; GRPO starts there",
+    )
+    ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
+    ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
+    max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
+
+    def __post_init__(self) -> None:
+        self.model = self.model or DEFAULT_MODEL
+        check_box_convention(self.box_convention)
+        if self.box_convention == "resized":
+            raise ValueError("box_convention 'resized' needs a policy's resized input size; use pixels/thousand")
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of num_generations {self.num_generations}"
+            )
+
+
+class _Convention(ChatPolicy):
+    """Only a box convention: all that `run_zoom` asks of a policy."""
+
+    def __init__(self, convention: str) -> None:
+        self.box_convention = convention
+
+
+class ZoomEnvironment:
+    """One rollout's environment: the row's ORIGINAL image and DeepEyes' zoom tool over it.
+
+    TRL calls `reset` with the dataset row before each rollout and exposes every public method as a tool.
+    ``zooms`` counts crops returned (the ``tool`` reward needs at least one); ``boxes`` holds their regions.
+    """
+
+    box_convention = "thousand"  # set per run by `environment_factory`
+
+    def reset(self, **row: Any) -> None:
+        self.image = row["image"]
+        self.zooms, self.calls, self.boxes = 0, 0, []
+        return None
+
+    def image_zoom_in_tool(self, bbox_2d: list[float] | None = None, label: str | None = None, **extra: Any) -> Any:
+        """Zoom in on a region of the original image and return the crop.
+
+        Args:
+            bbox_2d: the region [x1, y1, x2, y2] of the original image
+            label: what is in the region
+        """
+        self.calls += 1
+        arguments = {k: v for k, v in {"bbox_2d": bbox_2d, "label": label}.items() if v is not None}
+        try:
+            zoom = run_zoom(ToolCall(ZOOM_TOOL_NAME, arguments), self.image, _Convention(self.box_convention))
+        except ToolError as error:
+            return f"Error: {error}"
+        self.zooms += 1
+        self.boxes.append(zoom.box.to_list())
+        return [{"type": "image", "image": zoom.image}]
+
+
+# The schema TRL shows the model is read from the signature: declare the call as the paper's (bbox_2d required, label
+# optional), while the method itself also takes a missing bbox_2d and unknown arguments, so that every malformed call
+# gets the tool's own "Error: …" turn instead of a Python TypeError.
+ZoomEnvironment.image_zoom_in_tool.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("bbox_2d", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[float]),
+        inspect.Parameter("label", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=str),
+    ],
+    return_annotation=Any,
+)
+
+
+def zoom_tool_schema() -> dict[str, Any]:
+    """The tool's JSON schema exactly as TRL renders it into GRPO prompts (for the warm start's SFT data)."""
+    from transformers.utils import get_json_schema
+
+    return get_json_schema(ZoomEnvironment().image_zoom_in_tool)
+
+
+def environment_factory(convention: str):
+    """A factory of `ZoomEnvironment`s reading boxes in ``convention``."""
+    environment_class = type("ZoomEnvironment", (ZoomEnvironment,), {"box_convention": convention})
+    return environment_class
+
+
+def prompt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Task rows → GRPO dataset rows: a conversational prompt in the ``deepeyes`` strategy's format, the image, and
+    the columns the rewards read (answers, family, preset, boxes, image_size)."""
+    from PIL import Image
+
+    from foveate.tools.images import load_image
+
+    out = []
+    for row in rows:
+        image = row["image"] if isinstance(row["image"], Image.Image) else load_image(row["image"])
+        prompt = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": row["question"] + DEEPEYES_SUFFIX}],
+            }
+        ]
+        out.append(
+            {
+                "prompt": prompt,
+                "image": image,
+                "answers": list(row["answers"]),
+                "family": row.get("family") or "",
+                "preset": row.get("preset") or "",
+                "boxes": [list(map(float, b)) for b in row.get("boxes") or []],
+                "image_size": list(image.size),
+            }
+        )
+    return out
+
+
+def grpo_args(recipe: GRPORecipe, output_dir: str, on_ray: bool = False):
+    """TRL's `GRPOConfig` for the recipe (CPU-safe defaults; bf16/vLLM only when the recipe asks)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=output_dir,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        num_generations=recipe.num_generations,
+        max_completion_length=recipe.max_completion_length,
+        max_tool_calling_iterations=recipe.max_tool_turns,
+        temperature=recipe.temperature,
+        learning_rate=recipe.learning_rate,
+        beta=recipe.beta,
+        reward_weights=list(rewards.WEIGHTS.values()),
+        logging_steps=recipe.logging_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        seed=recipe.seed,
+        bf16=recipe.bf16,
+        use_cpu=not recipe.use_gpu,
+        use_vllm=recipe.use_vllm,
+        report_to=[],
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False if on_ray else None,
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(recipe: GRPORecipe, output_dir: str, on_ray: bool = False, callbacks: list | None = None):
+    """The `GRPOTrainer` of a run (model, processor, dataset, environment, rewards, callbacks)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    model, processor = load_model_and_processor(recipe.model, tool_calling=True)
+    rows = load_rows(recipe.data, recipe.n_items, TRAIN_WORLD_SEED, recipe.families or None)
+    dataset = Dataset.from_list(prompt_rows(rows))
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=list(rewards.REWARD_FUNCS),
+        args=grpo_args(recipe, output_dir, on_ray),
+        train_dataset=dataset,
+        processing_class=processor,
+        environment_factory=environment_factory(recipe.box_convention),
+        callbacks=[MetricsCallback(output_dir), *(callbacks or [])],
+    )
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Train (or resume) one run in this process; on Ray, every worker runs this with the same config."""
+    from foveate.rl.ray_train import RankZeroReport, resume_checkpoint
+
+    config = dict(config)
+    output_dir, on_ray, resume = config.pop("output_dir"), config.pop("on_ray", False), config.pop("resume", False)
+    recipe = GRPORecipe(**config)
+    trainer = build_trainer(recipe, output_dir, on_ray, [RankZeroReport()] if on_ray else None)
+    with resume_checkpoint(output_dir, resume, on_ray) as checkpoint:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(Path(output_dir) / "model"))
+
+
+def warm_start(recipe: GRPORecipe, out: Path) -> str:
+    """Run the warm-start SFT recipe from ``recipe.model`` into ``<out>/warm-start`` (once; reused on resume)."""
+    from foveate.rl.sft import load_recipe, train_sft
+
+    target = out / "warm-start"
+    if not (target / "config.json").is_file():
+        sft = load_recipe(recipe.warm_start)
+        sft.output_dir, sft.init_from = str(target), sft.init_from or recipe.model
+        train_sft(sft)
+    return str(target)
+
+
+def train(recipe: GRPORecipe, resume: bool = False) -> Path:
+    """Run a recipe locally or on Ray Train (``ray_workers`` ≥ 1); returns the run directory."""
+    out = prepare_run_dir(recipe.output_dir, recipe, resume)
+    if recipe.warm_start:
+        recipe = replace(recipe, model=warm_start(recipe, out), warm_start=None)
+    config = {**asdict(recipe), "output_dir": str(out.resolve()), "resume": resume}
+    if recipe.ray_workers:
+        from foveate.rl import ray_train
+
+        ray_train.run(
+            train_worker,
+            {k: v for k, v in config.items() if k != "output_dir"},
+            workers=recipe.ray_workers,
+            output_dir=out,
+            address=recipe.ray_address,
+            use_gpu=recipe.use_gpu,
+            max_failures=recipe.max_failures,
+            name="deepeyes-grpo",
+        )
+    else:
+        train_worker(config)
+    if not (out / "model").is_dir():
+        raise FoveateError(f"training ended without a model in {out}")
+    return out

@@ -1,0 +1,100 @@
+"""Run plumbing of the RL recipes: typed configs from YAML, the run directory, metrics.jsonl and `foveate plot`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from foveate.errors import FoveateError
+from foveate.rl.deepeyes_grpo import GRPORecipe
+from foveate.rl.plot import plot_run
+from foveate.rl.runs import MetricsCallback, config_help, load_config, prepare_run_dir, read_metrics
+from foveate.rl.visrl_dpo import DPORecipe
+
+
+def test_every_config_field_has_help_text():
+    for cls in (GRPORecipe, DPORecipe):
+        lines = config_help(cls).splitlines()
+        assert lines and all(line.split(": ", 1)[1].strip() for line in lines)
+
+
+def test_shipped_configs_load_and_match_the_dataclasses():
+    grpo = load_config(GRPORecipe, "configs/rl/deepeyes.yaml")
+    assert grpo.max_tool_turns == 5 and grpo.beta == 0.0 and grpo.data == "world:small-detail"
+    dpo = load_config(DPORecipe, "configs/rl/visrl.yaml", {"max_steps": 3})
+    assert dpo.beta == 0.1 and dpo.stage_steps() == (3, 3)
+    assert load_config(DPORecipe, None).stage_steps() == (30, 30)
+    assert DPORecipe().box_high == 0.8 and DPORecipe().box_low == 0.2  # VisRL's thresholds are the defaults
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(FoveateError, match="mapping"):
+        load_config(GRPORecipe, path)
+    path.write_text("box_convention: resized\n")
+    with pytest.raises(FoveateError, match="resized"):
+        load_config(GRPORecipe, path)
+    path.write_text("samples: 1\n")
+    with pytest.raises(FoveateError, match="at least 2"):
+        load_config(DPORecipe, path)
+    with pytest.raises(FoveateError, match="cannot read"):
+        load_config(GRPORecipe, tmp_path / "missing.yaml")
+
+
+def test_run_directory_records_config_command_versions(tmp_path):
+    recipe = load_config(GRPORecipe, None, {"max_steps": 7, "seed": 3})
+    out = prepare_run_dir(tmp_path / "run", recipe, resume=False)
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 7
+    assert json.loads((out / "versions.json").read_text())["seed"] == 3
+    assert (out / "command.txt").read_text().strip()
+    (out / "checkpoint-1").mkdir()
+    with pytest.raises(FoveateError, match="--resume"):
+        prepare_run_dir(out, recipe, resume=False)
+    prepare_run_dir(out, recipe, resume=True)
+
+
+def test_metrics_and_plot(tmp_path):
+    class State:
+        is_world_process_zero = True
+        global_step = 0
+
+    callback = MetricsCallback(tmp_path, prefix="stage1")
+    state = State()
+    for step in range(1, 5):
+        state.global_step = step
+        logs = {"loss": 1.0 / step, "reward": step / 4, "tool_use_rate": step / 8, "learning_rate": 1e-5, "note": "x"}
+        callback.on_log(None, state, None, logs=logs)
+    callback.on_log(None, state, None, logs={"train_runtime": 3.0})
+    with open(tmp_path / "metrics.jsonl", "a") as torn:
+        torn.write('{"step": 5, "lo')  # a run killed mid-write
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 4] and records[0]["stage"] == "stage1"
+    written = plot_run(tmp_path)
+    assert {p.name for p in written} == {"plot-reward.png", "plot-tools.png", "plot-loss.png", "plot-lr.png"}
+    assert Image.open(tmp_path / "plot-reward.png").size[0] > 300
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    from foveate.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_plot_command_errors_are_one_line(tmp_path, capsys):
+    code, err = run_main(["plot", str(tmp_path)], capsys)
+    assert code == 2 and "no metrics.jsonl" in err and "Traceback" not in err
+
+
+def test_train_command_rejects_unknown_settings(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_generationz: 4\n")
+    code, err = run_main(["train", "grpo", "--config", str(path), "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unknown setting" in err
+    code, err = run_main(["train", "dpo", "--config", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and ("config not found" in err or "cannot read" in err)
