@@ -144,7 +144,7 @@ def run_chat(
                         if line and not as_json:
                             show.print(Text(f"  · {line}", style="dim"))
                     else:
-                        trace = make_trace(strategy, value, steps, getattr(policy, "name", ""))
+                        trace = make_trace(strategy, value, steps, policy.name)
             except FoveateError as error:
                 info.print(f"[red]error:[/red] {error}")
                 continue

@@ -7,6 +7,7 @@
     foveate eval --task world:small-detail --strategies direct,oracle-crop [--n N] [--out results.json]
     foveate serve [--host 127.0.0.1] [--port 8000] [--model DIR_OR_ID | --endpoint URL --model NAME]
     foveate chat IMAGE [--thread ID] [--strategy direct] [--model …] [--json]
+    foveate vicrop calibrate [--model DIR] [--task world:small-detail] [--n 50] [--method rel-att] [--gate]
 
 Errors a user can cause (missing files, unreadable images, unknown strategies, unloadable models, unreachable
 endpoints) print one line on stderr and exit with status 2; anything else prints one line and exits 1
@@ -45,6 +46,7 @@ def _mount_optional(name: str, module: str, attribute: str) -> None:
 train_app = typer.Typer(help="Train policies (SFT; GRPO and DPO recipes as they land).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 _mount_optional("world", "foveate.world.cli", "world_app")
+_mount_optional("vicrop", "foveate.vicrop_calibrate", "vicrop_app")
 
 try:  # `foveate eval --task … --strategies …` is a single command, so it is mounted with app.command
     from foveate.eval.cli import eval_command
