@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from foveate.rl.vision_aux import IGNORE, cell_owners
+from foveate.rl.cells import IGNORE, cell_owners
 
 BOX_STEP = 20  # thousandths of the image side per bin
 BOX_BINS = 1000 // BOX_STEP + 1  # 0, 20, ..., 1000

@@ -81,10 +81,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from foveate.rl.cells import IGNORE, cell_owners  # noqa: F401 (part of this module's API)
 from foveate.world.describe import SIZE_WORDS
 from foveate.world.scenes import COLORS, SHAPES, SIZE_CLASSES, Scene, object_mask
 
-IGNORE = -100
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")
@@ -161,15 +161,6 @@ def cell_sizes(
     """Size class ids (`CELL_SIZE_CLASSES`), or IGNORE, per cell by `cell_targets`' rule."""
     coverage = cell_coverage(scene, grid_h, grid_w) if coverage is None else coverage
     return _cell_labels(scene, coverage, min_cover, lambda obj: CELL_SIZE_CLASSES.index(obj.size_class))
-
-
-def cell_owners(coverage: np.ndarray, n_objects: int, min_cover: float = 0.3) -> np.ndarray:
-    """Per cell of a `cell_coverage` grid, raster order: the index of the object covering the most of it when that
-    is at least `min_cover`, else -1 (background, an object edge, a sliver of a tiny object)."""
-    if not n_objects:
-        return np.full(coverage[0].size, -1)
-    objects = coverage[:n_objects].reshape(n_objects, -1)
-    return np.where(objects.max(axis=0) >= min_cover, objects.argmax(axis=0), -1)
 
 
 def _cell_labels(scene: Scene, coverage: np.ndarray, min_cover: float, label_of: Any) -> np.ndarray:
