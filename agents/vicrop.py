@@ -56,7 +56,6 @@ Deliberate deviations from the paper, and why:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +86,7 @@ from foveate.agents.vicrop_config import (  # noqa: F401 (re-exported: the optio
     FEEDS,
     METHODS,
     ViCropConfig,
+    generic_cache_key,
     load_vicrop_config,
     options_from,
     resolve_layer,
@@ -128,14 +128,6 @@ def require_white_box(policy: ChatPolicy) -> WhiteBoxPolicy:
     return policy
 
 
-def generic_cache_key(policy: WhiteBoxPolicy, options: ViCropConfig, layer: Any, layout: tuple[int, int]) -> str:
-    """Image-store array key of a generic map: method, layer and a digest of everything else it depends on."""
-    blob = f"{policy.fingerprint()}|{options.generic_prompt}|{layer}|{layout}|{options.high_res_block}"
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    layer_label = "-".join(map(str, layer)) if isinstance(layer, list) else layer
-    return f"vicrop-generic-{options.method}-L{layer_label}-{digest}"
-
-
 # ---- 1-2. question map and generic map ----------------------------------------------------------------------
 @dataclass
 class Look:
@@ -172,6 +164,22 @@ def look_attention(
     of images whose generic map is not cached reuse those caches, so they cost only the generic prompt's tokens.
     Without prefix reuse the generic rows join the first batch. With a ``gate``, questions the gate will answer
     need no generic row, and a blocked image whose whole-image probe is sure enough probes no block."""
+    claimed: list[tuple[str, str]] = []  # generic maps this call computes: stored, else released for others
+    try:
+        return _look_attention(policy, store, requests, options, layer, claimed)
+    finally:
+        for ref, key in claimed:
+            store.release_array(ref, key)
+
+
+def _look_attention(
+    policy: WhiteBoxPolicy,
+    store: ImageStore,
+    requests: list[tuple[str, list[dict], int]],
+    options: ViCropConfig,
+    layer: int | list[int],
+    claimed: list[tuple[str, str]],
+) -> list[Look]:
     gradient = options.method == "grad-att"
     sessions_work = options.reuse_prefix and policy.supports_prefix_reuse
     conversations: list[list[dict]] = []
@@ -189,7 +197,8 @@ def look_attention(
         keep += [whole and sessions_work] + [False] * (len(questions) - 1)
         key = (ref, generic_cache_key(policy, options, layer, layout))
         if not gradient and key not in batched_generics and key not in session_generics and key not in generic_cached:
-            cached = store.get_array(ref, key[1]) if options.cache_generic else None
+            cached = store.claim_array(*key) if options.cache_generic else None  # concurrent questions: once
+            claimed += [key] if options.cache_generic and cached is None else []
             if cached is not None:
                 generic_cached[key] = cached
             elif sessions_work:  # after the batch, reusing each question row's cache of its image or block

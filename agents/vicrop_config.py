@@ -184,3 +184,11 @@ def resolve_layer(layer: int | list[int] | None, policy: WhiteBoxPolicy) -> int 
     if isinstance(layer, (list, tuple)):
         return [index % num_layers if index < 0 else index for index in layer]
     return layer % num_layers if layer < 0 else layer
+
+
+def generic_cache_key(policy: WhiteBoxPolicy, options: ViCropConfig, layer: Any, layout: tuple[int, int]) -> str:
+    """Image-store array key of a generic map: method, layer and a digest of everything else it depends on."""
+    blob = f"{policy.fingerprint()}|{options.generic_prompt}|{layer}|{layout}|{options.high_res_block}"
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    layer_label = "-".join(map(str, layer)) if isinstance(layer, list) else layer
+    return f"vicrop-generic-{options.method}-L{layer_label}-{digest}"
