@@ -188,6 +188,15 @@ def _look_attention(
     batched_generics: dict[tuple[str, str], tuple[int, tuple[int, int]]] = {}
     # → (question rows, generic conversations, layout): each generic row reuses its question row's cache
     session_generics: dict[tuple[str, str], tuple[list[int], list[list[dict]], tuple[int, int]]] = {}
+    # First the model's answer starts (its first call; then, as when the look held the model throughout, the
+    # question whose reply came first computes a shared generic map and the others wait for it: claim_array).
+    starts = policy.answer_starts(
+        [m for _, m, _ in requests],
+        layer=None if gradient else layer,
+        keep=[sessions_work] * len(requests),
+        look_first=options.look_first,
+        max_tokens=options.thought_tokens,
+    )
     for ref, messages, target in requests:
         block_images, layout = image_blocks(store.get(ref), options.high_res_block)
         whole = layout == (1, 1)
@@ -214,13 +223,6 @@ def _look_attention(
     results: list[Any] = [None] * len(conversations)  # rows an answer start already measured are filled in here
     whole_probes: dict[int, Any] = {}  # a blocked image's whole-image probe (its cache serves the answer pass)
     from_reply: set[int] = set()
-    starts = policy.answer_starts(
-        [m for _, m, _ in requests],
-        layer=None if gradient else layer,
-        keep=[sessions_work] * len(plans),
-        look_first=options.look_first,
-        max_tokens=options.thought_tokens,
-    )
     for (_, _, whole, _, first, count), start in zip(plans, starts, strict=True):
         suffixes[first : first + count] = [start.text] * count  # blocks are read after the whole image's start
         thought_calls[first] = start.reply
