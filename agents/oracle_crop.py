@@ -26,7 +26,6 @@ crop as a second image and keeps the original), greedy decoding. The final user 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -45,10 +44,9 @@ from foveate.agents.state import (
     to_policy_messages,
 )
 from foveate.errors import FoveateError
-from foveate.policies.base import ChatPolicy
+from foveate.policies.base import DEFAULT_INPUT_SIDE, ChatPolicy  # noqa: F401 (DEFAULT_INPUT_SIDE re-exported)
 from foveate.tools.boxes import Box, parse_box
 
-DEFAULT_INPUT_SIDE = 448  # pixels; used when a backend does not reveal its input resolution (e.g. HTTP)
 REQUIRES_EVIDENCE = True  # the evaluator skips task rows without evidence boxes for this strategy
 
 
@@ -58,32 +56,9 @@ class OracleCropState(AgentState, total=False):
 
 
 def model_input_side(policy: ChatPolicy) -> int:
-    """The side ``s`` (pixels) of the square the model sees a whole image at.
-
-    In order: a backend's own ``input_side`` attribute; ``sqrt(max_pixels)`` from a transformers backend's
-    resolution override or its processor's ``size["longest_edge"]`` (Qwen2-VL's pixel budget: the demo model's
-    224 × 224 gives 224); an HTTP backend's ``max_pixels``; else `DEFAULT_INPUT_SIDE`. Checkpoints whose
-    processor allows huge inputs (stock Qwen2-VL: 12.8 M pixels) should be run with ``max_pixels`` set to the
-    budget actually evaluated, or every window covers the whole image.
-    """
-    side = getattr(policy, "input_side", None)
-    if isinstance(side, (int, float)) and side > 0:
-        return int(side)
-    max_pixels = None
-    override = getattr(policy, "size_override", None)
-    if override:
-        max_pixels = override.get("longest_edge")
-    if max_pixels is None:
-        size = getattr(getattr(getattr(policy, "processor", None), "image_processor", None), "size", None)
-        if size is not None:
-            max_pixels = getattr(size, "longest_edge", None) or getattr(size, "max_pixels", None)
-            if max_pixels is None and isinstance(size, dict):
-                max_pixels = size.get("longest_edge") or size.get("max_pixels")
-    if max_pixels is None:
-        max_pixels = getattr(policy, "max_pixels", None)
-    if isinstance(max_pixels, (int, float)) and max_pixels > 0:
-        return int(math.isqrt(int(max_pixels)))
-    return DEFAULT_INPUT_SIDE
+    """The side ``s`` (pixels) of the square the model sees a whole image at: the backend's declared
+    ``input_side`` (`ChatPolicy.input_side`: the demo model's 224 × 224 pixel budget gives 224)."""
+    return int(policy.input_side)
 
 
 def evidence_union(evidence: Any, image_size: tuple[int, int]) -> Box:

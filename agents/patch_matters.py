@@ -85,7 +85,8 @@ from foveate.agents.state import (
     to_policy_messages,
 )
 from foveate.errors import FoveateError
-from foveate.policies.base import SamplingParams
+from foveate.policies.base import SamplingParams, WhiteBoxPolicy
+from foveate.policies.look_first import looks_first
 from foveate.tools.boxes import Box
 from foveate.tools.crop import crop as crop_image
 from foveate.tools.sentences import default_embedder, split_sentences
@@ -199,7 +200,7 @@ def _grounder(policy: Any, options: PatchMattersConfig):
 
     kind = options.grounder
     if kind == "auto":
-        kind = "attention" if getattr(policy, "white_box", False) else "vlm"
+        kind = "attention" if isinstance(policy, WhiteBoxPolicy) else "vlm"
     if kind == "attention":
         return AttentionGrounder(policy, options.attention_layer)
     return VLMGrounder(policy) if kind == "vlm" else None
@@ -304,8 +305,6 @@ def _could_be_added(groupings: list[Grouping], caption: str, options: PatchMatte
 
 
 def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], config: RunnableConfig):
-    from foveate.agents.vicrop_thought import wants_thoughts
-
     context, options = resolve_context(runtime), _options(config)
     embed = default_embedder().embed
     split = [[split_sentences(text) for text in patch_samples] for patch_samples in state["samples"]]
@@ -313,7 +312,7 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
     groupings = [group_samples(s, embed, similar=options.similar, contradict=options.contradict) for s in split]
     scorer = options.scorer
     if scorer == "auto":
-        scorer = "likelihood" if getattr(context.policy, "white_box", False) else "embedding"
+        scorer = "likelihood" if isinstance(context.policy, WhiteBoxPolicy) else "embedding"
     if options.keep >= 1.0:  # no score exceeds 1: agreement alone decides, nothing needs scoring
         scorer = "none"
         scores = [[0.0] * len(g.doubtful()) for g in groupings]
@@ -321,7 +320,11 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
         useful = _could_be_added(groupings, state["global_caption"], options)
         items = [(p["crop"], s) for p, g in zip(state["patches"], groupings, strict=True) for s in g.doubtful()]
         wanted = [i for i, (_, sentence) in enumerate(items) if sentence in useful]
-        look_first = wants_thoughts(context.policy, options.look_first)
+        look_first = options.look_first == "on" or (
+            options.look_first == "auto"
+            and isinstance(context.policy, WhiteBoxPolicy)
+            and looks_first(context.policy.model_dir)
+        )
         measured = _likelihood_scores(context.policy, context.store, [items[i] for i in wanted], look_first)
         flat = [0.0] * len(items)  # a sentence that can never enter the caption is not scored (and not kept)
         for i, value in zip(wanted, measured, strict=True):
@@ -351,7 +354,7 @@ def _merge_policy(context: FoveateContext, options: PatchMattersConfig):
         return None
     if options.merge_model == "self":
         return context.policy
-    from foveate.api import make_policy
+    from foveate.policies.factory import make_policy
 
     return make_policy(options.merge_model, options.merge_endpoint)
 

@@ -58,9 +58,9 @@ class FoveateContext:
 
 def resolve_context(runtime: Runtime[FoveateContext] | None) -> FoveateContext:
     """The run's context with defaults filled in (default policy and store)."""
-    from foveate.api import default_policy
+    from foveate.policies.factory import default_policy
 
-    context = getattr(runtime, "context", None) or FoveateContext()
+    context = (runtime.context if runtime is not None else None) or FoveateContext()
     policy = context.policy or default_policy()
     store = context.store or ImageStore()
     return FoveateContext(policy=policy, wisdom=context.wisdom, store=store, max_new_tokens=context.max_new_tokens)
@@ -69,7 +69,7 @@ def resolve_context(runtime: Runtime[FoveateContext] | None) -> FoveateContext:
 def wisdom_policy(context: FoveateContext) -> ChatPolicy:
     """The LLM for text-only roles (ProReason's "wisdom", VPD's programmer): the context's, else the one the
     config names (``wisdom_model`` / ``wisdom_endpoint``), else the eyesight policy itself."""
-    from foveate.api import default_wisdom
+    from foveate.policies.factory import default_wisdom
 
     return context.wisdom or default_wisdom() or context.policy
 
@@ -213,3 +213,20 @@ def answer_update(node: str, prompt: list[dict[str, Any]], result: Any, **call_e
         "messages": [AIMessage(content=answer)],
         "steps": [model_call_step(node, prompt, result, **call_extra), answer_step(node, answer)],
     }
+
+
+def user_turn(*parts: Any) -> list[dict[str, Any]]:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image", "image": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def last_user_text(messages: list[dict]) -> str:
+    parts = messages[-1]["content"]
+    return " ".join(p["text"] for p in parts if p.get("type") == "text").strip()
+
+
+def target_index(refs: list[str], ref: str) -> int:
+    """Which image of the conversation the question is about: the last occurrence of ``ref`` (else the last)."""
+    if ref in refs:
+        return len(refs) - 1 - refs[::-1].index(ref)
+    return max(len(refs) - 1, 0)

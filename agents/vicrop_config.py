@@ -1,12 +1,20 @@
-"""ViCrop's options (`ViCropConfig`): ``configs/vicrop.yaml``, then the registered strategy name, then per call.
+"""ViCrop's options (`ViCropConfig`): ``configs/vicrop.yaml``, then the registered strategy name, then per call;
+and the layer the maps are read at, per model (`resolve_layer`).
 
-Kept apart from `agents.vicrop` (the graph and the maps) so the strategy module stays readable; see its docstring
-for what each option does to the algorithm.
+Kept apart from `agents.vicrop` (the graph and the method's steps) so the strategy module stays readable; see its
+docstring for what each option does to the algorithm.
+
+The layer: an explicit ``layer`` (configs/vicrop.yaml, a registered name, ``-o layer=…``, a per-call option) wins;
+else the layer calibrated for the model (``foveate vicrop calibrate --model DIR`` writes it): ``foveate_vicrop.json``
+in the model's directory (the demo model ships one), else ``$FOVEATE_HOME/vicrop/<fingerprint digest>.json`` when
+the directory was not writable; else the paper's rule, `paper_layer`: the layer at 14/32 of the depth, rounded
+(LLaVA-1.5-7B's layer 14 of 32, the paper's choice; 12 of Qwen2.5-VL-7B's 28).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -17,8 +25,10 @@ from typing import Any
 import yaml
 from langchain_core.runnables import RunnableConfig
 
-from foveate.agents.vicrop_thought import LOOK_FIRST
+from foveate.config import load_config
 from foveate.errors import FoveateError
+from foveate.policies.base import WhiteBoxPolicy
+from foveate.policies.look_first import LOOK_FIRST
 from foveate.protocol import GENERIC_PROMPT
 from foveate.tools.saliency import RATIOS
 
@@ -37,7 +47,8 @@ def _help(text: str, default: Any = None, factory: Any = None) -> Any:
 class ViCropConfig:
     method: str = _help("rel-att | grad-att | pure-grad", "rel-att")
     layer: int | list[int] | None = _help(
-        "decoder layer(s) the map is read at (negative counts from the end); None = middle"
+        "decoder layer(s) the map is read at (negative counts from the end); None = the model's calibrated layer "
+        "(foveate_vicrop.json), else the paper's rule (14/32 of the depth)"
     )
     ratios: list[float] = _help("window side / model input side", factory=lambda: list(RATIOS))
     input_side: int | None = _help("model input side s in pixels; None = read from the backend")
@@ -54,7 +65,7 @@ class ViCropConfig:
     carve_keep: float = _help("mask feed: fraction of the image kept at full strength", 0.25)
     carve_floor: float = _help("mask feed: weight of the least-attended pixels", 0.15)
     look_first: str = _help(
-        "auto | on | off: read the question map inside a look-first model's own thought (agents.vicrop_thought); "
+        "auto | on | off: read the question map inside a look-first model's own thought (policies.look_first); "
         "auto = when the model's saved recipe answers look-first",
         "auto",
     )
@@ -102,7 +113,7 @@ def _parse_options(source: str, stamp: int) -> dict[str, Any]:
     return data
 
 
-def _options(config: RunnableConfig | None) -> ViCropConfig:
+def options_from(config: RunnableConfig | None) -> ViCropConfig:
     """File defaults ← the registered name's options (``vicrop_defaults``) ← this call's (``vicrop``)."""
     configurable = (config or {}).get("configurable", {}) or {}
     overrides = {**configurable.get("vicrop_defaults", {}), **configurable.get("vicrop", {})}
@@ -117,3 +128,67 @@ def _options(config: RunnableConfig | None) -> ViCropConfig:
 @functools.lru_cache(maxsize=64)
 def _cached_options(path: str, stamp: int, overrides: str) -> ViCropConfig:
     return load_vicrop_config(path or None, **json.loads(overrides))
+
+
+# ---- the layer, per model ---------------------------------------------------------------------------------------
+LAYER_FILE = "foveate_vicrop.json"  # {"layer": int, ...}: beside a model's weights, or under $FOVEATE_HOME/vicrop
+
+
+def paper_layer(num_layers: int) -> int:
+    """The paper's rule for a model nobody calibrated: the layer at 14/32 of the depth (LLaVA-1.5-7B: 14 of 32)."""
+    return min(num_layers - 1, max(0, round(num_layers * 14 / 32)))
+
+
+def home_layer_file(policy: WhiteBoxPolicy) -> Path:
+    """Where a calibration is recorded when the model's directory is not writable: keyed by its fingerprint."""
+    digest = hashlib.sha256(policy.fingerprint().encode()).hexdigest()[:16]
+    return load_config().home_dir / "vicrop" / f"{digest}.json"
+
+
+def calibrated_layer(policy: WhiteBoxPolicy) -> tuple[int | list[int], Path] | None:
+    """The layer recorded for this model (its directory first, then $FOVEATE_HOME) and the file it came from."""
+    places = [policy.model_dir / LAYER_FILE] if policy.model_dir else []
+    for path in [*places, home_layer_file(policy)]:
+        if path.is_file():
+            try:
+                layer = json.loads(path.read_text())["layer"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise FoveateError(f"cannot read the ViCrop layer from {path}: {error}") from error
+            return layer, path
+    return None
+
+
+def record_layer(policy: WhiteBoxPolicy, layer: int, report: dict[str, Any]) -> Path:
+    """Write ``layer`` (and how it was chosen) where `calibrated_layer` finds it: the model's directory when
+    writable, else $FOVEATE_HOME/vicrop keyed by the model's fingerprint. Returns the file written."""
+    payload = json.dumps({"layer": layer, **report}, indent=2) + "\n"
+    if policy.model_dir is not None:
+        try:
+            (policy.model_dir / LAYER_FILE).write_text(payload)
+            return policy.model_dir / LAYER_FILE
+        except OSError:  # a read-only model directory (an installed package, a shared cache)
+            pass
+    path = home_layer_file(policy)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(payload)
+    return path
+
+
+def resolve_layer(layer: int | list[int] | None, policy: WhiteBoxPolicy) -> int | list[int]:
+    """The layer(s) to read maps at: ``layer`` when given, else the model's calibrated layer, else `paper_layer`;
+    negative indices count from the end."""
+    num_layers = policy.num_layers
+    if layer is None:
+        found = calibrated_layer(policy)
+        layer = found[0] if found is not None else paper_layer(num_layers)
+    if isinstance(layer, (list, tuple)):
+        return [index % num_layers if index < 0 else index for index in layer]
+    return layer % num_layers if layer < 0 else layer
+
+
+def generic_cache_key(policy: WhiteBoxPolicy, options: ViCropConfig, layer: Any, layout: tuple[int, int]) -> str:
+    """Image-store array key of a generic map: method, layer and a digest of everything else it depends on."""
+    blob = f"{policy.fingerprint()}|{options.generic_prompt}|{layer}|{layout}|{options.high_res_block}"
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    layer_label = "-".join(map(str, layer)) if isinstance(layer, list) else layer
+    return f"vicrop-generic-{options.method}-L{layer_label}-{digest}"

@@ -2,10 +2,9 @@
 
 Shared by the strategies whose model *writes* boxes (deepeyes, visrl). Three pieces:
 
-**Conversion** (`model_box_to_pixels`, `pixels_to_model_box`): a box in the policy's own convention
-(``policy.box_convention``: ``"thousand"``, ``"normalized"``, ``"pixels"`` or ``"resized"``, see
-``policies.base.BOX_CONVENTIONS``) to and from a `Box` in original-image pixels. ``"resized"`` uses the
-backend's ``resized_size(image_size)`` (the extent of the original in the model's resized input).
+**Conversion** (`model_box_to_pixels`, `pixels_to_model_box`, defined at the policy edge in `policies.box_edge`
+and importable from here): a box in the policy's own convention (``policy.box_convention``) to and from a `Box`
+in original-image pixels.
 
 **Reply parsing** (`parse_reply`), what a DeepEyes-format reply may be and how each case is read:
 
@@ -43,10 +42,11 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from foveate.errors import BoxError, FoveateError, PolicyError
-from foveate.policies.base import ChatPolicy, check_box_convention
+from foveate.errors import BoxError, FoveateError
+from foveate.policies.base import ChatPolicy
+from foveate.policies.box_edge import model_box_to_pixels, pixels_to_model_box  # noqa: F401 (re-exported)
 from foveate.protocol import ZOOM_TOOL_NAME
-from foveate.tools.boxes import Box, from_resized, parse_box, to_normalized, to_resized, to_thousand
+from foveate.tools.boxes import Box
 from foveate.tools.crop import crop
 
 MIN_ZOOM_SIDE = 30  # pixels of the original image; DeepEyes refuses boxes whose short side is <= this
@@ -59,58 +59,6 @@ _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 
 class ToolError(FoveateError):
     """A tool call the tool refuses; the message is what the model is shown after ``Error: ``."""
-
-
-# ---- conversion ---------------------------------------------------------------------------------------------
-def _resized_size(policy: ChatPolicy, image_size: tuple[int, int]) -> tuple[float, float]:
-    resized_size = getattr(policy, "resized_size", None)
-    if not callable(resized_size):
-        raise PolicyError(
-            f"{getattr(policy, 'name', 'policy')}: box convention 'resized' needs the backend's resized input size "
-            "(resized_size), which it does not provide; set a different box_convention"
-        )
-    return resized_size(image_size)
-
-
-def model_box_to_pixels(
-    values: Any,
-    image_size: tuple[int, int],
-    policy: ChatPolicy,
-    *,
-    min_side: float = 0.0,
-    max_aspect: float | None = None,
-    clamp: bool = True,
-) -> Box:
-    """Untrusted box ``values`` in ``policy.box_convention`` → a `Box` in original-image pixels.
-
-    Validation is ``tools.boxes.parse_box``'s (4 numbers, not inverted, not entirely outside, clipped with
-    ``clamp``, then ``min_side``/``max_aspect`` on the clipped box); raises `BoxError` naming the problem.
-
-    >>> class Qwen2(ChatPolicy): box_convention = "thousand"
-    >>> model_box_to_pixels([250, 500, 750, 1000], (672, 504), Qwen2()).to_list()
-    [168.0, 252.0, 504.0, 504.0]
-    """
-    convention = check_box_convention(getattr(policy, "box_convention", "thousand"))
-    if convention != "resized":
-        return parse_box(
-            values, image_size, convention=convention, min_side=min_side, max_aspect=max_aspect, clamp=clamp
-        )
-    resized = _resized_size(policy, image_size)
-    in_resized = parse_box(values, resized, convention="pixels", min_side=0, clamp=False)
-    original = from_resized(in_resized.to_list(), image_size, resized)
-    return parse_box(original.to_list(), image_size, min_side=min_side, max_aspect=max_aspect, clamp=clamp)
-
-
-def pixels_to_model_box(box: Box, image_size: tuple[int, int], policy: ChatPolicy) -> list[float]:
-    """A `Box` in original pixels → ``[x1, y1, x2, y2]`` in ``policy.box_convention`` (floats; round to write)."""
-    convention = check_box_convention(getattr(policy, "box_convention", "thousand"))
-    if convention == "thousand":
-        return to_thousand(box, image_size)
-    if convention == "normalized":
-        return to_normalized(box, image_size)
-    if convention == "resized":
-        return to_resized(box, image_size, _resized_size(policy, image_size))
-    return box.to_list()
 
 
 # ---- reply parsing ------------------------------------------------------------------------------------------

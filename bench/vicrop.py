@@ -22,7 +22,7 @@ variant makes ``--repeats`` timed passes of which the fastest counts (the machin
   ``output_attentions=True`` over all layers, two separate batch-1 prefills (question, generic), a Python
   double loop over window positions, then ``generate`` on image + crop;
 - ``direct (batch 8)`` / ``vicrop-rel (batch 8)``: 8 questions at a time (``policy.chat`` and
-  `foveate.agents.vicrop_many.answer_many`: one probe forward, one answer batch), seconds per item.
+  `foveate.agents.vicrop.answer_many`: the same steps, one probe forward, one answer batch), seconds per item.
 
 Reported per task: seconds per item, the ratio to ``direct`` and (for ``vicrop-rel``) to the reference, peak
 memory growth over the loaded model (Linux ``VmHWM`` after the model is loaded, reset with ``clear_refs``),
@@ -75,7 +75,7 @@ shows: `--tasks world:small-detail --variants direct,vicrop-rel,reference-style 
 451584` (672² input: 2304 patches, 256 image tokens) gives vicrop-rel 1.95× direct, reference-style 7.84×, and
 vicrop-rel's peak memory growth 0.49× the reference's (173 against 352 MB).
 
-What the gate does (`python -m foveate.agents.vicrop_calibrate --task world:large --n 200 --gate`, held-out seed
+What the gate does (`foveate vicrop calibrate --task world:large --n 200 --gate --no-record`, held-out seed
 1001, v19): at 0.5 it answers 68 % of large items from the reply (those 52.6 % right, the rest 23.1 % right when
 answered directly); 0.4: 72 %, 0.3: 77 %. Above 0.8 the demo model is confidently wrong (p ≥ 0.9: 10 % of items,
 none right), so the probability is a poor measure of being sure for this model.
@@ -231,8 +231,7 @@ def worker(
     from foveate.agents import get_builder
     from foveate.agents.oracle_crop import model_input_side
     from foveate.agents.state import FoveateContext
-    from foveate.agents.vicrop import load_vicrop_config, resolve_layer
-    from foveate.agents.vicrop_many import answer_many
+    from foveate.agents.vicrop import answer_many, load_vicrop_config, resolve_layer
     from foveate.api import make_policy, run_strategy
     from foveate.eval.metrics import score_answer
     from foveate.eval.runner import resolve_tasks
@@ -251,7 +250,7 @@ def worker(
     options = {k: v for k, v in options.items() if k != "batch"}
     params = _greedy(max_new_tokens)
     if strategy is None:
-        layer = resolve_layer(load_vicrop_config().layer, policy.num_layers)
+        layer = resolve_layer(load_vicrop_config().layer, policy)
         reference = ReferenceViCrop(policy, layer, model_input_side(policy), max_new_tokens)
     else:
         graph = get_builder(strategy)()
@@ -280,7 +279,7 @@ def worker(
                 answers.append(graph.invoke(inputs, config=config, context=context)["answer"])
         return answers
 
-    convention = getattr(policy, "box_convention", "thousand")
+    convention = policy.box_convention
     baseline_kb = reset_peak()
     best, scores = None, []
     for _ in range(repeats):

@@ -168,7 +168,7 @@ def run_chat(
                         if line and not as_json:
                             show.print(Text(f"  · {line}", style="dim"))
                     else:
-                        trace = make_trace(strategy, value, steps, getattr(policy, "name", ""))
+                        trace = make_trace(strategy, value, steps, policy.name)
             except FoveateError as error:
                 info.print(Text.assemble(("error:", "red"), f" {error}"))  # the message as text, not markup
                 forget_turn(graph, before.config, thread_id)

@@ -11,6 +11,7 @@
     foveate caption INPUT --out caps.jsonl [--strategy direct] [--workers N] [--ray-address ADDR] [--format parquet]
     foveate train grpo|dpo --config configs/rl/deepeyes.yaml|visrl.yaml [--max-steps N] [--ray-workers N]
     foveate plot RUN_DIR
+    foveate vicrop calibrate [--model DIR] [--task world:small-detail] [--n 50] [--method rel-att] [--gate]
 
 Errors a user can cause (missing files, unreadable images, unknown strategies, unloadable models, unreachable
 endpoints) print one line on stderr and exit with status 2; anything else prints one line and exits 1
@@ -59,6 +60,7 @@ from foveate.rl_cli import plot_command, train_dpo, train_grpo  # noqa: E402 - t
 train_app.command("grpo")(train_grpo)
 train_app.command("dpo")(train_dpo)
 app.command("plot")(plot_command)
+_mount_optional("vicrop", "foveate.vicrop_calibrate", "vicrop_app")
 
 try:  # `foveate eval --task … --strategies …` is a single command, so it is mounted with app.command
     from foveate.eval.cli import eval_command

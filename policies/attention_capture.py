@@ -47,7 +47,7 @@ def capture_attention(layers: Sequence[int], query_offset: int | torch.Tensor = 
         _state.buffer = previous
 
 
-def _attention_row(module, query, key, attention_mask, scaling, query_offset):
+def attention_row(module, query, key, attention_mask, scaling, query_offset):
     """softmax over keys for the chosen query positions, all heads, in float32: [batch, heads, key_len] for an int
     (the same position in every row) or a [batch] tensor of positions; [batch, heads, n, key_len] for a [batch, n]
     tensor (several positions per row, such as every answer of a multi-turn chat). With a tensor, keys after each
@@ -88,7 +88,7 @@ def capturing_sdpa_forward(module, query, key, value, attention_mask, scaling=No
     # Only causal text-decoder layers are captured; the vision tower shares this function but has no layer_idx.
     if buffer is not None and layer_idx in buffer.layers and getattr(module, "is_causal", False):
         with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            buffer.rows[layer_idx] = _attention_row(module, query, key, attention_mask, scaling, buffer.query_offset)
+            buffer.rows[layer_idx] = attention_row(module, query, key, attention_mask, scaling, buffer.query_offset)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

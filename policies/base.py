@@ -13,15 +13,26 @@ White-box calls (log-likelihoods, attention maps, pixel gradients) exist only on
 the defaults here raise ``WhiteBoxUnsupported`` so a strategy that needs them fails with a clear message.
 
 Every policy names the coordinate convention its model reads and writes boxes in (``box_convention``, one of
-`BOX_CONVENTIONS`); strategies convert at this edge (``agents.zoom_tool``), so everything inside foveate stays
-in original-image pixels. A backend whose convention is ``"resized"`` also has ``resized_size(image_size)``.
+`BOX_CONVENTIONS`); strategies convert at this edge (`policies.box_edge`), so everything inside foveate stays
+in original-image pixels. A backend whose convention is ``"resized"`` implements ``resized_size(image_size)``.
+Every backend states the side ``input_side`` of the square it sees a whole image at (ViCrop's ``s``).
+
+`WhiteBoxPolicy` is the one protocol of backends that hold the weights: everything a strategy may ask of such a
+backend beyond ``chat`` is declared there (maps, probes, sessions, the model's identity and depth). Strategies
+check ``isinstance(policy, WhiteBoxPolicy)`` and call only what it declares; how a backend serialises access to
+its one model (`policies.batching.MicroBatcher`'s lock) is its own concern. A model's answer format is its own
+concern too: a look-first model (``<think>the red circle</think>circle``) reports, through `answer_starts`, the
+text it writes before it commits to the answer, and a strategy reads and continues from there as it would from
+the last prompt token of any other model.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +47,7 @@ Conversation = Sequence[Message]
 # "normalized" = fractions 0-1; "pixels" = absolute pixels of the original image; "resized" = absolute pixels
 # of the model's resized input (Qwen2.5-VL), which needs the backend's ``resized_size``.
 BOX_CONVENTIONS = ("thousand", "normalized", "pixels", "resized")
+DEFAULT_INPUT_SIDE = 448  # pixels; the input side of a backend that does not reveal its resolution (e.g. HTTP)
 
 
 def check_box_convention(value: str) -> str:
@@ -155,12 +167,23 @@ class ImageMap:
 
 
 class ChatPolicy:
-    """Base class of every backend. Subclasses implement ``chat``; white-box ones also the map calls."""
+    """Base class of every backend. Subclasses implement ``chat``; white-box ones are `WhiteBoxPolicy`."""
 
     name: str = "policy"
     supports_images: bool = True
     white_box: bool = False
     box_convention: str = "thousand"  # how the model writes boxes (see BOX_CONVENTIONS); backends set their own
+    # The side s (pixels) of the square the model sees a whole image at: sqrt of its pixel budget. Backends that
+    # know their resolution override it (a property on the transformers backend, ``max_pixels`` over HTTP).
+    input_side: int = DEFAULT_INPUT_SIDE
+
+    def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
+        """The extent (width, height) of an image of ``image_size`` in the model's resized input; needed by the
+        ``"resized"`` box convention. Backends that cannot know it raise `PolicyError`."""
+        raise PolicyError(
+            f"{self.name}: box convention 'resized' needs the backend's resized input size (resized_size), which "
+            "it does not provide; set a different box_convention"
+        )
 
     def chat(self, conversations: Sequence[Conversation], params: SamplingParams | None = None) -> list[ChatResult]:
         raise NotImplementedError
@@ -188,6 +211,156 @@ class ChatPolicy:
 
     def close(self) -> None:
         """Release network clients or worker threads; model weights are left to the garbage collector."""
+
+
+@dataclass
+class ProbeResult:
+    """One conversation's answer to `WhiteBoxPolicy.attention_probe`."""
+
+    maps: list[ImageMap]  # one per image of the conversation, in order
+    token: str  # the argmax next token (the first answer token under greedy decoding)
+    token_id: int
+    prob: float  # its probability: the confidence a gate can use
+    prompt_tokens: int
+    latency_s: float  # wall time of the batched forward this row was part of
+    session: str | None = None  # handle for `continue_probe` / `chat_with_prefix` (None when not kept)
+
+
+@dataclass
+class AnswerStart:
+    """What a model writes before it commits to its answer (`WhiteBoxPolicy.answer_starts`).
+
+    ``text`` is "" for a model that answers straight away (Qwen2-VL, Qwen2.5-VL): its answer position is the last
+    prompt token, and nothing was decoded (``reply`` None). A look-first model's is its thought up to the answer
+    (``<think>the red``), read from ``reply``, its greedy reply; ``probe``, when the reply was decoded with its
+    attention recorded, is the `ProbeResult` at that position (else the caller probes with ``text`` as suffix)."""
+
+    text: str = ""
+    reply: ChatResult | None = None
+    probe: ProbeResult | None = None
+
+    def answers(self, params: SamplingParams) -> bool:
+        """Whether ``reply`` can stand as the answer to a caller decoding with ``params`` (`answers_as_asked`)."""
+        return answers_as_asked(self.reply, params)
+
+
+def answers_as_asked(reply: ChatResult | None, params: SamplingParams) -> bool:
+    """Whether a greedy ``reply`` (an answer start's) can stand as the answer to a caller decoding with ``params``:
+    it ended on its own (not cut), and the caller decodes greedily, once, with no stop strings and a token budget
+    the reply fits in (the answer it would get is then exactly this reply)."""
+    if reply is None or reply.completions[0].finish_reason != "stop":
+        return False
+    plain = params.greedy and params.n == 1 and not params.stop
+    return plain and reply.completion_tokens <= params.max_new_tokens
+
+
+class WhiteBoxPolicy(ChatPolicy, abc.ABC):
+    """A backend that holds the weights: everything a strategy may ask of it beyond ``chat``.
+
+    Implemented by `policies.transformers_vlm.TransformersVLM` and forwarded, under its model lock, by
+    `policies.batching.MicroBatcher` (so a strategy never serialises calls itself).
+    """
+
+    white_box = True
+
+    # ---- the model ---------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def num_layers(self) -> int:
+        """Decoder layers of the language model (valid ``layer`` arguments: 0 … num_layers - 1)."""
+
+    @property
+    @abc.abstractmethod
+    def model_dir(self) -> Path | None:
+        """The directory the weights were loaded from (None when not a local directory)."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """What a cached map depends on besides the image and prompt: the model files and the input resolution."""
+
+    @property
+    @abc.abstractmethod
+    def token_cell(self) -> int:
+        """Pixels of the resized input per side of one map cell (patch size × merge size: 28 for Qwen2-VL)."""
+
+    # ---- maps and probes ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def attention_probe(
+        self,
+        conversations: Sequence[Conversation],
+        layer: int | Sequence[int],
+        *,
+        gradient: bool = False,
+        keep: Sequence[bool] | None = None,
+        sessions: Sequence[str | None] | None = None,
+        suffixes: Sequence[str] | None = None,
+    ) -> list[ProbeResult]:
+        """One batched forward: each conversation's image maps at ``layer`` (the last prompt token's attention, or
+        grad-att with ``gradient``) and its next-token argmax and probability; ``keep[i]`` keeps row i's KV cache
+        as a session; ``sessions`` reuse kept caches for a shared prefix; ``suffixes`` are assistant text the model
+        is taken to have written (maps are then read at its last token)."""
+
+    @abc.abstractmethod
+    def answer_starts(
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        layer: int | Sequence[int] | None = None,
+        keep: Sequence[bool] | None = None,
+        look_first: str = "auto",
+        max_tokens: int = 24,
+    ) -> list[AnswerStart]:
+        """Per conversation, what the model writes before its answer (`AnswerStart`), from one batched greedy
+        reply of at most ``max_tokens`` when the model answers look-first (``look_first``: ``auto`` = as its saved
+        recipe says, ``on``, ``off``), else "" with no model call. With ``layer``, a reply decoded with its
+        attention recorded carries the probe at the answer position (``keep[i]``: its prompt cache kept)."""
+
+    # ---- sessions: a probed prompt's KV cache, reused -----------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def supports_prefix_reuse(self) -> bool:
+        """Whether probes can keep sessions here (else ``keep`` is ignored and sessions are never returned)."""
+
+    @abc.abstractmethod
+    def continue_probe(self, sessions: Sequence[str], params: SamplingParams | None = None) -> list[ChatResult]:
+        """Greedy answers to probed conversations, decoded from their kept caches (`PolicyError` if one is gone)."""
+
+    @abc.abstractmethod
+    def chat_with_prefix(
+        self,
+        conversations: Sequence[Conversation],
+        sessions: Sequence[str | None],
+        params: SamplingParams | None = None,
+        starts: Sequence[str] | None = None,
+    ) -> list[ChatResult]:
+        """``chat``, reusing each session's cache for the prefix its conversation shares with it; ``starts``: text
+        each reply begins with, taken as already written (greedy only)."""
+
+    @abc.abstractmethod
+    def release_sessions(self, sessions: Sequence[str | None]) -> None:
+        """Drop kept caches (unknown or None ids are ignored)."""
+
+    def continues_start(self, params: SamplingParams) -> bool:
+        """Whether an answer can begin with a given start (`chat_with_prefix(starts=…)`): greedy, once, no stop
+        strings (they would have to see the prefilled start), on a model with sessions."""
+        return params.greedy and params.n == 1 and not params.stop and self.supports_prefix_reuse
+
+    # ---- the white-box calls every such backend has (declared on ChatPolicy, abstract here) ----------------
+    @abc.abstractmethod
+    def answer_logprobs(self, conversations: Sequence[Conversation], answers: Sequence[str]) -> list[float]:
+        """Sum of log p(answer tokens | conversation) for each pair."""
+
+    @abc.abstractmethod
+    def image_attention(
+        self, conversations: Sequence[Conversation], layer: int | Sequence[int], position: int = -1
+    ) -> list[list[ImageMap]]:
+        """Attention of the token at ``position`` of the prompt to each image's tokens at ``layer``."""
+
+    @abc.abstractmethod
+    def pixel_gradient(
+        self, conversations: Sequence[Conversation], answers: Sequence[str | None]
+    ) -> list[list[ImageMap]]:
+        """Gradient norm of the answer's log-likelihood with respect to each image's input pixels."""
 
 
 def iter_parts(message: Message) -> list[dict[str, Any]]:

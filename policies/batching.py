@@ -20,9 +20,11 @@ Rules worth knowing:
 - An exception raised by the wrapped policy reaches the callers of that batch only; later batches run. When a
   merged batch fails, each of its calls is retried alone, so one bad conversation (an unreadable image, a
   request the server rejects) fails only its own caller, not the calls that happened to share its batch.
-- White-box calls (log-likelihoods, attention maps, pixel gradients) pass straight through under the same lock
-  the worker holds while generating, so the model never runs two things at once. Any other attribute
-  (``name``, ``box_convention``, ``processor``, …) is read from the wrapped policy.
+- Wrapping a `WhiteBoxPolicy` gives a `WhiteBoxBatcher`, itself a `WhiteBoxPolicy`: every white-box call it
+  declares (maps, probes, sessions, answer starts) passes straight through under the same lock the worker holds
+  while generating, so the model never runs two things at once and no caller takes a lock. The declared
+  attributes (``name``, ``box_convention``, ``input_side``, ``num_layers``, …) are the wrapped policy's; nothing
+  else is forwarded.
 - ``close()`` stops the worker (pending calls fail with `PolicyError`); it does not close the wrapped policy,
   which the batcher does not own.
 """
@@ -35,12 +37,22 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from foveate.errors import PolicyError
-from foveate.policies.base import ChatPolicy, ChatResult, Conversation, ImageMap, SamplingParams
+from foveate.policies.base import (
+    AnswerStart,
+    ChatPolicy,
+    ChatResult,
+    Conversation,
+    ImageMap,
+    ProbeResult,
+    SamplingParams,
+    WhiteBoxPolicy,
+)
 
-__all__ = ["MicroBatcher"]
+__all__ = ["MicroBatcher", "WhiteBoxBatcher"]
 
 
 def _params_key(params: SamplingParams) -> tuple:
@@ -61,6 +73,11 @@ class _Request:
 class MicroBatcher(ChatPolicy):
     """A thread-safe `ChatPolicy` that merges concurrent ``chat`` calls into batches of the wrapped policy."""
 
+    def __new__(cls, policy: ChatPolicy, *args: Any, **kwargs: Any) -> MicroBatcher:
+        if cls is MicroBatcher and isinstance(policy, WhiteBoxPolicy):  # the wrapper declares what it wraps
+            cls = WhiteBoxBatcher
+        return super().__new__(cls)
+
     def __init__(self, policy: ChatPolicy, max_batch: int = 16, max_wait_ms: float = 5) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -72,8 +89,7 @@ class MicroBatcher(ChatPolicy):
         self.name = policy.name
         self.supports_images = policy.supports_images
         self.white_box = policy.white_box
-        # ChatPolicy defines a default box_convention, so __getattr__ would never forward it: copy it.
-        self.box_convention = getattr(policy, "box_convention", "thousand")
+        self.box_convention = policy.box_convention
         self._model_lock = threading.RLock()  # held while the wrapped policy computes anything
         self._cond = threading.Condition()  # guards the queue and the closed flag
         self._queue: deque[_Request] = deque()
@@ -81,17 +97,12 @@ class MicroBatcher(ChatPolicy):
         self._worker = threading.Thread(target=self._run, name=f"microbatcher-{policy.name}", daemon=True)
         self._worker.start()
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for attributes the batcher itself lacks: box_convention, processor, size_override, …
-        if name == "policy":  # not yet set (during __init__ or unpickling): avoid infinite recursion
-            raise AttributeError(name)
-        return getattr(self.policy, name)
+    @property
+    def input_side(self) -> int:
+        return self.policy.input_side
 
-    def exclusive(self) -> threading.RLock:
-        """The lock held while the wrapped policy computes: hold it (``with batcher.exclusive():``) around calls
-        to the wrapped policy that the batcher does not pass through itself (e.g. a strategy's prefix-reuse
-        white-box calls), so they never run concurrently with a batch."""
-        return self._model_lock
+    def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
+        return self.policy.resized_size(image_size)
 
     def __repr__(self) -> str:
         return f"MicroBatcher({self.policy!r}, max_batch={self.max_batch}, max_wait_ms={self.max_wait_s * 1000:g})"
@@ -199,7 +210,31 @@ class MicroBatcher(ChatPolicy):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ---- white-box calls pass through under the model lock ------------------------------------------------
+
+class WhiteBoxBatcher(MicroBatcher, WhiteBoxPolicy):
+    """A `MicroBatcher` of a `WhiteBoxPolicy`: its white-box calls pass through under the model lock."""
+
+    policy: WhiteBoxPolicy
+
+    @property
+    def num_layers(self) -> int:
+        return self.policy.num_layers
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.policy.model_dir
+
+    def fingerprint(self) -> str:
+        return self.policy.fingerprint()
+
+    @property
+    def token_cell(self) -> int:
+        return self.policy.token_cell
+
+    @property
+    def supports_prefix_reuse(self) -> bool:
+        return self.policy.supports_prefix_reuse
+
     def answer_logprobs(self, conversations: Sequence[Conversation], answers: Sequence[str]) -> list[float]:
         with self._model_lock:
             return self.policy.answer_logprobs(conversations, answers)
@@ -215,3 +250,22 @@ class MicroBatcher(ChatPolicy):
     ) -> list[list[ImageMap]]:
         with self._model_lock:
             return self.policy.pixel_gradient(conversations, answers)
+
+    def attention_probe(self, conversations: Sequence[Conversation], layer, **options: Any) -> list[ProbeResult]:
+        with self._model_lock:
+            return self.policy.attention_probe(conversations, layer, **options)
+
+    def answer_starts(self, conversations: Sequence[Conversation], **options: Any) -> list[AnswerStart]:
+        with self._model_lock:  # a look-first reply is decoded by the wrapped policy, not queued behind this lock
+            return self.policy.answer_starts(conversations, **options)
+
+    def continue_probe(self, sessions: Sequence[str], params: SamplingParams | None = None) -> list[ChatResult]:
+        with self._model_lock:
+            return self.policy.continue_probe(sessions, params)
+
+    def chat_with_prefix(self, conversations, sessions, params=None, starts=None) -> list[ChatResult]:
+        with self._model_lock:
+            return self.policy.chat_with_prefix(conversations, sessions, params, starts)
+
+    def release_sessions(self, sessions: Sequence[str | None]) -> None:
+        self.policy.release_sessions(sessions)

@@ -53,6 +53,7 @@ the client's exception.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,7 @@ import openai
 
 from foveate.errors import PolicyError
 from foveate.policies.base import (
+    DEFAULT_INPUT_SIDE,
     ChatPolicy,
     ChatResult,
     Completion,
@@ -185,6 +187,12 @@ class OpenAIChatPolicy(ChatPolicy):
         encoded: dict[object, str] = {}
         prepared = self._map(lambda messages: self._prepare(messages, encoded), conversations)
         return self._map(lambda messages: self._request(messages, params), prepared)
+
+    @property
+    def input_side(self) -> int:
+        """``sqrt(max_pixels)`` when images are bounded, else `DEFAULT_INPUT_SIDE` (the server's resolution is
+        not known here)."""
+        return int(math.isqrt(int(self.max_pixels))) if self.max_pixels else DEFAULT_INPUT_SIDE
 
     def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
         """The ``(width, height)`` the server's model sees an image of ``image_size`` at (Qwen2-VL resize rule,

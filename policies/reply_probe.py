@@ -1,6 +1,6 @@
 """Greedy replies that record their own attention as they are decoded (one call: the reply and ViCrop's map).
 
-ViCrop on a look-first model (`agents.vicrop_thought`) reads its question map inside the model's own thought:
+ViCrop on a look-first model (`policies.look_first`) reads its question map inside the model's own thought:
 at the token that predicts the answer (``<think>the red`` → ``circle``). Written as two calls, a greedy reply and
 then a probe of the conversation with the thought appended, every question pays two prefills of the image. Here
 the reply is decoded once under the capturing attention (`policies.attention_capture`), and each decoded
@@ -27,7 +27,7 @@ import torch
 from foveate.errors import PolicyError
 from foveate.policies.attention_capture import capture_attention
 from foveate.policies.base import ChatResult, Conversation, ImageMap, SamplingParams
-from foveate.policies.sessions import _output_cache
+from foveate.policies.sessions import output_cache
 from foveate.policies.whitebox import ProbeResult
 
 
@@ -96,7 +96,7 @@ class ReplyProbeMixin:
 
         with capture_attention(layers) as captured, torch.no_grad():
             output = self.model(**batch, use_cache=True, logits_to_keep=1)
-            logits, cache = output.logits[:, -1].float(), _output_cache(output)
+            logits, cache = output.logits[:, -1].float(), output_cache(output)
             record(captured, logits)
             next_positions, mask = self._next_positions(batch), batch["attention_mask"]
             kept = self._keep_sessions(batch, texts, images_per_row, logits, cache, keep, next_positions)

@@ -279,7 +279,7 @@ class SessionsMixin:
         output = self.model(**inputs, **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1)
         next_positions = torch.stack([info["positions"].max() + 1 for info in rows])
         prompt_tokens = [len(info["ids"]) for info in rows]
-        state = (_output_cache(output), attention, next_positions)
+        state = (output_cache(output), attention, next_positions)
         return output.logits[:, -1].float(), state, prompt_tokens, layout
 
     def _key_spans(self, info, prefix_len: int, suffix_len: int) -> list[tuple[int, int, tuple[int, int]]]:
@@ -345,7 +345,7 @@ class SessionsMixin:
                 use_cache=True,
                 **{self._cache_argument: cache},
             )
-            cache = _output_cache(output)
+            cache = output_cache(output)
             token = output.logits[:, -1].argmax(dim=-1)
             if on_step is not None:
                 on_step(output.logits[:, -1])
@@ -353,7 +353,7 @@ class SessionsMixin:
         return tokens
 
 
-def _output_cache(output):
+def output_cache(output):
     """The KV cache a forward returned (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
     fields = getattr(output, "__dataclass_fields__", {})  # even asking for the old name logs a deprecation
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)

@@ -19,6 +19,7 @@ geometry the ``"resized"`` convention needs.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -33,17 +34,19 @@ from safetensors import SafetensorError
 from foveate.errors import ContextLengthError, ModelLoadError, PolicyError
 from foveate.policies import attention_capture
 from foveate.policies.base import (
-    ChatPolicy,
+    DEFAULT_INPUT_SIDE,
     ChatResult,
     Completion,
     Conversation,
     ImageMap,
     SamplingParams,
+    WhiteBoxPolicy,
     check_box_convention,
     resolve_images,
     smart_resize,
 )
 from foveate.policies.loading import load_processor, resolve_model_path
+from foveate.policies.look_first import AnswerStartsMixin
 from foveate.policies.reply_probe import ReplyProbeMixin
 from foveate.policies.whitebox import WhiteBoxMixin
 
@@ -123,8 +126,8 @@ def presizes_like(processor: Any) -> bool:
     return getattr(type(processor), "resize", None) is Qwen2VLImageProcessorPil.resize
 
 
-class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
-    """Chat and white-box access to a local transformers VLM."""
+class TransformersVLM(AnswerStartsMixin, ReplyProbeMixin, WhiteBoxMixin, WhiteBoxPolicy):
+    """Chat and white-box access to a local transformers VLM (`WhiteBoxPolicy`)."""
 
     white_box = True
 
@@ -179,6 +182,39 @@ class TransformersVLM(ReplyProbeMixin, WhiteBoxMixin, ChatPolicy):
             if value:
                 return str(value)
         return MODEL_BOX_CONVENTIONS.get(getattr(self.model.config, "model_type", ""), "thousand")
+
+    # ---- the model's identity and input geometry (declared by WhiteBoxPolicy / ChatPolicy) -------------------
+    @property
+    def model_dir(self) -> Path | None:
+        path = Path(self.model_path)
+        return path if path.is_dir() else None
+
+    def fingerprint(self) -> str:
+        """The model path, the size and modification time of its weights and config, and the input resolution."""
+        stamps = []
+        for name in ("model.safetensors", "config.json"):
+            file = Path(self.model_path) / name
+            if file.is_file():
+                stat = file.stat()
+                stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+        return f"{self.model_path}|{stamps}|{self.size_override}"
+
+    @property
+    def token_cell(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def input_side(self) -> int:
+        """``sqrt(max_pixels)`` of the resolution override, else of the processor's ``size`` (Qwen2-VL's pixel
+        budget ``longest_edge``: the demo model's 224 × 224 gives 224); `DEFAULT_INPUT_SIDE` when neither says.
+        Checkpoints whose processor allows huge inputs (stock Qwen2-VL: 12.8 M pixels) should be run with
+        ``max_pixels`` set to the budget actually evaluated, or every ViCrop window covers the whole image."""
+        bounds = self.size_override or self.processor.image_processor.size
+        read = bounds.get if isinstance(bounds, dict) else lambda key: getattr(bounds, key, None)
+        max_pixels = read("longest_edge") or read("max_pixels")
+        if isinstance(max_pixels, (int, float)) and max_pixels > 0:
+            return int(math.isqrt(int(max_pixels)))
+        return DEFAULT_INPUT_SIDE
 
     def resized_size(self, image_size: Sequence[int]) -> tuple[float, float]:
         """Where an image of ``image_size`` (width, height) lies in the model's resized input: its extent there.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,25 +31,12 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from foveate.errors import PolicyError
-from foveate.policies.attention_capture import _attention_row, capture_attention, capturing_sdpa_forward
-from foveate.policies.base import Conversation, ImageMap
-from foveate.policies.sessions import SessionsMixin, _output_cache
+from foveate.policies.attention_capture import attention_row, capture_attention, capturing_sdpa_forward
+from foveate.policies.base import Conversation, ImageMap, ProbeResult  # noqa: F401 (ProbeResult: declared in base)
+from foveate.policies.sessions import SessionsMixin, output_cache
 
 GRAD_ATTENTION_NAME = "foveate_sdpa_grad"  # the text decoder's attention while a grad-att probe runs
 _grad_local = threading.local()
-
-
-@dataclass
-class ProbeResult:
-    """One conversation's answer to `attention_probe`."""
-
-    maps: list[ImageMap]  # one per image of the conversation, in order
-    token: str  # the argmax next token (the first answer token under greedy decoding)
-    token_id: int
-    prob: float  # its probability: the confidence a gate can use
-    prompt_tokens: int
-    latency_s: float  # wall time of the batched forward this row was part of
-    session: str | None = None  # handle for `continue_probe` / `chat_with_prefix` (None when not kept)
 
 
 class _GradProbe:
@@ -65,7 +51,7 @@ def _grad_attention_forward(module, query, key, value, attention_mask, scaling=N
     """SDPA attention whose last query row, at the grad-att layers, is recomputed from a differentiable copy.
 
     SDPA's output carries no gradient to attention probabilities it never materialises, so at a wanted layer the
-    last query's probabilities are computed explicitly (`_attention_row`, float32) and made a leaf tensor
+    last query's probabilities are computed explicitly (`attention_row`, float32) and made a leaf tensor
     ``A`` with ``requires_grad``; that row's attention output is recomputed as ``A · V`` and substituted for
     SDPA's last output row (equal up to float rounding, so logits do not change). Autograd is switched on from
     here to the end of the forward (the caller runs the forward under ``no_grad`` and restores the mode), so
@@ -77,7 +63,7 @@ def _grad_attention_forward(module, query, key, value, attention_mask, scaling=N
     if probe is None or layer not in probe.layers or not getattr(module, "is_causal", False):
         return output, weights
     torch.set_grad_enabled(True)
-    row = _attention_row(module, query.detach(), key.detach(), attention_mask, scaling, -1)
+    row = attention_row(module, query.detach(), key.detach(), attention_mask, scaling, -1)
     row = row.detach().requires_grad_(True)
     probe.rows[layer] = row
     groups = getattr(module, "num_key_value_groups", 1)
@@ -217,7 +203,7 @@ class WhiteBoxMixin(SessionsMixin):
         With ``sessions`` (attention maps only), each row reuses its session's cache for the prefix it shares
         with it, as `chat_with_prefix` does: e.g. the generic prompt on an image probed with a question costs
         only the generic prompt's tokens. ``suffixes``: text appended to each row after its generation prompt, the
-        start of an assistant turn the model is taken to have written (`agents.vicrop_thought`); maps and the
+        start of an assistant turn the model is taken to have written (`policies.look_first`); maps and the
         next-token probability are then read at its last token ("" = none).
         """
         layers = self._check_layers(layer)
@@ -250,7 +236,7 @@ class WhiteBoxMixin(SessionsMixin):
             with capture_attention(layers) as captured, torch.no_grad():
                 output = self.model(**batch, use_cache=use_cache, logits_to_keep=1)
             rows = torch.stack([captured.rows[index] for index in layers]).mean(dim=(0, 2))
-            logits, cache = output.logits[:, -1].float(), _output_cache(output)
+            logits, cache = output.logits[:, -1].float(), output_cache(output)
         latency = time.perf_counter() - started
         spans = self.image_spans(batch["input_ids"], batch["image_grid_thw"], [len(i) for i in images_per_row])
         kept = self._keep_sessions(batch, texts, images_per_row, logits, cache, keep) if use_cache else {}
@@ -318,7 +304,7 @@ class WhiteBoxMixin(SessionsMixin):
             config._attn_implementation_internal = previous
             _grad_local.probe = None
         maps = torch.stack([(a * g.clamp(min=0)) for a, g in zip(leaves, grads, strict=True)]).mean(dim=(0, 2))
-        return maps.detach(), logits.detach(), _output_cache(output)
+        return maps.detach(), logits.detach(), output_cache(output)
 
     def _unpatchify_norms(self, gradient: torch.Tensor, grids: list[list[int]]) -> list[np.ndarray]:
         """Undo the processor's patch layout; return ‖∂v/∂pixel‖₂ over channels per resized-image pixel."""

@@ -7,14 +7,13 @@ decoding choices, so it isolates whether the model reads the image from whether 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from foveate import protocol
+from foveate.policies.look_first import answer_format, looks_first, saved_data_mix  # noqa: F401 (the probes' API)
 from foveate.rl.attention_supervision import look_answer_position
 from foveate.rl.sft import IGNORE, ChatCollator
 
@@ -61,31 +60,3 @@ def probe_parser(description: str, n_default: int, n_help: str) -> argparse.Argu
     parser.add_argument("--n", type=int, default=n_default, help=n_help)
     parser.add_argument("--seed", type=int, default=777, help="world stream seed (training streams use 0-6)")
     return parser
-
-
-def saved_data_mix(directory: str | Path) -> dict[str, Any]:
-    """The data mix (`DataMix` fields) of the last stage of the recipe saved with a model (`foveate_recipe.json`);
-    {} for a model saved without one."""
-    recipe_file = Path(directory) / "foveate_recipe.json"
-    if not recipe_file.exists():
-        return {}
-    recipe = json.loads(recipe_file.read_text())
-    return {**recipe.get("data", {}), **((recipe.get("stages") or [{}])[-1].get("data") or {})}
-
-
-def looks_first(directory: str | Path) -> bool:
-    """Whether the model in `directory` was trained to answer look-first (`DataMix.look_first` in the last stage
-    of its saved recipe): its probes then teacher-force the thought before the answer."""
-    return answer_format(directory)["look_first"]
-
-
-def answer_format(directory: str | Path) -> dict[str, Any]:
-    """The `DataMix` fields that decide how the model in `directory` writes a short answer (``look_first``,
-    ``existence_thought``, ``look_trim_object``), so a probe builds its teacher-forced targets the way the model
-    was trained."""
-    mix = saved_data_mix(directory)
-    return {
-        "look_first": bool(mix.get("look_first", False)),
-        "existence_thought": mix.get("existence_thought", "referent"),
-        "look_trim_object": bool(mix.get("look_trim_object", False)),
-    }

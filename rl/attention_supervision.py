@@ -27,7 +27,7 @@ are left out of the renormalisation).
 
 Measured (from configs/probes/demo-v6.yaml's stage-3 model, its stage-4 data for 600 steps, weight 1): the
 attention moves and the answers do not. ViCrop's rel-att map on held-out `simple` scenes puts 0.35 of its mass on
-the evidence at a supervised layer against 0.12 without (`python -m foveate.agents.vicrop_calibrate --model DIR
+the evidence at a supervised layer against 0.12 without (`foveate vicrop calibrate --no-record --model DIR
 --task world:simple --n 60`), yet the asked object's share of answers naming some object's colour stays 0.58 /
 0.45 / 0.37 on 2 / 3 / 4 objects, for layer 1, layers 1-2, head mean or (an option since removed) every head
 (`python bench/binding.py DIR --n 1200`). Two reasons, both measured: the answer is mostly formed in layer 0 (its

@@ -75,7 +75,7 @@ from torch import nn
 
 from foveate.world.scenes import COLORS, SHAPES, Scene, object_mask
 
-IGNORE = -100
+IGNORE = -100  # the label of a token no loss reads
 COLOR_CLASSES: tuple[str, ...] = ("background", *COLORS)
 SHAPE_CLASSES: tuple[str, ...] = SHAPES  # per-object shape labels
 CELL_SHAPE_CLASSES: tuple[str, ...] = ("background", *SHAPES)  # per-cell shape labels (shape_labels="cell")

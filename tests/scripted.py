@@ -38,3 +38,13 @@ class Scripted(ChatPolicy):
             text = self.exhausted_reply if exhausted else self.replies.pop(0)
             results.append(ChatResult([Completion(text, len(text.split()))], prompt_tokens=0, latency_s=0.0))
         return results
+
+
+def twin(cls: type, policy: ChatPolicy):
+    """An instance of ``cls`` (a subclass of ``policy``'s class overriding a method or two) sharing ``policy``'s
+    model, processor and kept sessions: a test double that is still the declared backend type (a `WhiteBoxPolicy`
+    for the transformers backend), with everything it does not override done by the real code."""
+    policy.release_sessions([])  # creates the real policy's session store, so the twin shares it
+    double = object.__new__(cls)
+    double.__dict__.update(policy.__dict__)
+    return double

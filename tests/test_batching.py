@@ -7,10 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
+from scripted import twin
 
 from foveate.errors import PolicyError
-from foveate.policies.base import ChatPolicy, ChatResult, Completion, SamplingParams
+from foveate.policies.base import ChatPolicy, ChatResult, Completion, SamplingParams, WhiteBoxPolicy
 from foveate.policies.batching import MicroBatcher
+from foveate.policies.transformers_vlm import TransformersVLM
 
 
 class Recording(ChatPolicy):
@@ -179,9 +181,44 @@ def test_white_box_calls_and_attributes_pass_through(tiny_policy):
     conversation = _conversations()[0]
     with MicroBatcher(tiny_policy) as batcher:
         assert batcher.name == tiny_policy.name and batcher.white_box
-        assert batcher.processor is tiny_policy.processor  # anything else is read from the wrapped policy
+        assert isinstance(batcher, WhiteBoxPolicy)  # a white-box policy's batcher declares what it wraps
+        assert (batcher.num_layers, batcher.input_side, batcher.token_cell, batcher.fingerprint()) == (
+            tiny_policy.num_layers,
+            tiny_policy.input_side,
+            tiny_policy.token_cell,
+            tiny_policy.fingerprint(),
+        )
+        assert not hasattr(batcher, "processor")  # nothing undeclared is forwarded
         assert batcher.answer_logprobs([conversation], ["red"]) == pytest.approx(
             tiny_policy.answer_logprobs([conversation], ["red"])
         )
     with pytest.raises(ValueError):
         MicroBatcher(tiny_policy, max_batch=0)
+
+
+def test_a_white_box_call_holds_the_model_while_it_runs(tiny_policy):
+    """A white-box call through the batcher runs under its model lock: a chat batch waits for it (no caller takes
+    a lock), and a plain policy's batcher is no WhiteBoxPolicy."""
+
+    class Slow(TransformersVLM):
+        def attention_probe(self, conversations, layer, **options):
+            self.entered.set()
+            self.release.wait(30)
+            return super().attention_probe(conversations, layer, **options)
+
+    slow = twin(Slow, tiny_policy)
+    slow.entered, slow.release = threading.Event(), threading.Event()
+    conversation = _conversations()[0]
+    answered = threading.Event()
+    with MicroBatcher(slow, max_wait_ms=1) as batcher:
+        probing = threading.Thread(target=lambda: batcher.attention_probe([conversation], 1), daemon=True)
+        probing.start()
+        assert slow.entered.wait(30)
+        params = SamplingParams(max_new_tokens=2)
+        threading.Thread(target=lambda: (batcher.chat_one(conversation, params), answered.set()), daemon=True).start()
+        assert not answered.wait(0.3)  # the batch waits for the white-box call to finish
+        slow.release.set()
+        assert answered.wait(60)
+        probing.join(60)
+    with MicroBatcher(Echo()) as plain:
+        assert not isinstance(plain, WhiteBoxPolicy)

@@ -410,3 +410,16 @@ def test_closed_policy_refuses(server):
     policy.close()
     with pytest.raises(PolicyError, match="closed"):
         policy.chat([[{"role": "user", "content": "hi"}]])
+
+
+def test_the_input_side_is_declared_without_a_model(tiny_policy):
+    """An HTTP backend knows its pixel bound at most (ViCrop's s, oracle-crop's window); the local one reads its
+    processor; a backend that says nothing gets the declared default."""
+    from foveate.policies.base import DEFAULT_INPUT_SIDE, ChatPolicy, WhiteBoxPolicy
+
+    with OpenAIChatPolicy("http://127.0.0.1:9/v1", MODEL, max_pixels=336 * 336) as bounded:
+        assert bounded.input_side == 336 and not isinstance(bounded, WhiteBoxPolicy)
+    with OpenAIChatPolicy("http://127.0.0.1:9/v1", MODEL) as unbounded:
+        assert unbounded.input_side == DEFAULT_INPUT_SIDE
+    assert tiny_policy.input_side == 224 and isinstance(tiny_policy, WhiteBoxPolicy)
+    assert ChatPolicy().input_side == DEFAULT_INPUT_SIDE

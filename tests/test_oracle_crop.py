@@ -66,11 +66,7 @@ def test_model_input_side(tiny_policy):
     class Fixed(ChatPolicy):
         input_side = 336
 
-    class Http(ChatPolicy):
-        max_pixels = 448 * 448
-
     assert model_input_side(Fixed()) == 336
-    assert model_input_side(Http()) == 448
     assert model_input_side(ChatPolicy()) == DEFAULT_INPUT_SIDE
 
 

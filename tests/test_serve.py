@@ -16,11 +16,13 @@ import openai
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from PIL import Image, ImageDraw
+from scripted import twin
 
 import foveate
 from foveate.agents import STRATEGY_MODULES, get_builder
 from foveate.api import run_strategy
 from foveate.policies.base import ChatPolicy
+from foveate.policies.transformers_vlm import TransformersVLM
 from foveate.serve import ServeLimits, create_app, serve_in_thread
 from foveate.tools.images import image_to_data_url
 from foveate.tools.store import ImageStore
@@ -36,23 +38,21 @@ LIMITS = ServeLimits(
 COLORS = ["red", "blue", "green", "orange", "purple", "black", "cyan", "magenta"]
 
 
-class Recording:
-    """The tiny model, recording the size of every batched ``chat`` call the server makes. Not a `ChatPolicy`
-    subclass, so white-box calls (attention, gradients) reach the model through ``__getattr__``."""
+class Recording(TransformersVLM):
+    """The tiny model, recording the size of every batched ``chat`` call the server makes; every white-box call is
+    the real model's (a `twin` of it)."""
 
-    def __init__(self, inner: ChatPolicy) -> None:
-        self.inner, self.name, self.white_box = inner, inner.name, inner.white_box
-        self.supports_images = inner.supports_images
-        self.batches: list[int] = []
+    def __new__(cls, inner: ChatPolicy):
+        double = twin(cls, inner)
+        double.batches = []
+        return double
+
+    def __init__(self, inner: ChatPolicy) -> None:  # the state is the real policy's (twin)
+        pass
 
     def chat(self, conversations, params=None):
         self.batches.append(len(conversations))
-        return self.inner.chat(conversations, params)
-
-    def __getattr__(self, name):  # white-box calls, processor, box conventions: the model's own
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        return super().chat(conversations, params)
 
 
 def scene(color: str = "red", size: tuple[int, int] = (160, 120), offset: int = 0) -> Image.Image:

@@ -165,3 +165,27 @@ def test_default_root_follows_foveate_home(tmp_path: Path, monkeypatch: pytest.M
 def test_put_rejects_non_images(store: ImageStore) -> None:
     with pytest.raises(TypeError, match="expects a PIL image"):
         store.put(b"bytes")  # type: ignore[arg-type]
+
+
+def test_a_derived_array_claimed_by_one_thread_is_awaited_by_the_others(tmp_path):
+    """claim_array: the first claimant computes (None), the next waits and gets what it stored; a released claim
+    passes the work on."""
+    store = ImageStore(tmp_path / "images")
+    ref = store.put(Image.new("RGB", (8, 8), "red"))
+    assert store.claim_array(ref, "generic") is None  # this thread computes it
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.claim_array(ref, "generic", timeout=30)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # waiting for the first claimant
+    store.put_array(ref, "generic", np.ones((2, 2)))
+    waiter.join(30)
+    assert np.array_equal(got[0], np.ones((2, 2)))
+    assert store.claim_array(ref, "other") is None
+    passed_on = []
+    second = threading.Thread(target=lambda: passed_on.append(store.claim_array(ref, "other", timeout=30)))
+    second.start()
+    store.release_array(ref, "other")  # the first claimant gave up: the waiter computes it
+    second.join(30)
+    assert passed_on == [None]
+    store.release_array(ref, "other")

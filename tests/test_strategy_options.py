@@ -3,7 +3,6 @@ what the server lists for a black-box backend, and the micro-batcher's exclusive
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -78,18 +77,3 @@ def test_black_box_backends_are_not_offered_vicrop(tmp_path) -> None:
     assert {"vicrop-rel", "vicrop-grad", "vicrop-rel-gate"} <= white
     assert not {name for name in black if name.startswith("vicrop")}
     assert {"direct", "deepeyes", "visrl"} <= black and "oracle-crop" not in white | black
-
-
-def test_microbatcher_exclusive_blocks_batches_while_held() -> None:
-    from foveate.policies.batching import MicroBatcher
-
-    batcher = MicroBatcher(Rambling(), max_batch=4, max_wait_ms=1)
-    answered = threading.Event()
-    try:
-        with batcher.exclusive():
-            worker = threading.Thread(target=lambda: (batcher.chat_one([]), answered.set()), daemon=True)
-            worker.start()
-            assert not answered.wait(0.3)  # the batch waits for the white-box call to finish
-        assert answered.wait(10)
-    finally:
-        batcher.close()

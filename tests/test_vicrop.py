@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from scripted import twin
 from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from foveate.agents import get_builder, strategy_names
 from foveate.agents.state import FoveateContext
 from foveate.agents.vicrop import (
+    answer_many,
     build,
     generic_cache_key,
     load_vicrop_config,
@@ -19,14 +21,14 @@ from foveate.agents.vicrop import (
     look_pure_grad,
     resolve_layer,
 )
-from foveate.agents.vicrop_calibrate import calibrate, evidence_mass
-from foveate.agents.vicrop_many import answer_many
 from foveate.api import run_strategy
 from foveate.errors import FoveateError, WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy, ChatResult, Completion, SamplingParams
 from foveate.policies.batching import MicroBatcher
+from foveate.policies.transformers_vlm import TransformersVLM
 from foveate.tools.store import ImageStore
 from foveate.trace import render_html
+from foveate.vicrop_calibrate import calibrate, evidence_mass
 
 QUESTION = "What color is the small circle?"
 GREEDY = SamplingParams(max_new_tokens=6)
@@ -80,7 +82,7 @@ def test_every_method_maps_onto_the_token_grid(tiny_policy, store, method, size)
     if method == "pure-grad":
         look = look_pure_grad(tiny_policy, store, ref, messages, options, 0)
     else:
-        look = look_attention(tiny_policy, store, ref, messages, options, 1, 0)
+        look = look_attention(tiny_policy, store, [(ref, messages, 0)], options, 1)[0]
     assert look.heat.shape == expected
     assert np.isfinite(look.heat).all() and look.heat.max() > 0
     if method != "grad-att":
@@ -204,7 +206,7 @@ def test_only_vicrop_rel_blocks_maps_a_large_image_in_blocks(tiny_policy, store,
 def test_generic_map_is_cached_per_image(tiny_policy, store):
     ref = store.put(scene())
     options = load_vicrop_config()
-    key = generic_cache_key(tiny_policy, options, resolve_layer(options.layer, tiny_policy.num_layers), (1, 1))
+    key = generic_cache_key(tiny_policy, options, resolve_layer(options.layer, tiny_policy), (1, 1))
     assert store.get_array(ref, key) is None
     first = run("vicrop-rel", {"image": ref, "question": QUESTION}, tiny_policy, store)
     cached = store.get_array(ref, key)
@@ -298,24 +300,19 @@ def test_answer_many_batches_several_questions_like_the_graph(tiny_policy, store
 def test_block_generic_rows_reusing_the_block_caches_equal_a_fresh_pass(tiny_policy, store):
     # A blocked image's generic rows reuse each block's question cache (only the generic prompt is prefilled);
     # the maps must equal those of the batched pass without reuse.
-    class Recording:
-        def __init__(self, policy):
-            self.policy_, self.reused = policy, []
-
+    class Recording(TransformersVLM):
         def attention_probe(self, conversations, layer, **kwargs):
             self.reused.append(sum(s is not None for s in kwargs.get("sessions") or []))
-            return self.policy_.attention_probe(conversations, layer, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self.policy_, name)
+            return super().attention_probe(conversations, layer, **kwargs)
 
     image = scene(HUGE, dot=(1500, 600))
     ref = store.put(image)
     looks, passes = [], []
     for reuse in (True, False):
-        policy = Recording(tiny_policy)
+        policy = twin(Recording, tiny_policy)
+        policy.reused = []
         options = load_vicrop_config(cache_generic=False, reuse_prefix=reuse, high_res_block=1024)
-        looks.append(look_attention(policy, store, ref, user(image, QUESTION), options, 1, 0))
+        looks.append(look_attention(policy, store, [(ref, user(image, QUESTION), 0)], options, 1)[0])
         passes.append(policy.reused)
     assert passes == [[0, 4], [0]]  # four block rows reused their caches; without reuse one batched pass
     assert looks[0].generic.shape == GRIDS[HUGE]

@@ -1,4 +1,4 @@
-"""ViCrop read inside a look-first model's thought (agents.vicrop_thought), on the real tiny Qwen2-VL.
+"""ViCrop read inside a look-first model's thought (policies.look_first), on the real tiny Qwen2-VL.
 
 The tiny test model has random weights and never writes a look-first reply, and no look-first demo model is
 shipped (each takes over an hour to train), so the graph test fixes only the reply TEXT of the thought pass (a
@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from scripted import twin
 from test_vicrop import QUESTION, scene, user  # the scene and question ViCrop's own tests probe
 from transformers import AutoModelForImageTextToText
 
 from foveate.agents.state import FoveateContext
 from foveate.agents.vicrop import build, resolve_layer
 from foveate.agents.vicrop_config import load_vicrop_config
-from foveate.agents.vicrop_thought import model_looks_first, thought_prefix, wants_thoughts
 from foveate.errors import FoveateError
 from foveate.policies.base import ChatResult, Completion
+from foveate.policies.look_first import looks_first, thought_prefix
 from foveate.policies.reply_probe import ReplyProbe
+from foveate.policies.transformers_vlm import TransformersVLM
 from foveate.tools.store import ImageStore
 
 REPLY = "<think>the small circle red</think>red"
@@ -43,15 +44,14 @@ def test_thought_prefix_keeps_the_thought_up_to_its_answer() -> None:
     assert [thought_prefix(reply) for reply in not_look_first] == [None] * len(not_look_first)
 
 
-def test_auto_follows_the_recipe_saved_with_the_model(tmp_path: Path) -> None:
+def test_auto_follows_the_recipe_saved_with_the_model(tmp_path: Path, tiny_policy) -> None:
     recipe = {"data": {"look_first": False}, "stages": [{"data": {"look_first": True}}]}
     (tmp_path / "foveate_recipe.json").write_text(json.dumps(recipe))
-    looks_first = SimpleNamespace(model_path=str(tmp_path))
-    assert model_looks_first(looks_first) and wants_thoughts(looks_first, "auto")
-    wrapped = SimpleNamespace(policy=looks_first)  # a MicroBatcher exposes the real policy as .policy
-    assert model_looks_first(wrapped)
-    plain = SimpleNamespace(model_path="Qwen/Qwen2-VL-2B-Instruct")  # a hub id: no recipe here
-    assert not wants_thoughts(plain, "auto") and wants_thoughts(plain, "on") and not wants_thoughts(looks_first, "off")
+    assert looks_first(tmp_path)  # the last stage's data mix decides
+    assert not looks_first("Qwen/Qwen2-VL-2B-Instruct") and not looks_first(None)  # a hub id: no recipe here
+    assert not tiny_policy.looks_first  # the tiny model was saved without one
+    plain = tiny_policy.answer_starts([user(scene(), QUESTION)], look_first="auto")
+    assert plain[0].text == "" and plain[0].reply is None  # nothing written before the answer: no model call
     with pytest.raises(FoveateError, match="look_first"):
         load_vicrop_config(look_first="sometimes")
 
@@ -74,54 +74,46 @@ def test_a_probe_with_a_suffix_reads_attention_at_the_suffixs_last_token(tiny_po
     assert not np.allclose(probed.maps[0].values, plain.maps[0].values)  # not the last prompt token's map
 
 
-class LookFirstReplies:
+class LookFirstReplies(TransformersVLM):
     """The real tiny policy whose greedy replies are written in the look-first form (see the module docstring):
     `chat` and `reply_probe` return REPLY, and `reply_probe` reads REPLY's positions by teacher forcing it (a suffix
-    probe of the real model at each prefix). Every other call, and the answer with the crop, goes to the real
-    model."""
+    probe of the real model at each prefix). Every other call, and the answer with the crop, is the real model's."""
 
-    def __init__(self, policy) -> None:
-        self._real = policy  # not `.policy`: that names a MicroBatcher's wrapped policy
-        self.chats = 0
+    def __new__(cls, policy):
+        double = twin(cls, policy)
+        double.real, double.chats = policy, 0
+        return double
+
+    def __init__(self, policy) -> None:  # the state is the real policy's (twin)
+        pass
 
     def chat(self, conversations, params=None):
         self.chats += 1
         return [
             ChatResult([Completion(REPLY, 8)], r.prompt_tokens, r.latency_s)
-            for r in self._real.chat(conversations, params)
+            for r in self.real.chat(conversations, params)
         ]
 
     def reply_probe(self, conversations, layer, max_new_tokens, *, keep=None):
         self.chats += 1
-        real = self._real.reply_probe(conversations, layer, max_new_tokens, keep=keep)  # the prompts' sessions
+        real = self.real.reply_probe(conversations, layer, max_new_tokens, keep=keep)  # the prompts' sessions
         return [self._forced(messages, layer, r) for messages, r in zip(conversations, real, strict=True)]
 
     def _forced(self, messages, layer, real):
-        ids = self._real.tokenizer(REPLY, add_special_tokens=False)["input_ids"] + [self._real.end_token_ids[0]]
-        suffixes = [self._real.decode_ids(ids[:k]) for k in range(len(ids))]
-        probes = [self._real.attention_probe([messages], layer, suffixes=[suffix])[0] for suffix in suffixes]
+        ids = self.real.tokenizer(REPLY, add_special_tokens=False)["input_ids"] + [self.real.end_token_ids[0]]
+        suffixes = [self.real.decode_ids(ids[:k]) for k in range(len(ids))]
+        probes = [self.real.attention_probe([messages], layer, suffixes=[suffix])[0] for suffix in suffixes]
         reply = ChatResult([Completion(REPLY, len(ids))], real.reply.prompt_tokens, real.reply.latency_s)
         forced = ReplyProbe(reply, ids, np.zeros((len(ids), 1)), [p.prob for p in probes], session=real.session)
         forced.maps_at = lambda position: probes[position].maps
         return forced
 
-    def __getattr__(self, name):
-        if name == "_real":  # before __init__ set it
-            raise AttributeError(name)
-        return getattr(self._real, name)
-
 
 class LookFirstChatOnly(LookFirstReplies):
-    """A policy with no `reply_probe`: ViCrop writes the reply with `chat`, then probes with its thought as a suffix."""
+    """A backend that does not record replies: the reply is written with `chat`, then probed with its thought as a
+    suffix."""
 
-    @property
-    def reply_probe(self):
-        raise AttributeError("reply_probe")
-
-    def __getattr__(self, name):  # a property's AttributeError falls through to __getattr__
-        if name == "reply_probe":
-            raise AttributeError(name)
-        return super().__getattr__(name)
+    records_replies = False
 
 
 @pytest.mark.parametrize("gate", [None, 1e-9])
@@ -141,7 +133,7 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
     look = written if in_reply else calls[1]
     assert look["node"] == "look" and look["thought"] == "<think>the small circle"
     question_map = next(s for s in state["steps"] if s.get("map_kind") == "attention")
-    layer = resolve_layer(load_vicrop_config().layer, tiny_policy.num_layers)  # configs/vicrop.yaml's
+    layer = resolve_layer(load_vicrop_config().layer, tiny_policy)  # configs/vicrop.yaml's
     expected = tiny_policy.attention_probe([user(store.get(ref), QUESTION)], layer, suffixes=[look["thought"]])[0]
     np.testing.assert_allclose(question_map["values"], expected.maps[0].values, atol=1e-5)
     assert np.isclose(look["confidence"], expected.prob, atol=1e-5)  # the probability of the answer in the thought
@@ -157,7 +149,7 @@ def test_look_first_vicrop_reads_its_map_inside_the_thought(tiny_policy, tmp_pat
 
 @pytest.mark.parametrize("wrapper", [LookFirstReplies, LookFirstChatOnly])
 def test_answer_many_answers_gated_questions_with_the_finished_reply(tiny_policy, tmp_path, wrapper) -> None:
-    from foveate.agents.vicrop_many import answer_many
+    from foveate.agents.vicrop import answer_many
 
     store = ImageStore(tmp_path / "images")
     options = load_vicrop_config(look_first="on", gate=1e-9)  # every question gated
@@ -176,7 +168,7 @@ def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_though
     ref = store.put(image)
     policy = LookFirstReplies(tiny_policy)
     options = load_vicrop_config(look_first="on", method="grad-att", high_res_block=1024)  # grad-att: no generic
-    look = look_attention(policy, store, ref, user(image, QUESTION), options, 1, 0)
+    look = look_attention(policy, store, [(ref, user(image, QUESTION), 0)], options, 1)[0]
     assert policy.chats == 1 and look.thought == "<think>the small circle"  # one reply, on the whole image
     blocks, layout = split_blocks(image.size, options.high_res_block)
     assert layout == (2, 2)
@@ -188,8 +180,7 @@ def test_a_blocked_high_resolution_image_probes_every_block_after_the_one_though
 
 
 def test_a_reply_answers_only_a_caller_that_would_get_exactly_it() -> None:
-    from foveate.agents.vicrop_thought import answers_as_asked
-    from foveate.policies.base import SamplingParams
+    from foveate.policies.base import SamplingParams, answers_as_asked
 
     reply = ChatResult([Completion(REPLY, 10)], 80, 0.1)
     assert answers_as_asked(reply, SamplingParams(max_new_tokens=10))
@@ -207,7 +198,7 @@ def test_the_gate_answers_a_blocked_image_from_its_whole_image_reply(tiny_policy
 
         def attention_probe(self, *args, **kwargs):
             self.probes += 1
-            return self._real.attention_probe(*args, **kwargs)
+            return self.real.attention_probe(*args, **kwargs)
 
     store = ImageStore(tmp_path / "images")
     image = scene(size=(1344, 1344), dot=(900, 700))
@@ -221,7 +212,7 @@ def test_the_gate_answers_a_blocked_image_from_its_whole_image_reply(tiny_policy
     if gate < 1:  # sure enough: the reply answers, no block is probed, no crop
         assert policy.probes == 0 and len(calls) == 1 and state["answer"] == "red"
         assert not any(s["kind"] == "crop" for s in state["steps"])
-        layer = resolve_layer(load_vicrop_config().layer, tiny_policy.num_layers)
+        layer = resolve_layer(load_vicrop_config().layer, tiny_policy)
         whole = tiny_policy.attention_probe([user(image, QUESTION)], layer, suffixes=["<think>the small circle"])[0]
         heat = next(s for s in state["steps"] if s.get("map_kind") == "attention")["values"]
         np.testing.assert_allclose(heat, whole.maps[0].values, atol=1e-5)  # the reply's whole-image map
@@ -232,13 +223,13 @@ def test_the_gate_answers_a_blocked_image_from_its_whole_image_reply(tiny_policy
 def test_the_gate_calibration_reads_the_gates_own_confidence(tiny_policy, tmp_path) -> None:
     # For a look-first model the gate reads p(answer) inside the reply, not p("<think>") at the prompt's end (near 1
     # on every question), and a gated question's answer is the reply itself.
-    from foveate.agents.vicrop_calibrate import gate_report
+    from foveate.vicrop_calibrate import gate_report
 
     path = tmp_path / "scene.png"
     scene().save(path)
     rows = [{"image": str(path), "question": QUESTION, "answers": ["red"], "family": "attribute"}]
     options = load_vicrop_config(look_first="on")
-    layer = resolve_layer(options.layer, tiny_policy.num_layers)
+    layer = resolve_layer(options.layer, tiny_policy)
     expected = tiny_policy.attention_probe([user(scene(), QUESTION)], layer, suffixes=["<think>the small circle"])[0]
     below, above = expected.prob * 0.99, min(expected.prob * 1.01, 1.0)
     report = gate_report(LookFirstReplies(tiny_policy), rows, (below, above), options=options)
@@ -248,13 +239,13 @@ def test_the_gate_calibration_reads_the_gates_own_confidence(tiny_policy, tmp_pa
 
 def test_the_gate_calibration_of_a_plain_model_reads_the_last_prompt_token(tiny_policy, tmp_path) -> None:
     # Not look-first: p(first answer token) at the last prompt token, and the answer decoded from that pass's cache.
-    from foveate.agents.vicrop_calibrate import gate_report
     from foveate.policies.base import SamplingParams
+    from foveate.vicrop_calibrate import gate_report
 
     path = tmp_path / "scene.png"
     scene().save(path)
     options = load_vicrop_config(look_first="off")
-    layer = resolve_layer(options.layer, tiny_policy.num_layers)
+    layer = resolve_layer(options.layer, tiny_policy)
     expected = tiny_policy.attention_probe([user(scene(), QUESTION)], layer)[0]
     direct = tiny_policy.chat([user(scene(), QUESTION)], SamplingParams(max_new_tokens=16))[0].text.strip()
     rows = [{"image": str(path), "question": QUESTION, "answers": [direct], "family": "attribute"}]

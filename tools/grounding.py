@@ -33,6 +33,7 @@ from PIL import Image
 
 from foveate import protocol
 from foveate.errors import BoxError, FoveateError, PolicyError, WhiteBoxUnsupported
+from foveate.policies.base import WhiteBoxPolicy
 from foveate.tools.boxes import Box, from_resized, parse_box
 from foveate.tools.saliency import select_box
 
@@ -178,7 +179,7 @@ class VLMGrounder:
             return []
         conversations = [_user(image, self.prompt.format(phrase=phrase)) for phrase in phrases]
         replies = self.policy.chat(conversations, SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
-        convention = str(getattr(self.policy, "box_convention", "thousand"))
+        convention = str(self.policy.box_convention)
         resized = None
         if convention == "resized":
             try:
@@ -326,9 +327,9 @@ class AttentionGrounder:
 
     def maps(self, image: Image.Image, phrases: Sequence[str]) -> list[np.ndarray]:
         """The rel-att map of each phrase (one batched ``image_attention`` call with the generic row)."""
-        if not getattr(self.policy, "white_box", False):
+        if not isinstance(self.policy, WhiteBoxPolicy):
             raise WhiteBoxUnsupported(
-                f"{getattr(self.policy, 'name', 'policy')}: attention grounding needs a white-box backend "
+                f"{self.policy.name}: attention grounding needs a white-box backend "
                 "(--model DIR); use the VLM or detector grounder instead"
             )
         rows = [_user(image, self.question.format(phrase=p)) for p in phrases] + [_user(image, self.generic_prompt)]

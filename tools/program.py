@@ -39,7 +39,7 @@ from typing import Any
 from PIL import Image
 
 from foveate.errors import BoxError
-from foveate.policies.base import ChatPolicy, SamplingParams
+from foveate.policies.base import ChatPolicy, SamplingParams, WhiteBoxPolicy
 from foveate.protocol import strip_thought
 from foveate.tools.boxes import Box
 from foveate.tools.crop import crop as crop_image
@@ -148,7 +148,7 @@ class ProgramTools:
         max_new_tokens: int = 32,
     ) -> None:
         self.image, self.policy, self.wisdom, self.max_new_tokens = image, policy, wisdom, max_new_tokens
-        if grounder is None and policy is not None and getattr(policy, "white_box", False):
+        if grounder is None and isinstance(policy, WhiteBoxPolicy):
             grounder = AttentionGrounder(policy, verify=True)
         self.grounder = grounder
 

@@ -250,3 +250,11 @@ def carve_image(image: Image.Image, values: np.ndarray, keep: float = 0.25, floo
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     blended = weight[..., None] * pixels + (1.0 - weight[..., None]) * 128.0
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def image_blocks(image: Image.Image, high_res_block: int | None) -> tuple[list[Image.Image], tuple[int, int]]:
+    """The image whole (``[image], (1, 1)``), or its blocks (`split_blocks`) and their (rows, columns) layout."""
+    blocks, layout = split_blocks(image.size, high_res_block)
+    if layout == (1, 1):
+        return [image], layout
+    return [image.crop(tuple(int(v) for v in b.to_list())) for b in blocks], layout

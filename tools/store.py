@@ -118,6 +118,10 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+_claims: dict[str, threading.Event] = {}  # derived arrays being computed in this process (`claim_array`)
+_claims_lock = threading.Lock()
+
+
 class ImageStore:
     """A directory of images keyed by the SHA-256 of their pixels, plus per-image derived arrays."""
 
@@ -193,7 +197,32 @@ class ImageStore:
         if data.dtype.hasobject:
             raise ValueError(f"cannot store an object array under key {key!r}; use a numeric dtype")
         _atomic_write(target, lambda handle: np.save(handle, data, allow_pickle=False))
+        self.release_array(ref, key)  # callers waiting in claim_array find it now
         return target
+
+    def claim_array(self, ref: ImageRef, key: str, timeout: float = 600.0) -> np.ndarray | None:
+        """The array stored for ``(ref, key)``; when there is none, None, and the caller is to compute it: until
+        it calls `put_array` (or `release_array`, giving up), other threads claiming the same key wait for it, so
+        concurrent questions about one image compute a derived array (ViCrop's generic map) once. A wait longer
+        than ``timeout`` seconds gives up waiting and lets the caller compute it too."""
+        path = str(self._array_path(ref, key))
+        while True:
+            with _claims_lock:
+                pending = _claims.get(path)
+                if pending is None:
+                    found = self.get_array(ref, key)
+                    if found is None:
+                        _claims[path] = threading.Event()
+                    return found
+            if not pending.wait(timeout):
+                return None
+
+    def release_array(self, ref: ImageRef, key: str) -> None:
+        """End a `claim_array` claim without storing (the array turned out not to be needed)."""
+        with _claims_lock:
+            pending = _claims.pop(str(self._array_path(ref, key)), None)
+        if pending is not None:
+            pending.set()
 
     def get_array(self, ref: ImageRef, key: str) -> np.ndarray | None:
         """The array stored for ``(ref, key)``, or ``None`` if there is none (or the file is unreadable).

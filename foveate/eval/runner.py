@@ -347,7 +347,7 @@ def run_eval(
         same_options = record.get("options", {}) == options.get(record.get("strategy"))
         if all(record.get(key) == value for key, value in identity.items()) and same_options and "error" not in record:
             done[(record["strategy"], str(record["id"]))] = record
-    box_convention = getattr(policy, "box_convention", "thousand")
+    box_convention = policy.box_convention
     batcher: MicroBatcher | None = None
     results: dict[tuple[str, str], dict[str, Any]] = {}
     try:

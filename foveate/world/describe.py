@@ -9,8 +9,10 @@ target (no "What color is the red star?").
 from __future__ import annotations
 
 from itertools import combinations
+from typing import TYPE_CHECKING
 
-from foveate.world.scenes import Scene, WorldObject, position_phrase
+if TYPE_CHECKING:  # types only: scenes imports this module to describe what it generates
+    from foveate.world.scenes import Scene, WorldObject
 
 __all__ = ["SIZE_WORDS", "describe_scene", "matching_objects", "reference_phrase", "unique_reference"]
 
@@ -103,3 +105,16 @@ def describe_scene(scene: Scene, max_relations: int = 4) -> str:
                 sentences.append(f"{ra[0][0].upper()}{ra[0][1:]} is {verb} {rb[0]}.")
                 break  # one relation per subject keeps the caption varied
     return head + body + ("" if not sentences else " " + " ".join(sentences))
+
+
+def position_phrase(box: list[int], width: int, height: int) -> str:
+    """Rough position of a box centre on a 3x3 grid: "in the top left", "in the center", "at the bottom", ..."""
+    cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
+    col = 0 if cx < 1 / 3 else (1 if cx < 2 / 3 else 2)
+    row = 0 if cy < 1 / 3 else (1 if cy < 2 / 3 else 2)
+    grid = [
+        ["in the top left", "at the top", "in the top right"],
+        ["on the left", "in the center", "on the right"],
+        ["in the bottom left", "at the bottom", "in the bottom right"],
+    ]
+    return grid[row][col]

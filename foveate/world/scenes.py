@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from foveate.world.describe import describe_scene, position_phrase  # noqa: F401 (position_phrase: part of this API)
+
 __all__ = [
     "BACKGROUNDS",
     "CLUTTER_KINDS",
@@ -416,23 +418,8 @@ def generate_scene(
         relations=compute_relations(objects, max(2, round(cfg.relation_margin_frac * short))),
         clutter_seed=clutter_seed,
     )
-    from foveate.world.describe import describe_scene  # local import: describe needs Scene, Scene does not need it
-
     scene.description = describe_scene(scene)
     return scene
-
-
-def position_phrase(box: list[int], width: int, height: int) -> str:
-    """Rough position of a box centre on a 3x3 grid: "in the top left", "in the center", "at the bottom", ..."""
-    cx, cy = (box[0] + box[2]) / 2 / width, (box[1] + box[3]) / 2 / height
-    col = 0 if cx < 1 / 3 else (1 if cx < 2 / 3 else 2)
-    row = 0 if cy < 1 / 3 else (1 if cy < 2 / 3 else 2)
-    grid = [
-        ["in the top left", "at the top", "in the top right"],
-        ["on the left", "in the center", "on the right"],
-        ["in the bottom left", "at the bottom", "in the bottom right"],
-    ]
-    return grid[row][col]
 
 
 def _background_array(scene: Scene) -> np.ndarray:
