@@ -39,7 +39,8 @@ from rich.table import Table
 
 from foveate.api import default_model_path
 from foveate.config import load_config
-from foveate.jobs.caption import CaptionSpec, run_caption_job
+from foveate.jobs.caption import CaptionSpec
+from foveate.jobs.job import run_caption_job
 from foveate.jobs.sinks import JsonlSink
 from foveate.jobs.sources import resolve_source
 from foveate.world import generate_dataset

@@ -24,13 +24,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from foveate.config import parse_options
 from foveate.errors import FoveateError
 
 app = typer.Typer(help="Make vision-language models look harder before they answer.", no_args_is_help=True)
@@ -127,20 +126,6 @@ def ask(
         outcomes = [step["outcome"] for step in result.trace.steps if step.get("outcome")]
         err.print(outcomes[-1] if outcomes else "no answer: the model wrote an empty answer", markup=False)
         raise typer.Exit(1)
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["max_turns=3", "gate=0.7"]`` → ``{"max_turns": 3, "gate": 0.7}`` (values read as YAML scalars)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise FoveateError(f"option {pair!r} is not KEY=VALUE")
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise FoveateError(f"option {pair!r}: cannot read the value: {error}") from error
-    return options
 
 
 @model_app.command("init-tiny")

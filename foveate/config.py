@@ -78,3 +78,17 @@ def load_config(path: str | Path | None = None) -> FoveateConfig:
     if not isinstance(data, dict):
         raise FoveateError(f"config {path} must be a mapping of keys to values")
     return FoveateConfig().with_overrides(**data)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["max_turns=3", "gate=0.7"]`` → ``{"max_turns": 3, "gate": 0.7}`` (values read as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FoveateError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise FoveateError(f"option {pair!r}: cannot read the value: {error}") from error
+    return options

@@ -292,7 +292,7 @@ def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: D
 def _with_tools(example: Example, mix: DataMix) -> Example:
     """The example with the zoom tool's schema as TRL renders it for GRPO (`DataMix.deepeyes_tools`)."""
     if mix.deepeyes_tools:
-        from foveate.rl.deepeyes_grpo import zoom_tool_schema
+        from foveate.rl.zoom_env import zoom_tool_schema
 
         example["tools"] = [zoom_tool_schema()]
     return example

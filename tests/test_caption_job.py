@@ -26,7 +26,8 @@ from PIL import Image
 
 from foveate.config import FoveateConfig
 from foveate.errors import FoveateError
-from foveate.jobs.caption import CaptionSpec, decode_batch, run_caption_job
+from foveate.jobs.caption import CaptionSpec, decode_batch
+from foveate.jobs.job import run_caption_job
 from foveate.jobs.ray_caption import actor_cpus
 from foveate.jobs.sinks import JsonlSink, ParquetSink, make_sink
 from foveate.jobs.sources import INPUT_SCHEMA, resolve_source

@@ -2,7 +2,8 @@
 those inside functions, which is where circles hide).
 
 - strategies (``foveate.agents``) never import training code (``foveate.rl``);
-- tools and policies never import strategies; nothing imports ``foveate.rl`` except the CLI and ``rl`` itself;
+- tools and policies never import strategies; nothing imports ``foveate.rl`` except the CLI (``foveate.cli``,
+  ``foveate.rl_cli``) and ``rl`` itself;
 - the core (``foveate/*`` except the faces that pick a strategy by module: the CLI and ``foveate.vicrop_calibrate``)
   reaches strategies only through the registry: it may import ``foveate.agents`` (``get_builder``,
   ``STRATEGY_MODULES``) and ``foveate.agents.state`` (the run context), never a strategy module;
@@ -26,7 +27,7 @@ PACKAGES = {"foveate": "foveate", "agents": "foveate.agents", "tools": "foveate.
             "policies": "foveate.policies", "rl": "foveate.rl", "configs": "foveate.configs"}  # fmt: skip
 FACES_PICKING_MODULES = ("foveate.cli", "foveate.vicrop_calibrate")
 CORE_MAY_IMPORT = ("foveate.agents", "foveate.agents.state")
-RL_IMPORTERS = ("foveate.cli", "foveate.rl")
+RL_IMPORTERS = ("foveate.cli", "foveate.rl_cli", "foveate.rl")  # the CLI and its RL commands
 
 
 def module_name(path: Path) -> str:

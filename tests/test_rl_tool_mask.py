@@ -24,8 +24,8 @@ def memorise_trajectory(model_dir: Path, image: Image.Image, question: str) -> N
 
     from foveate.policies.loading import load_processor
     from foveate.protocol import DEEPEYES_SUFFIX
-    from foveate.rl.deepeyes_grpo import zoom_tool_schema
     from foveate.rl.sft import ChatCollator
+    from foveate.rl.zoom_env import zoom_tool_schema
 
     processor = load_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)

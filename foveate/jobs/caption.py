@@ -15,10 +15,11 @@ Two per-batch functions do all the work, whichever runner calls them:
   by a `MicroBatcher` into padded batches (concurrency is batching). A strategy that raises on one image gives
   that image an error row; the rest of the batch is unaffected.
 
-Runners: **local** (`run_local`, no Ray: the default with ``--workers 1`` and no ``--ray-address``; no 4 s
-Ray start-up and 640 MB of Ray processes for a small job) and **Ray Data** (`foveate.jobs.ray_caption`, with
-``--workers N > 1``, ``--ray-address`` or ``--ray``). Both write through `foveate.jobs.sinks` from the driver and
-skip ids already in the output, so a rerun after a kill (or a finished run) does only what is missing.
+Runners (`foveate.jobs.job.run_caption_job` picks one): **local** (`run_local`, no Ray: the default with
+``--workers 1`` and no ``--ray-address``; no 4 s Ray start-up and 640 MB of Ray processes for a small job) and
+**Ray Data** (`foveate.jobs.ray_caption`, with ``--workers N > 1``, ``--ray-address`` or ``--ray``). Both write
+through `foveate.jobs.sinks` from the driver and skip ids already in the output, so a rerun after a kill (or a
+finished run) does only what is missing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pyarrow as pa
 
 from foveate.config import FoveateConfig
 from foveate.errors import FoveateError
-from foveate.jobs.sinks import OUTPUT_SCHEMA, Sink
+from foveate.jobs.sinks import OUTPUT_SCHEMA
 from foveate.jobs.sources import Source
 
 log = logging.getLogger(__name__)
@@ -194,85 +195,3 @@ def run_local(source: Source, todo: set[str], spec: CaptionSpec, batch_size: int
             yield captioner(decode_batch(batch, spec.config.max_image_pixels))
     finally:
         captioner.close()
-
-
-@dataclass
-class JobSummary:
-    """What a run did: ``total`` inputs, ``skipped`` already in the output, ``done`` new rows, ``errors`` among them."""
-
-    total: int
-    skipped: int
-    done: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    mode: str = "local"
-
-    @property
-    def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-
-def check_resumable(done: dict[str, dict[str, Any]], spec: CaptionSpec, out: str) -> None:
-    """Refuse to mix strategies or prompts in one output (a rerun must mean "finish the same job")."""
-    for row in done.values():
-        if row.get("strategy") != spec.strategy or row.get("prompt") != spec.prompt:
-            raise FoveateError(
-                f"{out} holds rows of strategy {row.get('strategy')!r} with prompt {row.get('prompt')!r}; "
-                f"this run is {spec.strategy!r} with {spec.prompt!r}: choose another --out"
-            )
-
-
-def run_caption_job(
-    source: Source,
-    sink: Sink,
-    spec: CaptionSpec,
-    *,
-    workers: int = 1,
-    batch_size: int = 8,
-    ray_address: str | None = None,
-    use_ray: bool | None = None,
-    retry_errors: bool = False,
-    progress: Any = None,
-) -> JobSummary:
-    """Caption every input not yet in ``sink``; ``progress(advance_by, summary)`` is called per written batch.
-
-    Ray Data runs when ``use_ray`` is True, or (``use_ray`` None) when ``workers > 1`` or ``ray_address`` is set;
-    otherwise the local runner. Returns what was done."""
-    if workers < 1 or batch_size < 1:
-        raise FoveateError(f"--workers and --batch-size must be at least 1 (got {workers} and {batch_size})")
-    use_ray = (workers > 1 or bool(ray_address)) if use_ray is None else use_ray
-    done = sink.open(retry_errors=retry_errors)
-    try:
-        check_resumable(done, spec, str(sink.path))
-        todo = {key for key in source.ids if key not in done}
-        summary = JobSummary(total=len(source.ids), skipped=len(source.ids) - len(todo))
-        summary.mode = f"ray ({workers} worker{'s' if workers > 1 else ''})" if use_ray else "local"
-        if progress:
-            progress(0, summary)
-        if not todo:
-            return summary
-        started = time.perf_counter()
-        if use_ray:
-            from foveate.jobs.ray_caption import run_ray
-
-            tables = run_ray(source, todo, spec, workers=workers, batch_size=batch_size, address=ray_address)
-        else:
-            tables = run_local(source, todo, spec, batch_size)
-        try:
-            for table in tables:
-                rows = [row for row in table.to_pylist() if row["id"] in todo]  # never write an id twice
-                todo.difference_update(row["id"] for row in rows)
-                sink.write(rows)
-                summary.done += len(rows)
-                summary.errors += sum(1 for row in rows if row["error"])
-                summary.seconds = time.perf_counter() - started
-                if progress:
-                    progress(len(rows), summary)
-        finally:
-            close = getattr(tables, "close", None)
-            if callable(close):
-                close()  # a generator's finally (model and Ray shutdown) runs now, not at garbage collection
-        summary.seconds = time.perf_counter() - started
-        return summary
-    finally:
-        sink.close()

@@ -17,7 +17,8 @@ from rich.progress import (
 from rich.text import Text
 
 from foveate.errors import FoveateError
-from foveate.jobs.caption import DEFAULT_PROMPT, CaptionSpec, JobSummary, run_caption_job
+from foveate.jobs.caption import DEFAULT_PROMPT, CaptionSpec
+from foveate.jobs.job import JobSummary, run_caption_job
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -85,7 +86,7 @@ def caption_command(
 ) -> None:
     """Caption many images with any strategy; resumable (a rerun with the same --out does only what is missing)."""
     from foveate.agents import get_builder
-    from foveate.cli import parse_options
+    from foveate.config import parse_options
     from foveate.jobs.sinks import make_sink
     from foveate.jobs.sources import resolve_source
 
