@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from scripted import twin
 
 from foveate.agents.patch_matters_parts import (
     divide,
@@ -136,26 +137,23 @@ def test_new_sentences_drop_duplicates_of_the_caption_and_of_each_other() -> Non
 
 
 # ---- the whole strategy -------------------------------------------------------------------------------------
-class Counting:
-    """The real policy, counting its chat calls (how many, how many conversations, n) — not a stand-in."""
+def Counting(policy):  # noqa: N802 (reads as the class it builds)
+    """The real transformers policy (still a `WhiteBoxPolicy`, via `scripted.twin`), counting its chat calls (how
+    many, how many conversations, n) and the rows it scores — not a stand-in."""
+    base = type(policy)
 
-    def __init__(self, policy) -> None:
-        self.policy, self.calls = policy, []
-        self.white_box, self.box_convention, self.name = policy.white_box, policy.box_convention, policy.name
+    class CountingPolicy(base):
+        def chat(self, conversations, params=None):
+            self.calls.append((len(conversations), params.n if params else 1, params.temperature if params else 0.0))
+            return base.chat(self, conversations, params)
 
-    def chat(self, conversations, params=None):
-        self.calls.append((len(conversations), params.n if params else 1, params.temperature if params else 0.0))
-        return self.policy.chat(conversations, params)
+        def answer_logprobs(self, conversations, answers):
+            self.scored += len(conversations)
+            return base.answer_logprobs(self, conversations, answers)
 
-    def chat_one(self, messages, params=None):
-        return self.chat([messages], params)[0]
-
-    def image_attention(self, conversations, layer, position=-1):
-        return self.policy.image_attention(conversations, layer, position)
-
-    def answer_logprobs(self, conversations, answers):
-        self.scored = getattr(self, "scored", 0) + len(conversations)
-        return self.policy.answer_logprobs(conversations, answers)
+    counting = twin(CountingPolicy, policy)
+    counting.calls, counting.scored = [], 0
+    return counting
 
 
 def _scene() -> Image.Image:
