@@ -244,6 +244,9 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+IMAGES = 64  # inputs of the kill test, the corrupt one included
+
+
 @pytest.mark.slow
 def test_sigkill_three_times_then_resume_gives_every_image_once(tiny_model_dir, tmp_path) -> None:
     """SIGKILL the job at seeded random points (during start-up or after a random number of written rows, plus a
@@ -251,7 +254,7 @@ def test_sigkill_three_times_then_resume_gives_every_image_once(tiny_model_dir, 
     every input exactly once and the corrupt image as an error row."""
     rng = random.Random(34)
     folder = tmp_path / "imgs"
-    noise_images(folder, 24)
+    noise_images(folder, IMAGES - 1)  # enough that three kills cannot finish the job on an idle machine
     (folder / "zz-corrupt.png").write_bytes((folder / "img-000.png").read_bytes()[:100])
     out = tmp_path / "caps.jsonl"
     env = {**os.environ, "FOVEATE_HOME": str(tmp_path / "home")}
@@ -276,17 +279,17 @@ def test_sigkill_three_times_then_resume_gives_every_image_once(tiny_model_dir, 
             job.kill()
             job.wait()
         kills.append((wait_rows, before, _lines(out)))
-    assert kills[-1][2] < 25, kills  # the kills left work to do
+    assert kills[-1][2] < IMAGES, kills  # the kills left work to do
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = read_jsonl(out)  # every line complete and valid JSON (a cut line was truncated away)
     ids = [row["id"] for row in rows]
-    assert sorted(ids) == sorted(resolve_source(str(folder)).ids) and len(ids) == len(set(ids)) == 25, kills
+    assert sorted(ids) == sorted(resolve_source(str(folder)).ids) and len(ids) == len(set(ids)) == IMAGES, kills
     errors = {row["id"]: row["error"] for row in rows if row["error"]}
     assert list(errors) == ["zz-corrupt.png"] and "truncated" in errors["zz-corrupt.png"]
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "nothing new; 25 of 25 were already" in again.stdout
-    assert len(read_jsonl(out)) == 25
+    assert again.returncode == 0 and f"nothing new; {IMAGES} of {IMAGES} were already" in again.stdout
+    assert len(read_jsonl(out)) == IMAGES
 
 
 # ---- a real local Ray cluster ---------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_grpo_command_leaves_checkpoint_metrics_and_config(tmp_path):
 def test_grpo_killed_after_first_checkpoint_resumes_to_the_same_final_step(tmp_path):
     config = write_config(tmp_path, "configs/rl/deepeyes.yaml", SMALL_GRPO)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "foveate.cli", "train", "grpo", "--config", str(config), "--max-steps", "3"]
+    # 8 steps: on an idle machine a step takes about a second, so a 3-step run could finish before the kill lands.
+    command = [sys.executable, "-m", "foveate.cli", "train", "grpo", "--config", str(config), "--max-steps", "8"]
     process = subprocess.Popen(
         [*command, "--output-dir", str(out)],
         stdout=subprocess.DEVNULL,
@@ -93,16 +94,16 @@ def test_grpo_killed_after_first_checkpoint_resumes_to_the_same_final_step(tmp_p
             assert process.poll() is None, "the run ended before its first checkpoint"
             assert time.time() < deadline
             time.sleep(0.5)
-        time.sleep(1.0)  # let the checkpoint's last files land
+        time.sleep(0.2)  # trainer_state.json is the checkpoint's last file; a moment for the filesystem
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert not (out / "checkpoint-3").exists() and not (out / "model").exists()
+    assert not (out / "checkpoint-8").exists() and not (out / "model").exists()
     done = subprocess.run([*command, "--output-dir", str(out), "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert global_step(out / "checkpoint-3") == 3
+    assert global_step(out / "checkpoint-8") == 8
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 3 and 2 in steps
+    assert steps[-1] == 8 and 7 in steps
 
 
 def test_dpo_command_runs_both_stages(tmp_path):
