@@ -38,9 +38,9 @@ from foveate.policies.base import check_box_convention
 from foveate.protocol import DEEPEYES_SUFFIX
 from foveate.rl import rewards
 from foveate.rl.runs import (
-    DEFAULT_MODEL,
     TRAIN_WORLD_SEED,
     MetricsCallback,
+    RunRecipe,
     help_field,
     load_model_and_processor,
     load_rows,
@@ -52,13 +52,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # environment_factory is
 
 
 @dataclass
-class GRPORecipe:
+class GRPORecipe(RunRecipe):
     """A DeepEyes GRPO run (configs/rl/deepeyes.yaml). Every field has help text; CLI flags override."""
 
-    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
-    data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
-    families: list = help_field([], "only task rows of these families (empty: all)")
-    n_items: int = help_field(64, "training prompts drawn from --data")
     seed: int = help_field(0, "seed of the trainer (sampling, shuffling, initialisation)")
     output_dir: str = help_field("runs/deepeyes-grpo", "run directory: checkpoints, model/, metrics.jsonl, config")
     max_steps: int = help_field(50, "optimiser steps")
@@ -70,21 +66,14 @@ class GRPORecipe:
     learning_rate: float = help_field(1e-5, "peak learning rate (DeepEyes on Qwen2.5-VL-7B: 1e-6)")
     beta: float = help_field(0.0, "KL coefficient to the reference model (DeepEyes: 0, no KL)")
     box_convention: str = help_field("thousand", "how the model writes bbox_2d: thousand, normalized or pixels")
-    logging_steps: int = help_field(1, "log (and append to metrics.jsonl) every this many steps")
-    save_steps: int = help_field(10, "write checkpoint-N every this many steps (and at the end)")
-    bf16: bool = help_field(False, "bfloat16 training (GPU)")
     use_vllm: bool = help_field(False, "generate rollouts with vLLM (GPU; pip install vllm)")
-    use_gpu: bool = help_field(False, "train on GPUs (Ray workers get one GPU each, nccl)")
     warm_start: str | None = help_field(
         None,
         "an SFT recipe (configs/rl/deepeyes-warmstart.yaml) run first into <output_dir>/warm-start; GRPO starts there",
     )
-    ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
-    ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
-    max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
 
     def __post_init__(self) -> None:
-        self.model = self.model or DEFAULT_MODEL
+        super().__post_init__()
         check_box_convention(self.box_convention)
         if self.box_convention == "resized":
             raise ValueError("box_convention 'resized' needs a policy's resized input size; use pixels/thousand")

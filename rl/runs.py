@@ -38,6 +38,33 @@ def help_field(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the da
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+@dataclasses.dataclass
+class RunRecipe:
+    """What every RL run shares: the model, its items, the run directory, logging and where it trains.
+
+    `rl.deepeyes_grpo.GRPORecipe` and `rl.visrl_dpo.DPORecipe` add their method's fields; a subclass that
+    redeclares a field (another default or help text) keeps its place in this order."""
+
+    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
+    data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
+    families: list = help_field([], "only task rows of these families (empty: all)")
+    n_items: int = help_field(64, "training prompts drawn from --data")
+    seed: int = help_field(0, "seed of sampling, shuffling and initialisation")
+    output_dir: str = help_field("runs/run", "run directory: checkpoints, model/, metrics.jsonl, config")
+    learning_rate: float = help_field(1e-5, "peak learning rate")
+    beta: float = help_field(0.0, "KL / DPO coefficient")
+    logging_steps: int = help_field(1, "log (and append to metrics.jsonl) every this many steps")
+    save_steps: int = help_field(10, "write checkpoint-N every this many steps (and at the end)")
+    bf16: bool = help_field(False, "bfloat16 training (GPU)")
+    use_gpu: bool = help_field(False, "train on GPUs (Ray workers get one GPU each, nccl)")
+    ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
+    ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
+    max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
+
+    def __post_init__(self) -> None:
+        self.model = self.model or DEFAULT_MODEL
+
+
 def config_help(cls: type) -> str:
     """Every field of a config dataclass with its default and help text, one per line."""
     return "\n".join(f"{f.name} (default {f.default!r}): {f.metadata.get('help', '')}" for f in fields(cls))

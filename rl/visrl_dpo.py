@@ -46,9 +46,9 @@ from foveate.errors import BoxError, FoveateError
 from foveate.eval.metrics import score_answer
 from foveate.protocol import VISRL_ANSWER_PROMPT, VISRL_FOCUS_SUFFIX, strip_thought
 from foveate.rl.runs import (
-    DEFAULT_MODEL,
     TRAIN_WORLD_SEED,
     MetricsCallback,
+    RunRecipe,
     help_field,
     load_model_and_processor,
     load_rows,
@@ -61,11 +61,9 @@ PAIRS_DIR = "preferences"
 
 
 @dataclass
-class DPORecipe:
+class DPORecipe(RunRecipe):
     """A VisRL DPO run (configs/rl/visrl.yaml). Every field has help text; CLI flags override."""
 
-    model: str | None = help_field(None, "model directory or cached Hub id to start from (None: the demo model)")
-    data: str = help_field("world:small-detail", "training items: world:<preset> (training seed) or a tasks.jsonl")
     families: list = help_field([], "only task rows of these families (empty: all with an evidence box)")
     n_items: int = help_field(64, "items to sample attempts for (pairs come from the kept ones)")
     samples: int = help_field(3, "attempts per item (VisRL: 3)")
@@ -84,16 +82,9 @@ class DPORecipe:
     learning_rate: float = help_field(5e-6, "learning rate (VisRL on Qwen2.5-VL-7B: about 1e-6)")
     beta: float = help_field(0.1, "DPO beta (sigmoid loss)")
     max_length: int = help_field(1024, "tokens per prompt + reply")
-    logging_steps: int = help_field(1, "log (and append to metrics.jsonl) every this many steps")
-    save_steps: int = help_field(10, "write checkpoint-N every this many steps (and at the end)")
-    bf16: bool = help_field(False, "bfloat16 training (GPU)")
-    use_gpu: bool = help_field(False, "train on GPUs (Ray workers get one GPU each, nccl)")
-    ray_workers: int = help_field(0, "Ray Train workers (0: train in this process)")
-    ray_address: str | None = help_field(None, "an existing Ray cluster's address (None: a local one)")
-    max_failures: int = help_field(1, "worker failures Ray restarts from the last checkpoint before giving up")
 
     def __post_init__(self) -> None:
-        self.model = self.model or DEFAULT_MODEL
+        super().__post_init__()
         if self.samples < 2:
             raise ValueError(f"samples must be at least 2 (a pair needs two attempts), got {self.samples}")
 
