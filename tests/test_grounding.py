@@ -26,7 +26,7 @@ from foveate.tools.grounding import (
     parse_grounding_reply,
     thresholded_box,
 )
-from tests.scripted import Scripted
+from scripted import Scripted
 
 SIZE = (400, 200)  # width, height
 
