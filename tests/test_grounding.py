@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripted import Scripted
 
 from foveate.errors import WhiteBoxUnsupported
 from foveate.policies.base import ChatPolicy
@@ -26,7 +27,6 @@ from foveate.tools.grounding import (
     parse_grounding_reply,
     thresholded_box,
 )
-from scripted import Scripted
 
 SIZE = (400, 200)  # width, height
 
