@@ -18,7 +18,9 @@ workers from the last checkpoint after a worker dies.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from foveate.errors import FoveateError
+
+log = logging.getLogger(__name__)
 
 # A local cluster started with `ray start` has token authentication on: drivers must either carry the token or the
 # cluster and drivers must both run with auth disabled (RESEARCH.md §7). We never touch credentials.
@@ -75,7 +79,28 @@ def resume_checkpoint(output_dir: str | Path, resume: bool, on_ray: bool, tag: s
             saved = Path(folder) / TAG_FILE
             yield folder if (saved.read_text() if saved.is_file() else "") == tag else None
         return
-    yield True if resume and any(Path(output_dir).glob("checkpoint-*")) else None
+    yield last_complete_checkpoint(output_dir) if resume else None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The highest ``checkpoint-N`` of ``output_dir`` that was written to the end, or None.
+
+    The Trainer writes ``trainer_state.json`` last, so a folder without it was cut by a kill mid-save: resuming from
+    it fails (the Trainer's own ``get_last_checkpoint`` would pick it, being the newest). Such folders are removed —
+    they hold nothing a resume can use, and the resumed run writes that step again."""
+    complete = None
+    for folder in sorted(Path(output_dir).glob("checkpoint-*"), key=_step_of):
+        if (folder / "trainer_state.json").is_file():
+            complete = folder
+        elif _step_of(folder) >= 0:
+            log.warning("removing %s: a checkpoint cut short by a kill (no trainer_state.json)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return str(complete) if complete else None
+
+
+def _step_of(folder: Path) -> int:
+    suffix = folder.name.removeprefix("checkpoint-")
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def world_barrier() -> None:

@@ -98,3 +98,16 @@ def test_train_command_rejects_unknown_settings(tmp_path, capsys):
     assert code == 2 and "unknown setting" in err
     code, err = run_main(["train", "dpo", "--config", str(tmp_path / "none.yaml")], capsys)
     assert code == 2 and ("config not found" in err or "cannot read" in err)
+
+
+def test_resume_takes_the_last_complete_checkpoint_and_drops_one_cut_by_a_kill(tmp_path):
+    from foveate.rl.ray_train import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step in (1, 2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"cut")  # killed before trainer_state.json
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")  # by step, not by name
+    assert not (tmp_path / "checkpoint-10").exists() and (tmp_path / "checkpoint-1").is_dir()
