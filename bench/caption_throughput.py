@@ -80,6 +80,7 @@ def run(name: str, images: Path, work: Path, args: argparse.Namespace) -> dict:
     return {
         "name": name,
         "workers": workers,
+        "used": len({row["worker"] for row in rows}),  # processes that captioned (Ray may leave an actor idle)
         "threads": threads,
         "wall": wall,
         "done": summary.done,
