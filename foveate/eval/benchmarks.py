@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from foveate.errors import FoveateError
+from foveate.world.dataset import with_task_defaults
 
 __all__ = ["BENCHMARKS", "load_benchmark", "load_pope", "load_textvqa", "load_vstar", "write_tasks"]
 
@@ -63,19 +64,7 @@ _OPTION_LINE = re.compile(r"^\(([A-J])\)\s*(.*)$")
 
 def _row(**values: Any) -> dict[str, Any]:
     """A task row with every key the evaluator reads (neutral values for what a real benchmark does not know)."""
-    row = {
-        "family": "unknown",
-        "subtype": None,
-        "split": "unknown",
-        "clutter": "unknown",
-        "boxes": [],
-        "target_size": None,
-        "image_size": None,
-        "scene_id": None,
-        "preset": None,
-    }
-    row.update(values)
-    return row
+    return with_task_defaults(values)
 
 
 def _read_json(path: Path) -> Any:

@@ -33,7 +33,7 @@ __all__ = ["REQUIRED_TASK_KEYS", "generate_dataset", "iter_items", "iter_scenes"
 
 REQUIRED_TASK_KEYS: tuple[str, ...] = ("id", "image", "question", "answers")
 # Defaults for optional keys, so task files from real datasets (which know nothing of the world) load too.
-_TASK_DEFAULTS: dict[str, Any] = {
+TASK_DEFAULTS: dict[str, Any] = {
     "family": "unknown",
     "subtype": None,
     "split": "unknown",
@@ -44,6 +44,13 @@ _TASK_DEFAULTS: dict[str, Any] = {
     "scene_id": None,
     "preset": None,
 }
+
+
+def with_task_defaults(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with every optional key the evaluator reads that it lacks (each list default a fresh list)."""
+    for key, default in TASK_DEFAULTS.items():
+        row.setdefault(key, list(default) if isinstance(default, list) else default)
+    return row
 
 
 _OPTIONAL_ROW_KEYS: tuple[str, ...] = ("reference", "options", "scoring", "objects")
@@ -177,7 +184,5 @@ def load_tasks(path: str | Path) -> list[dict[str, Any]]:
                 raise FoveateError(f"{p}:{lineno}: 'answers' must be a non-empty list of strings")
             image = Path(row["image"])
             row["image"] = str(image if image.is_absolute() else (p.parent / image).resolve())
-            for key, default in _TASK_DEFAULTS.items():
-                row.setdefault(key, list(default) if isinstance(default, list) else default)
-            rows.append(row)
+            rows.append(with_task_defaults(row))
     return rows
