@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -46,7 +46,7 @@ from foveate.tools.crop import crop as crop_image
 from foveate.tools.grounding import AttentionGrounder, Grounder
 from foveate.tools.images import load_image
 from foveate.tools.program_api import ProgramCallError
-from foveate.tools.sandbox import Limits, ProgramRefused, check_program, execute
+from foveate.tools.sandbox import Execution, Limits, ProgramRefused, check_program, execute
 
 __all__ = ["ProgramRefused", "ProgramResult", "ProgramTools", "check_program", "run_program", "value_to_answer"]
 
@@ -71,18 +71,9 @@ def value_to_answer(value: Any) -> str:
 
 
 @dataclass
-class ProgramResult:
-    """The outcome of one program: ``ok`` with ``value``, or ``error`` (one line); the call ``log``, print
-    output, executed lines, model-backed calls and wall time."""
-
-    ok: bool
-    value: Any = None
-    error: str = ""
-    log: list[dict[str, Any]] = field(default_factory=list)
-    stdout: str = ""
-    steps: int = 0
-    calls: int = 0
-    elapsed_s: float = 0.0
+class ProgramResult(Execution):
+    """The outcome of one program (the sandbox's `Execution`: ``ok`` with ``value``, or ``error`` in one line; the
+    call ``log``, print output, executed lines, model-backed calls and wall time), with its value as an answer."""
 
     @property
     def answer(self) -> str:
@@ -244,13 +235,4 @@ def run_program(
     tools = ProgramTools(loaded, policy, wisdom=wisdom, grounder=grounder, max_new_tokens=max_new_tokens)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_steps=max_steps, max_calls=max_calls)
     outcome = execute(source, loaded.size, tools, limits)
-    return ProgramResult(
-        ok=outcome.ok,
-        value=outcome.value,
-        error=outcome.error,
-        log=outcome.log,
-        stdout=outcome.stdout,
-        steps=outcome.steps,
-        calls=outcome.calls,
-        elapsed_s=outcome.elapsed_s,
-    )
+    return ProgramResult(**vars(outcome))
