@@ -29,11 +29,10 @@ batch sizes fit a 2-core CPU (the YAML says what to use on a GPU box).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from foveate.errors import FoveateError
 from foveate.policies.base import check_box_convention
 from foveate.protocol import DEEPEYES_SUFFIX
 from foveate.rl import rewards
@@ -192,22 +191,6 @@ def train(recipe: GRPORecipe, resume: bool = False) -> Path:
     out = prepare_run_dir(recipe.output_dir, recipe, resume)
     if recipe.warm_start:
         recipe = replace(recipe, model=warm_start(recipe, out), warm_start=None)
-    config = {**asdict(recipe), "output_dir": str(out.resolve()), "resume": resume}
-    if recipe.ray_workers:
-        from foveate.rl import ray_train
+    from foveate.rl.ray_train import train_here_or_on_ray
 
-        ray_train.run(
-            train_worker,
-            {k: v for k, v in config.items() if k != "output_dir"},
-            workers=recipe.ray_workers,
-            output_dir=out,
-            address=recipe.ray_address,
-            use_gpu=recipe.use_gpu,
-            max_failures=recipe.max_failures,
-            name="deepeyes-grpo",
-        )
-    else:
-        train_worker(config)
-    if not (out / "model").is_dir():
-        raise FoveateError(f"training ended without a model in {out}")
-    return out
+    return train_here_or_on_ray(train_worker, recipe, out, resume, name="deepeyes-grpo")

@@ -159,3 +159,30 @@ def run(
     except Exception as error:  # Ray wraps worker errors in TrainingFailedError; keep its message, drop the stack
         raise FoveateError(f"Ray Train run failed: {error}") from error
     return result
+
+
+def train_here_or_on_ray(
+    train_worker: Callable[[dict[str, Any]], None], recipe: Any, out: Path, resume: bool, name: str
+) -> Path:
+    """``train_worker`` with the recipe's settings (a `rl.runs.RunRecipe`) and the run directory ``out``: on
+    ``recipe.ray_workers`` Ray Train workers (Ray run ``name``, what a resume finds again), else in this process.
+    Returns ``out`` once it holds the trained ``model/``."""
+    import dataclasses
+
+    config = {**dataclasses.asdict(recipe), "output_dir": str(out.resolve()), "resume": resume}
+    if recipe.ray_workers:
+        run(
+            train_worker,
+            config,
+            workers=recipe.ray_workers,
+            output_dir=out,
+            address=recipe.ray_address,
+            use_gpu=recipe.use_gpu,
+            max_failures=recipe.max_failures,
+            name=name,
+        )
+    else:
+        train_worker(config)
+    if not (out / "model" / "config.json").is_file():
+        raise FoveateError(f"training ended without a model in {out}")
+    return out

@@ -373,22 +373,6 @@ def train(recipe: DPORecipe, resume: bool = False) -> Path:
     """Build the preferences, then run both DPO stages locally or on Ray Train; returns the run directory."""
     out = prepare_run_dir(recipe.output_dir, recipe, resume)
     build_preferences(recipe, out)
-    config = {**asdict(recipe), "resume": resume}
-    if recipe.ray_workers:
-        from foveate.rl import ray_train
+    from foveate.rl.ray_train import train_here_or_on_ray
 
-        ray_train.run(
-            train_worker,
-            config,
-            workers=recipe.ray_workers,
-            output_dir=out,
-            address=recipe.ray_address,
-            use_gpu=recipe.use_gpu,
-            max_failures=recipe.max_failures,
-            name="visrl-dpo",
-        )
-    else:
-        train_worker({**config, "output_dir": str(out.resolve())})
-    if not (out / "model" / "config.json").is_file():
-        raise FoveateError(f"training ended without a model in {out}")
-    return out
+    return train_here_or_on_ray(train_worker, recipe, out, resume, name="visrl-dpo")
