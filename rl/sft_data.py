@@ -40,7 +40,7 @@ from foveate import protocol
 from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
-from foveate.world.presets import get_preset
+from foveate.world.presets import ZoomWorldConfig, get_preset
 from foveate.world.questions import FAMILIES, generate_questions
 from foveate.world.questions import referents as world_referents
 from foveate.world.scenes import Scene
@@ -194,10 +194,26 @@ def existence_percept(row: dict[str, Any], scene: Scene) -> str | None:
     return f"{color} {largest.shape}"
 
 
+def spoken_answer(row: dict[str, Any]) -> str:
+    """The answer a training target states: the canonical one, or for a multiple-choice row (``scoring:
+    "choice"``, the `zoom` preset's V*-style questions) the option's text, not its letter.
+
+    Why the text: `choice_match` accepts either, and a look-first answer must end its thought with the answer
+    (`policies.look_first.thought_prefix`) so ViCrop reads its map where the shape is looked up ("the red" →
+    "star"); a letter would be decided at the options' text instead of at the image."""
+    return row["answers"][1] if row.get("scoring") == "choice" else row["answers"][0]
+
+
+def row_referents(row: dict[str, Any]) -> list[str]:
+    """The phrases a row's answer depends on: the row's own ``referents`` (rows whose text is not one of the
+    world's templates carry them) or those parsed from its question (`foveate.world.questions.referents`)."""
+    return list(row.get("referents") or world_referents(row["question"]))
+
+
 def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) -> str:
     """The row's answer as a qa / qa_crop target: bare, or after its referents when `DataMix.look_first` (after
     the colour's percept for existence questions with ``existence_thought="percept"``)."""
-    answer = row["answers"][0]
+    answer = spoken_answer(row)
     if not mix.look_first:
         return answer
     if mix.existence_thought == "percept" and row.get("family") == "existence":
@@ -206,7 +222,7 @@ def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) 
         if percept is None:
             raise ValueError(f"no existence percept for {row['question']!r} (scene given: {scene is not None})")
         return protocol.look_answer([percept], answer)
-    referents = world_referents(row["question"])
+    referents = row_referents(row)
     if mix.look_trim_object:
         referents = [key_phrase(phrase) for phrase in referents]
     return protocol.look_answer(referents, answer) if referents else answer
@@ -267,7 +283,7 @@ def describe(image: Image.Image, scene: Scene, mix: DataMix, **_: Any) -> Exampl
 
 def deepeyes(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: DataMix, **_: Any) -> Example:
     question = row["question"] + protocol.DEEPEYES_SUFFIX
-    answer = row["answers"][0]
+    answer = spoken_answer(row)
     if not row["boxes"] or row.get("target_size") not in mix.zoom_sizes:
         final = protocol.think_answer("The answer is visible in the image.", answer)
         return _with_tools({"messages": [_user(image, question), _assistant(final)]}, mix)
@@ -307,7 +323,7 @@ def visrl(image: Image.Image, row: dict[str, Any], rng: random.Random, mix: Data
         _user(image, row["question"] + protocol.VISRL_FOCUS_SUFFIX),
         _assistant(protocol.box_json(_thousand(window, image.size))),
         _user(zoomed, protocol.VISRL_ANSWER_PROMPT),
-        _assistant(row["answers"][0]),
+        _assistant(spoken_answer(row)),
     ]
     return {"messages": messages}
 
@@ -415,8 +431,9 @@ def _merge(chat: list[Example]) -> Example:
 
 def scene_rows(scene: Scene, rows: list[dict[str, Any]], preset: str, rng: random.Random, mix: DataMix) -> list:
     """The scene's question rows of the kinds `mix` asks: the preset's, or `mix.scene_questions` many drawn anew."""
-    if mix.scene_questions is not None:
-        world = get_preset(preset)
+    world = get_preset(preset)
+    # A world with its own question generator (the `zoom` preset's V*-style questions) keeps its rows.
+    if mix.scene_questions is not None and not isinstance(world, ZoomWorldConfig):
         questions = world.questions
         if mix.family_weights is not None:
             questions = dataclasses.replace(questions, family_weights=tuple(mix.family_weights.items()))

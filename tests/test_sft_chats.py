@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from foveate import protocol
+from foveate.eval.metrics import choice_match
 from foveate.rl import attention_supervision
 from foveate.rl.sft import ChatCollator
 from foveate.rl.sft_data import (
@@ -28,6 +29,7 @@ from foveate.rl.sft_data import (
     scene_rows,
 )
 from foveate.world import iter_scenes, render_scene
+from foveate.world.scenes import SHAPES
 
 CHAT_MIX = DataMix(
     formats={"qa": 3.0, "ground": 1.0},
@@ -198,3 +200,30 @@ def test_the_loss_over_turns_is_the_mean_of_each_turns_loss() -> None:
         row = slice(r, r + 1)
         singles.append(attention_supervision.loss({0: rows[row, :, t]}, scene[row], evidence[row, t], query[row, t]))
     assert np.isclose(both, float(np.mean([s.item() for s in singles])), atol=1e-6)
+
+
+def test_zoom_rows_train_look_first_answers_with_the_option_text_and_keep_their_own_questions() -> None:
+    """The `zoom` preset's rows keep their V*-style questions under `scene_questions` (its generator is not the
+    world's), and a multiple-choice row's target names the option's text after its referent, so the thought ends
+    with the answer (what ViCrop's look-first probe needs) and `choice_match` accepts it."""
+    mix = DataMix(
+        formats={"qa": 1.0, "qa_crop": 1.0},
+        presets={"zoom": 1.0},
+        look_first=True,
+        look_trim_object=True,
+        chat_turns=6,
+        scene_questions=(4, 8),
+    )
+    examples = list(itertools.islice(example_stream(3, mix), 40))
+    choices = 0
+    for example in examples:
+        question = next(p["text"] for p in example["messages"][0]["content"] if p["type"] == "text")
+        assert question.startswith("What shape is ")  # a zoom question, not one drawn anew by the world's generator
+        reply = example["messages"][1]["content"]
+        thought, answer = protocol.look_parts(reply)
+        assert thought.endswith(" " + answer) and answer in SHAPES
+        if "\n(A) " in question:
+            choices += 1
+            options = [line[4:] for line in question.splitlines() if line.startswith("(")]
+            assert answer in options and choice_match(answer, options, answer) == 1.0
+    assert choices > 5

@@ -221,6 +221,7 @@ def _question(scene: Scene, obj: WorldObject, kind: str, phrase: str, r: random.
         "target_size": obj.size_class,
         "object_ids": [obj.id],
         "reference": kind,
+        "referents": [phrase],  # what a look-first answer restates (the MC text's first line is not a template)
     }
     if r.random() < cfg.multiple_choice_prob:
         others = r.sample([s for s in SHAPES if s != obj.shape], cfg.n_options - 1)
