@@ -42,10 +42,10 @@ demo model was trained on one, and an untrained prompt would measure prompt-foll
 
 Deviations from the paper: boxes are read in the policy's own convention (``policy.box_convention``; the demo
 model writes 0–1000 like Qwen2-VL) and converted at the edge, where DeepEyes' Qwen2.5-VL writes pixels; no tool
-schema is put in a system prompt, because the demo model was trained without one (a stock model that needs it
-should be run with a system turn describing ``protocol.ZOOM_TOOL_SCHEMA``). Earlier turns of a thread are sent
-before the question as plain text turns; a single question gets exactly the training format. Decoding is
-greedy with the run's ``max_new_tokens`` per call.
+schema is put in a system prompt by default, because the demo model was trained without one; ``-o tool_schema=true``
+sends it as TRL's GRPO prompts do (a model trained by `foveate train grpo`, or a stock model that needs it).
+Earlier turns of a thread are sent before the question as plain text turns; a single question gets exactly the
+training format. Decoding is greedy with the run's ``max_new_tokens`` per call.
 
 Every model call, tool call (arguments, result ref or error) and crop (box in original pixels) is traced; crops
 live in the image store and the state holds refs only.
@@ -72,7 +72,7 @@ from foveate.agents.state import (
 )
 from foveate.agents.zoom_tool import Reply, ToolCall, ToolError, parse_reply, run_zoom, tool_call_message
 from foveate.errors import FoveateError
-from foveate.protocol import DEEPEYES_SUFFIX
+from foveate.protocol import DEEPEYES_SUFFIX, ZOOM_TOOL_SCHEMA, tools_system_prompt
 from foveate.tools.store import ImageStore
 from foveate.trace import answer_step, crop_step, model_call_step, tool_call_step
 
@@ -119,8 +119,9 @@ def intake_node(state: DeepEyesState, runtime: Runtime[FoveateContext]) -> dict[
     return intake(state, resolve_context(runtime).store)
 
 
-def start_node(state: DeepEyesState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
-    """Open this question's dialogue: earlier turns of the thread, then [image, question + DEEPEYES_SUFFIX]."""
+def start_node(state: DeepEyesState, runtime: Runtime[FoveateContext], tool_schema: bool = False) -> dict[str, Any]:
+    """Open this question's dialogue: the tool's system turn with ``tool_schema``, earlier turns of the thread,
+    then [image, question + DEEPEYES_SUFFIX]."""
     context = resolve_context(runtime)
     earlier = state["messages"][:-1]
     dialogue = prompt_for_trace(to_policy_messages(earlier, context.store), image_refs(earlier))
@@ -131,7 +132,15 @@ def start_node(state: DeepEyesState, runtime: Runtime[FoveateContext]) -> dict[s
             {"type": "text", "text": state["question"] + DEEPEYES_SUFFIX},
         ],
     }
-    return {"dialogue": [*dialogue, question], "turns": 0, "reply": {}, "crops": [], "crop_boxes": [], "outcome": ""}
+    system = [{"role": "system", "content": tools_system_prompt([ZOOM_TOOL_SCHEMA])}] if tool_schema else []
+    return {
+        "dialogue": [*system, *dialogue, question],
+        "turns": 0,
+        "reply": {},
+        "crops": [],
+        "crop_boxes": [],
+        "outcome": "",
+    }
 
 
 def model_node(state: DeepEyesState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
@@ -213,11 +222,16 @@ def finish_node(state: DeepEyesState) -> dict[str, Any]:
 
 
 # ---- wiring -------------------------------------------------------------------------------------------------
-def build(checkpointer: Any = None, *, max_turns: int = DEFAULT_MAX_TURNS):
+def build(checkpointer: Any = None, *, max_turns: int = DEFAULT_MAX_TURNS, tool_schema: bool = False):
     """The compiled DeepEyes graph: at most ``max_turns`` tool/error turns per question, so at most
-    ``max_turns + 1`` model calls. Pass a checkpointer (e.g. SqliteSaver) for durable threads."""
+    ``max_turns + 1`` model calls. ``tool_schema``: open with the zoom tool's schema in a system turn, as TRL's
+    GRPO prompts do (`protocol.tools_system_prompt`): for a model trained by `foveate train grpo`, or a stock model
+    that needs to be told of the tool. Pass a checkpointer (e.g. SqliteSaver) for durable threads."""
     if max_turns < 0:
         raise FoveateError(f"max_turns must be >= 0, got {max_turns}")
+
+    def start(state: DeepEyesState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
+        return start_node(state, runtime, tool_schema=tool_schema)
 
     def after_model(state: DeepEyesState) -> str:
         if state["reply"]["kind"] == "answer":
@@ -228,7 +242,7 @@ def build(checkpointer: Any = None, *, max_turns: int = DEFAULT_MAX_TURNS):
 
     builder = StateGraph(DeepEyesState, context_schema=FoveateContext)
     builder.add_node("intake", intake_node)
-    builder.add_node("start", start_node)
+    builder.add_node("start", start)
     builder.add_node("model", model_node)
     builder.add_node("tool", tool_node)
     builder.add_node("finish", finish_node)

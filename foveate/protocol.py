@@ -18,6 +18,9 @@ VISRL_ANSWER_PROMPT = "Here is the focus region. Answer the question."
 DEEPEYES_SUFFIX = "\nThink first. Zoom in with image_zoom_in_tool if a detail is too small, then answer."
 ZOOM_TOOL_NAME = "image_zoom_in_tool"
 
+# The zoom tool's schema exactly as TRL renders it into DeepEyes GRPO prompts (transformers' get_json_schema of
+# `rl.zoom_env.ZoomEnvironment.image_zoom_in_tool`; tests/test_rl_grpo.py checks the two are equal), so a model
+# trained there sees the same system turn when the `deepeyes` strategy runs with ``tool_schema``.
 ZOOM_TOOL_SCHEMA = {
     "type": "function",
     "function": {
@@ -26,13 +29,32 @@ ZOOM_TOOL_SCHEMA = {
         "parameters": {
             "type": "object",
             "properties": {
-                "bbox_2d": {"type": "array", "items": {"type": "number"}, "description": "[x1, y1, x2, y2]"},
-                "label": {"type": "string", "description": "what is in the region"},
+                "bbox_2d": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "nullable": True,
+                    "description": "the region [x1, y1, x2, y2] of the original image",
+                },
+                "label": {"type": "string", "nullable": True, "description": "what is in the region"},
             },
             "required": ["bbox_2d"],
         },
+        "return": {},
     },
 }
+
+
+def tools_system_prompt(tools: Sequence[dict]) -> str:
+    """The system turn a Qwen2.5-style chat template writes for ``tools=`` (policies/chat_template.jinja, and
+    Qwen2.5-VL's own template: "# Tools ... <tools> one JSON per line </tools> ..."), as plain text, so a strategy
+    can send it through any backend's ``chat`` as a system message. JSON as the templates' ``tojson`` writes it."""
+    listed = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+    return (
+        "# Tools\nYou may call one or more functions. Function signatures:\n<tools>"
+        + listed
+        + '\n</tools>\nReturn a function call as <tool_call>{"name": <function-name>, "arguments": <args-json-object>}'
+        "</tool_call>"
+    )
 
 
 def box_json(box: Sequence[float]) -> str:

@@ -515,3 +515,24 @@ def test_http_backend_with_images_in_tool_turns(tiny_policy, store, scene, image
         expected, _ = run(in_process, store, scene, max_turns=1, max_new_tokens=6)
         assert result.trace.steps[3]["outputs"] == expected.trace.steps[3]["outputs"]
         assert result.answer == expected.answer
+
+
+def test_tool_schema_option_sends_the_system_turn_grpo_prompts_have(tiny_policy, store, scene):
+    """With ``tool_schema`` the first conversation renders exactly as the chat template renders a GRPO prompt with
+    the zoom tool (``tools=[schema]``), the schema being the one TRL derives from the environment."""
+    from foveate.protocol import ZOOM_TOOL_SCHEMA
+    from foveate.rl.zoom_env import zoom_tool_schema
+
+    assert zoom_tool_schema() == ZOOM_TOOL_SCHEMA
+    policy = Scripted(["<answer>red</answer>"])
+    inputs = {"image": store.put(scene), "question": "What color is the star?"}
+    run_strategy(build(tool_schema=True), inputs, strategy="deepeyes", policy=policy, store=store)
+    sent, _ = tiny_policy.render(policy.seen[0])
+    question = [m for m in policy.seen[0] if m["role"] != "system"]
+    expected = tiny_policy.processor.apply_chat_template(
+        question, tools=[zoom_tool_schema()], add_generation_prompt=True, tokenize=False
+    )
+    assert sent == expected and "# Tools" in sent
+    policy = Scripted(["<answer>red</answer>"])
+    run_strategy(build(), inputs, strategy="deepeyes", policy=policy, store=store)
+    assert all(m["role"] != "system" for m in policy.seen[0])
