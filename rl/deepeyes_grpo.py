@@ -84,7 +84,8 @@ class GRPORecipe(RunRecipe):
 
 def prompt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Task rows → GRPO dataset rows: a conversational prompt in the ``deepeyes`` strategy's format, the image, and
-    the columns the rewards read (answers, family, preset, boxes, image_size)."""
+    the columns the rewards read (answers, family, preset, boxes, image_size, and for multiple choice scoring and
+    options: "" and [] on other rows, as a dataset column holds one type)."""
     from PIL import Image
 
     from foveate.tools.images import load_image
@@ -107,6 +108,8 @@ def prompt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "preset": row.get("preset") or "",
                 "boxes": [list(map(float, b)) for b in row.get("boxes") or []],
                 "image_size": list(image.size),
+                "scoring": row.get("scoring") or "",
+                "options": list(row.get("options") or []),
             }
         )
     return out

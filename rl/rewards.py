@@ -166,7 +166,7 @@ def returned_crops(completion: Any) -> int:
 
 
 def _rows(n: int, columns: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = [k for k in ("answers", "family", "preset", "boxes", "image_size", "scoring") if k in columns]
+    keys = [k for k in ("answers", "family", "preset", "boxes", "image_size", "scoring", "options") if k in columns]
     return [{k: columns[k][i] for k in keys} for i in range(n)]
 
 

@@ -93,6 +93,21 @@ def test_prompt_rows_use_the_strategy_format():
     assert rows[0]["image_size"] == [640, 480] and rows[0]["boxes"] == [[1.0, 2.0, 3.0, 4.0]]
 
 
+def test_multiple_choice_rows_are_rewarded_by_the_choice_rules():
+    """A V*-style row (the zoom preset's) keeps its options: the letter and the option's text are right, another
+    option is wrong, whatever its position among the answers."""
+    from foveate.rl.rewards import accuracy_reward
+
+    row = {"image": IMAGE, "question": "What shape?\n(A) star\n(B) circle", "answers": ["B", "circle"]}
+    rows = prompt_rows([{**row, "options": ["star", "circle"], "scoring": "choice"}])
+    columns = {
+        key: [rows[0][key]] * 3 for key in ("answers", "family", "preset", "boxes", "image_size", "scoring", "options")
+    }
+    completions = [[{"role": "assistant", "content": f"<answer>{a}</answer>"}] for a in ("B", "circle", "A")]
+    assert accuracy_reward([None] * 3, completions, **columns) == [1.0, 1.0, 0.0]
+    assert prompt_rows([row])[0]["scoring"] == "" and prompt_rows([row])[0]["options"] == []
+
+
 def test_recipe_config_checks(tmp_path):
     recipe = load_config(GRPORecipe, "configs/rl/deepeyes.yaml", {"max_steps": 3})
     assert recipe.max_steps == 3 and recipe.model.endswith("demo") and recipe.learning_rate == 1e-5
