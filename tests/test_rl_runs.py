@@ -23,7 +23,7 @@ def test_every_config_field_has_help_text():
 
 def test_shipped_configs_load_and_match_the_dataclasses():
     grpo = load_config(GRPORecipe, "configs/rl/deepeyes.yaml")
-    assert grpo.max_tool_turns == 5 and grpo.beta == 0.0 and grpo.data == "world:small-detail"
+    assert grpo.max_tool_turns == 5 and grpo.beta == 0.0 and grpo.data == "world:zoom"
     dpo = load_config(DPORecipe, "configs/rl/visrl.yaml", {"max_steps": 3})
     assert dpo.beta == 0.1 and dpo.stage_steps() == (3, 3)
     assert load_config(DPORecipe, None).stage_steps() == (30, 30)
