@@ -53,9 +53,13 @@ _PLURAL_VOCAB = {"circles": "discs", "diamonds": "rhombuses"}
 _REL_STYLES = {
     "std": {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"},
     "short": {"left of": "left of", "right of": "right of", "above": "over", "below": "under"},
-    "side": {"left of": "on the left side of", "right of": "on the right side of", "above": "higher up than",
-             "below": "lower down than"},
-}  # fmt: skip
+    "side": {
+        "left of": "on the left side of",
+        "right of": "on the right side of",
+        "above": "higher up than",
+        "below": "lower down than",
+    },
+}
 _PLURALS = {"cross": "crosses", "rhombus": "rhombuses"}
 
 
@@ -97,7 +101,7 @@ PHRASINGS: tuple[Phrasing, ...] = (
         "attribute/color",
         "What colour is the object in the image?",
         whole="the object in the image",
-    ),  # fmt: skip
+    ),
     # attribute / shape
     _P("attribute/shape-what", "attribute/shape", "What shape is {a}?"),
     _P("attribute/shape-which", "attribute/shape", "Which shape is {a}?", vocab=True),
@@ -159,7 +163,7 @@ PHRASINGS: tuple[Phrasing, ...] = (
         "In the image, is {a} the same {attr} as {b}?",
         british=True,
         noun="item",
-    ),  # fmt: skip
+    ),
     _P("comparison/different-have", "comparison/same", "Do {a} and {b} have different {attr}s?", flip=True),
     _P(
         "comparison/different-are",
@@ -168,10 +172,8 @@ PHRASINGS: tuple[Phrasing, ...] = (
         flip=True,
         british=True,
         noun="thing",
-    ),  # fmt: skip
-    _P(
-        "comparison/different-from", "comparison/same", "Is {a} a different {attr} from {b}?", flip=True, vocab=True
-    ),  # fmt: skip
+    ),
+    _P("comparison/different-from", "comparison/same", "Is {a} a different {attr} from {b}?", flip=True, vocab=True),
     # comparison / larger: references are kept as the answers list them (no noun or vocabulary swap)
     _P("comparison/larger-which", "comparison/larger", "Which is larger, {a} or {b}?"),
     _P("comparison/bigger-which", "comparison/larger", "Which is bigger, {a} or {b}?"),
@@ -261,8 +263,11 @@ def _fields(row: dict[str, Any], p: Phrasing) -> dict[str, str] | None:
         if len(words) != 2:
             return None
         color, shape = (_VOCAB.get(w, w) if p.vocab else w for w in words)
-        return {"an": _article(f"{color} {shape}"), "bare": f"{color} {shape}",
-                "pl": f"{color} {_PLURALS.get(shape, shape + 's')}"}  # fmt: skip
+        return {
+            "an": _article(f"{color} {shape}"),
+            "bare": f"{color} {shape}",
+            "pl": f"{color} {_PLURALS.get(shape, shape + 's')}",
+        }
     if family == "counting":
         return {"np": refs[0]}
     if family == "attribute":
