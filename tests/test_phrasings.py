@@ -203,3 +203,16 @@ def test_unresolvable_test_grammar_is_strict() -> None:
     scene, _ = scenes_of("simple", 1, seed=2)[0]
     found, _ = resolve(scene, "the " + next(s for s in SHAPES if s not in {o.shape for o in scene.objects}))
     assert found == []
+
+
+def test_eval_cli_prints_the_pool_and_records_it_in_the_task_key(tiny_model_dir, tmp_path, capsys) -> None:
+    from foveate.cli import main
+
+    out = tmp_path / "held.json"
+    argv = ["eval", "--task", "world:simple@heldout", "--strategies", "direct", "--n", "3"]
+    main([*argv, "--model", str(tiny_model_dir), "--out", str(out), "--max-new-tokens", "3"])
+    assert "reworded from the 'heldout' phrasing pool" in capsys.readouterr().err
+    document = json.loads(out.read_text())
+    assert document["task"] == "world:simple@heldout" and document["task_key"].endswith("@seed1000@heldout")
+    items = [json.loads(line) for line in (tmp_path / "held.items.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in items) == sorted(r["id"] for r in resolve_tasks("world:simple", n=3).rows)
