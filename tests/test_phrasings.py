@@ -216,3 +216,27 @@ def test_eval_cli_prints_the_pool_and_records_it_in_the_task_key(tiny_model_dir,
     assert document["task"] == "world:simple@heldout" and document["task_key"].endswith("@seed1000@heldout")
     items = [json.loads(line) for line in (tmp_path / "held.items.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in items) == sorted(r["id"] for r in resolve_tasks("world:simple", n=3).rows)
+
+
+def test_percept_existence_thoughts_read_reworded_and_negated_questions() -> None:
+    """With `existence_thought="percept"` the thought names what the colour's lookup finds; the answer says whether
+    that is the asked object, flipped when the wording is negated."""
+    mix = DataMix(formats={"qa": 1.0}, presets={"simple": 1.0}, look_first=True, existence_thought="percept")
+    mix.phrasings = 1.0
+    checked = negated = 0
+    for example in itertools.islice(example_stream(4, mix), 150):
+        question = example["messages"][0]["content"][-1]["text"]
+        reply = example["messages"][-1]["content"]
+        refs = example.get("referents", [])
+        if len(refs) != 1 or reply.rsplit(protocol.THOUGHT_CLOSE, 1)[-1] not in ("yes", "no"):
+            continue  # existence only: the simple preset's other yes / no family (relation) names two objects
+        words = [world_words(w) for w in refs[0].split()]
+        color, shape = words[-2], words[-1].removesuffix("es" if words[-1] == "crosses" else "s")
+        shape = shape if shape in SHAPES else words[-1]
+        percept, answer = reply.removeprefix(protocol.THOUGHT_OPEN).split(protocol.THOUGHT_CLOSE)[0].rsplit(" ", 1)
+        found = percept == f"{color} {shape}"
+        flip = bool(NEGATION.search(question))
+        negated += flip
+        assert answer == ("yes" if found != flip else "no"), (question, reply)
+        checked += 1
+    assert checked > 10 and negated > 2
