@@ -40,6 +40,7 @@ from foveate import protocol
 from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
+from foveate.world.phrasings import rephrase
 from foveate.world.presets import ZoomWorldConfig, get_preset
 from foveate.world.questions import FAMILIES, generate_questions
 from foveate.world.questions import referents as world_referents
@@ -101,6 +102,11 @@ class DataMix:
     # as TRL's GRPOTrainer does for its environment's tool: the warm start before DeepEyes GRPO
     # (configs/rl/deepeyes-warmstart.yaml) then trains on exactly the prompts GRPO samples from.
     deepeyes_tools: bool = False
+    # Probability that a question row is reworded from the "train" phrasing pool (`foveate.world.phrasings`: "does
+    # the image contain a red star?", negations, "colour", "the red thing" …) instead of the world's one template
+    # per family. Why: trained on the templates alone the demo model keys on them (issue 32); the "heldout" pool
+    # (`foveate eval --task world:<preset>@heldout`) measures wordings it never saw.
+    phrasings: float = 0.0
 
     def __post_init__(self) -> None:
         # Checked here, so a recipe with a misspelt family fails when it is read, not when its stage starts.
@@ -109,6 +115,8 @@ class DataMix:
             raise ValueError(f"unknown question families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
         if self.existence_thought not in EXISTENCE_THOUGHTS:
             raise ValueError(f"existence_thought must be one of {EXISTENCE_THOUGHTS}, not {self.existence_thought!r}")
+        if not 0.0 <= self.phrasings <= 1.0:
+            raise ValueError(f"phrasings is a probability in [0, 1], not {self.phrasings}")
         if self.chat_turns < 1:
             raise ValueError(f"chat_turns must be at least 1, not {self.chat_turns}")
         if self.formats.get("copy") and not self.look_first:
@@ -181,7 +189,9 @@ def existence_percept(row: dict[str, Any], scene: Scene) -> str | None:
     questions alone reach F1 0.48 on world:large (v9 0.47, the restated referent trained the same way 0.38) and
     name the true percept for 0.43 of the eval's 56 existence questions (`bench/look_first.py --seed 1000`).
     """
-    phrases = world_referents(row["question"]) if row.get("family") == "existence" else []
+    # A rephrased row keeps its template text: the percept reads colour and shape from "a green star".
+    question = row.get("source_question", row["question"])
+    phrases = world_referents(question) if row.get("family") == "existence" else []
     if len(phrases) != 1 or len(phrases[0].split()) != 3:  # "a green star": one-word colours and shapes
         return None
     _article, color, shape = phrases[0].split()
@@ -204,12 +214,6 @@ def spoken_answer(row: dict[str, Any]) -> str:
     return row["answers"][1] if row.get("scoring") == "choice" else row["answers"][0]
 
 
-def row_referents(row: dict[str, Any]) -> list[str]:
-    """The phrases a row's answer depends on: the row's own ``referents`` (rows whose text is not one of the
-    world's templates carry them) or those parsed from its question (`foveate.world.questions.referents`)."""
-    return list(row.get("referents") or world_referents(row["question"]))
-
-
 def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) -> str:
     """The row's answer as a qa / qa_crop target: bare, or after its referents when `DataMix.look_first` (after
     the colour's percept for existence questions with ``existence_thought="percept"``)."""
@@ -228,6 +232,12 @@ def short_answer(row: dict[str, Any], mix: DataMix, scene: Scene | None = None) 
     return protocol.look_answer(referents, answer) if referents else answer
 
 
+def row_referents(row: dict[str, Any]) -> list[str]:
+    """What a question row's answer depends on: its own ``referents`` (a reworded row, `foveate.world.phrasings`;
+    a `zoom` row, whose multiple-choice text is no template) or those parsed from the world's template question."""
+    return list(row["referents"]) if "referents" in row else world_referents(row["question"])
+
+
 def key_phrase(referent: str) -> str:
     """A look-first thought's referent ending on the word the lookup keys on: "the tiny red object" → "the tiny
     red"; a phrase that does not end with "object" (or is only "the object") is kept.
@@ -244,7 +254,8 @@ def key_phrase(referent: str) -> str:
     3 / 4 objects, `python bench/binding.py DIR --n 600`, ± 0.06). Counting thoughts keep "blue objects".
     """
     words = referent.split()
-    return " ".join(words[:-1]) if len(words) > 2 and words[-1] == "object" else referent
+    nouns = ("object", "thing", "item", "shape")  # the template's noun and its rewordings' (foveate.world.phrasings)
+    return " ".join(words[:-1]) if len(words) > 2 and words[-1] in nouns else referent
 
 
 def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, scene: Scene | None = None, **_: Any) -> Example:
@@ -342,11 +353,11 @@ def copy_thought(
     shows, so a prior over the scene's likely words competes with copying."""
     # With percept existence thoughts an existence question's thought is not its words: not a copy target.
     percept = mix.existence_thought == "percept"
-    candidates = [r for r in foreign if world_referents(r["question"]) and not (percept and r["family"] == "existence")]
+    candidates = [r for r in foreign if row_referents(r) and not (percept and r["family"] == "existence")]
     if not mix.look_first or not candidates:
         return None
     row = rng.choice(candidates)
-    referents = world_referents(row["question"])
+    referents = row_referents(row)
     if mix.look_trim_object:
         referents = [key_phrase(phrase) for phrase in referents]
     thought = protocol.THOUGHT_OPEN + "; ".join(referents)
@@ -395,7 +406,9 @@ def leaks(chat: list[Example], example: Example) -> bool:
     if _words(answer) & said:
         return True
     if answer in ("yes", "no"):
-        referent_words = _words(" ".join(world_referents(question))) - {"a", "an", "the", "object", "objects"}
+        referents = example.get("referents") or world_referents(question)
+        nouns = {"object", "objects", "thing", "things", "item", "items", "shape", "shapes"}
+        referent_words = _words(" ".join(referents)) - {"a", "an", "the", *nouns}
         return bool(referent_words) and referent_words <= said
     return False
 
@@ -438,7 +451,11 @@ def scene_rows(scene: Scene, rows: list[dict[str, Any]], preset: str, rng: rando
         if mix.family_weights is not None:
             questions = dataclasses.replace(questions, family_weights=tuple(mix.family_weights.items()))
         rows = generate_questions(scene, rng, rng.randint(*mix.scene_questions), questions, world.scene)
-    return [row for row in rows if asks(row, mix.questions)]
+    rows = [row for row in rows if asks(row, mix.questions)]
+    if mix.phrasings:  # the stream's rng draws nothing more when off: streams without phrasings are unchanged
+        n_objects = len(scene.objects)
+        rows = [rephrase(row, rng, "train", n_objects) if rng.random() < mix.phrasings else row for row in rows]
+    return rows
 
 
 def scene_examples(
@@ -467,6 +484,8 @@ def scene_examples(
                 example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
                 if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision)
                     example["evidence"] = row["boxes"]
+                if "referents" in row:  # a reworded question's own referents (`leaks` cannot parse its text)
+                    example["referents"] = row["referents"]
                 yield example
 
 

@@ -32,7 +32,8 @@ def eval_command(
         ...,
         "--task",
         "-t",
-        help="world:<preset> (e.g. world:small-detail), vstar:DIR, pope:FILE, textvqa:FILE or a tasks.jsonl path",
+        help="world:<preset>[@train|@heldout] (e.g. world:small-detail; @pool rewords its questions), vstar:DIR, "
+        "pope:FILE, textvqa:FILE or a tasks.jsonl path",
     ),
     images: str = typer.Option(None, "--images", help="image folder for pope:/textvqa: (COCO val2014, TextVQA)"),
     strategies: str = typer.Option("direct", "--strategies", "-s", help="comma-separated strategy names"),
@@ -74,6 +75,8 @@ def eval_command(
     items_path = items_path_for(out) if out else default_items_path(tasks, model_id, config.home_dir)
     max_new_tokens = max_new_tokens or config.max_new_tokens
     err.print(f"{len(tasks.rows)} items from {tasks.path}; model {model_id}; items file {items_path}", highlight=False)
+    if tasks.phrasing:
+        err.print(f"questions reworded from the {tasks.phrasing!r} phrasing pool (foveate.world.phrasings)")
 
     columns = (
         TextColumn("{task.description:<14}"),

@@ -71,6 +71,7 @@ class TaskSet:
     rows: list[dict[str, Any]]
     path: Path  # the tasks.jsonl the rows came from
     seed: int | None = None
+    phrasing: str | None = None  # world questions reworded from this pool (`foveate.world.phrasings`), or None
 
 
 def load_eval_tasks(path: str | Path) -> list[dict[str, Any]]:
@@ -124,8 +125,11 @@ def resolve_tasks(
         return TaskSet(name=task, key=key, rows=rows[:n] if n else rows, path=source)
     if task.startswith("world:"):
         from foveate.world import generate_dataset, get_preset
+        from foveate.world.phrasings import POOLS
 
-        preset = task.removeprefix("world:")
+        preset, _, pool = task.removeprefix("world:").partition("@")
+        if pool and pool not in POOLS:
+            raise FoveateError(f"unknown phrasing pool {pool!r} in {task!r}; choose from {', '.join(POOLS)}")
         get_preset(preset)  # unknown presets fail with the list of known ones
         seed = DEFAULT_EVAL_SEED if seed is None else seed
         size = n or DEFAULT_WORLD_N
@@ -142,14 +146,24 @@ def resolve_tasks(
                         raise
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        rows = load_eval_tasks(target / "tasks.jsonl")
-        return TaskSet(
-            name=task, key=f"world:{preset}@seed{seed}", rows=rows[:size], path=target / "tasks.jsonl", seed=seed
-        )
+        rows = load_eval_tasks(target / "tasks.jsonl")[:size]
+        if pool:
+            rows = _rephrased(rows, pool, target / "scenes.jsonl")
+        key = f"world:{preset}@seed{seed}" + (f"@{pool}" if pool else "")
+        return TaskSet(name=task, key=key, rows=rows, path=target / "tasks.jsonl", seed=seed, phrasing=pool or None)
     path = Path(task).expanduser()
     rows = load_eval_tasks(path)
     file = (path / "tasks.jsonl" if path.is_dir() else path).resolve()
     return TaskSet(name=task, key=str(file), rows=rows[:n] if n else rows, path=file)
+
+
+def _rephrased(rows: list[dict[str, Any]], pool: str, scenes: Path) -> list[dict[str, Any]]:
+    """The rows in wordings of phrasing `pool`; whole-image wordings for scenes of one object (from scenes.jsonl)."""
+    from foveate.world.phrasings import rephrase_rows
+
+    with open(scenes, encoding="utf-8") as handle:
+        n_objects = {scene["id"]: len(scene["objects"]) for scene in map(json.loads, handle)}
+    return rephrase_rows(rows, pool, n_objects)
 
 
 # ---- the items file -----------------------------------------------------------------------------------------
