@@ -63,6 +63,11 @@ class VPDState(AgentState, total=False):
     winner: int  # index of the program whose value is the answer (-1: none ran)
 
 
+def program_messages(question: str) -> list[dict[str, Any]]:
+    """The programmer's conversation (text only): the API, the question, and the request for code."""
+    return [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=question)}]
+
+
 def extract_program(text: str) -> str:
     """The code of a programmer's reply: the first fenced block, else from ``def execute_command`` on, else all.
 
@@ -99,7 +104,7 @@ def build(
         """One batched call: the programmer samples k programs for the question."""
         context = resolve_context(runtime)
         programmer = wisdom_policy(context)
-        prompt = [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=state["question"])}]
+        prompt = program_messages(state["question"])
         params = context.sampling(
             max_new_tokens=max_program_tokens or context.max_new_tokens,
             n=k,
