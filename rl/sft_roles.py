@@ -19,13 +19,25 @@ question row and its scene without any model. Prompts come from the agents thems
   caption rows have no trace: None); the reasoning expert and the UNSOLVABLE referee only relation and
   comparison. Only the vision expert's turn has the image (the eyesight); the wisdom turns are text only, and
   carry ``scene: None`` and no evidence so the collator's vision losses skip them. A vision turn's evidence is
-  the box of the one object its sub-question asks about.
-- ``program``: `agents.vpd`'s programmer prompt (the API doc and the question, text only) → the program
-  `rl.vpd_world.world_program` writes from the question's template, bare (``extract_program`` keeps it whole).
+  the row's boxes, or on a two-step question the box of the one object its sub-question asks about.
+- ``program``: `agents.vpd`'s programmer prompt without the API reference (``vpd`` with ``api_doc: false``; text
+  only) → the program `rl.vpd_world.world_program` writes from the question's template, bare (``extract_program``
+  keeps it whole). Every world family but grounding and caption. Why no API reference: under the demo tokenizer
+  (1861 tokens, code is nearly character-level) `tools.program_api.API_DOC` alone is 1326 tokens, over the SFT
+  collator's ``max_length`` of 512, which would cut every target away; the trained programmer knows the API.
 
-Token lengths under the demo model's processor (`python -m foveate.rl.sft_roles`, 400 rows of the demo mix's
-presets; an image costs its vision tokens): see `measure` — vision turns ~ 90-340 (the image dominates), wisdom
-turns ~ 150-290, programs ~ 560-640 (the API doc alone is ~ 500 tokens).
+Token lengths (`python -m foveate.rl.sft_roles`: every turn of 400 rows of the default mix's presets, the demo
+model's processor, images included):
+
+    role       examples  median  max      (vision: the image's tokens included; the others are text only)
+    dispatch        504     316  455
+    vision          504     119  149
+    referee         504     214  348
+    reasoning       103     279  324
+    summarize       401     143  280
+    program         401     189  391
+
+Every example stays under the collator's 512; the longest are second-round dispatches (two facts in the memory).
 
 Deviations from ProReason: the memory's vision facts are short sentences the world states exactly (positions as
 centres in 0-1000 of the image), not free descriptions; the reasoning expert is used only for comparisons.
@@ -130,16 +142,17 @@ def _wisdom(prompt: str, reply: dict[str, Any]) -> Example:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": json.dumps(reply)}]}
 
 
-def _vision(image: Image.Image, sub_question: str, fact: str, obj: WorldObject | None) -> Example:
+def _vision(image: Image.Image, sub_question: str, fact: str, boxes: list[list[float]]) -> Example:
     messages = [vision_message(image, sub_question), {"role": "assistant", "content": fact}]
-    return {"messages": messages, "evidence": [list(obj.box)] if obj is not None else []}
+    return {"messages": messages, "evidence": [list(box) for box in boxes]}
 
 
 def role_trace(image: Image.Image, row: dict[str, Any], scene: Scene) -> list[Example] | None:
     """Every role turn of the world-derived ProReason trace of ``row``, in order (None: no trace for its family).
 
     Each turn names its ``role`` (dispatch, vision, referee, reasoning, summarize); wisdom turns carry ``scene:
-    None`` (no image), vision turns the scene and the box of the object asked about."""
+    None`` (no image), vision turns the scene and the evidence boxes of what they ask (the row's, or on a two-step
+    question the one object's)."""
     question, answer, phrases = row["question"], row["answers"][0], referents(row["question"])
     if row["family"] not in ONE_STEP + TWO_STEP or not phrases:
         return None
@@ -150,15 +163,14 @@ def role_trace(image: Image.Image, row: dict[str, Any], scene: Scene) -> list[Ex
         prompt = template.format(question=question, memory=memory_text(memory), **fields)
         turns.append({**_wisdom(prompt, reply), "role": role, "scene": None, "evidence": []})
 
-    def look(sub_question: str, fact: str, obj: WorldObject | None, round_: int) -> None:
-        turns.append({**_vision(image, sub_question, fact, obj), "role": "vision", "scene": scene})
+    def look(sub_question: str, fact: str, boxes: list[list[float]], round_: int) -> None:
+        turns.append({**_vision(image, sub_question, fact, boxes), "role": "vision", "scene": scene})
         memory.append({"round": round_, "expert": "vision", "question": sub_question, "answer": fact})
 
     solved = {"verdict": "CAN_SOLVE", "reason": "An expert's answer answers the question."}
     if row["family"] in ONE_STEP:
         wisdom("dispatch", DISPATCH_PROMPT, {"expert": "vision", "sub_questions": [question]})
-        obj = scene.object(row["object_ids"][0]) if row["family"] in ("attribute", "text") else None
-        look(question, _one_step_fact(row, scene), obj, 1)
+        look(question, _one_step_fact(row, scene), row["boxes"], 1)
     else:
         if len(phrases) != 2 or len(row["object_ids"]) != 2:
             return None
@@ -167,7 +179,7 @@ def role_trace(image: Image.Image, row: dict[str, Any], scene: Scene) -> list[Ex
         sub_questions = [_SUB_QUESTION[kind].format(phrase) for phrase in phrases]
         wisdom("dispatch", DISPATCH_PROMPT, {"expert": "vision", "sub_questions": sub_questions})
         for sub_question, phrase, obj in zip(sub_questions, phrases, objs, strict=True):
-            look(sub_question, _fact(kind, phrase, obj, scene), obj, 1)
+            look(sub_question, _fact(kind, phrase, obj, scene), [obj.box], 1)
         reason = "Both objects are described, but not yet compared."
         wisdom("referee", REFEREE_PROMPT, {"verdict": "UNSOLVABLE", "reason": reason})
         wisdom("dispatch", DISPATCH_PROMPT, {"expert": "reasoning", "sub_questions": [question]})
@@ -194,20 +206,19 @@ def program(row: dict[str, Any], **_: Any) -> Example | None:
     source = world_program(row["question"])
     if source is None:
         return None
-    messages = [*program_messages(row["question"]), {"role": "assistant", "content": source}]
+    messages = [*program_messages(row["question"], api_doc=False), {"role": "assistant", "content": source}]
     return {"messages": messages, "scene": None, "evidence": []}
 
 
 def measure(n: int = 400, seed: int = 0, model: str | None = None) -> dict[str, list[int]]:
     """Token counts (the demo processor, images included) of every role turn and program of ``n`` rows drawn
     from the demo mix's presets, keyed by role ("vision", "dispatch", …, "program")."""
-    from transformers import AutoProcessor
-
     from foveate.policies.factory import DEMO_MODEL_DIR
+    from foveate.policies.loading import load_processor
     from foveate.rl.sft_data import DataMix, scene_rows
     from foveate.world import iter_scenes, render_scene
 
-    processor = AutoProcessor.from_pretrained(model or DEMO_MODEL_DIR)
+    processor = load_processor(model or DEMO_MODEL_DIR)
     mix, rng = DataMix(), random.Random(seed)
     streams = {name: iter_scenes(seed, name) for name in mix.presets}
     lengths: dict[str, list[int]] = {}
