@@ -26,18 +26,20 @@ question row and its scene without any model. Prompts come from the agents thems
   (1861 tokens, code is nearly character-level) `tools.program_api.API_DOC` alone is 1326 tokens, over the SFT
   collator's ``max_length`` of 512, which would cut every target away; the trained programmer knows the API.
 
-Token lengths (`python -m foveate.rl.sft_roles`: every turn of 400 rows of the default mix's presets, the demo
-model's processor, images included):
+Token lengths (`python -m foveate.rl.sft_roles`: every turn of 2000 rows of the default mix's presets, seed 1, the
+demo model's processor, images included; about 2.5 minutes):
 
-    role       examples  median  max      (vision: the image's tokens included; the others are text only)
-    dispatch        504     316  455
-    vision          504     119  149
-    referee         504     214  348
-    reasoning       103     279  324
-    summarize       401     143  280
-    program         401     189  391
+    role       examples  median  p99  max   (vision: the image's tokens included; the others are text only)
+    dispatch       2418     315  423  478
+    vision         2418     117  130  137
+    referee        2418     211  319  368
+    reasoning       418     269  307  360
+    summarize      2000     143  251  300
+    program        2000     183  383  415
 
-Every example stays under the collator's 512; the longest are second-round dispatches (two facts in the memory).
+Every example stays under the collator's ``max_length`` of 512 (`rl.sft.TrainConfig`); the longest are
+second-round dispatches (the question, two sub-questions and their answers in the memory). The vision answers do
+not restate their object (the memory line names it through the sub-question), which keeps those under 512.
 
 Deviations from ProReason: the memory's vision facts are short sentences the world states exactly (positions as
 centres in 0-1000 of the image), not free descriptions; the reasoning expert is used only for comparisons.
@@ -80,16 +82,17 @@ def _centre(obj: WorldObject, scene: Scene) -> tuple[int, int]:
     return round((x1 + x2) / 2), round((y1 + y2) / 2)
 
 
-def _fact(kind: str, phrase: str, obj: WorldObject, scene: Scene) -> str:
-    """The vision expert's answer about one referent: its colour, shape, size and shape, or centre."""
+def _fact(kind: str, obj: WorldObject, scene: Scene) -> str:
+    """The vision expert's answer about one referent: its colour, shape, size and shape, or centre. The memory line
+    already names the object (its sub-question), so the answer does not repeat it: shorter wisdom prompts."""
     if kind == "where":
         x, y = _centre(obj, scene)
-        return f"{_cap(phrase)} is centred at x {x}, y {y} (of 1000, y down)."
+        return f"Its centre is at x {x}, y {y} (of 1000, y down)."
     if kind == "color":
-        return f"{_cap(phrase)} is {obj.color}."
+        return f"It is {obj.color}."
     if kind == "shape":
-        return f"{_cap(phrase)} is a {obj.shape}."
-    return f"{_cap(phrase)} is a {SIZE_WORDS[obj.size_class]} {obj.shape}."
+        return f"It is a {obj.shape}."
+    return f"It is a {SIZE_WORDS[obj.size_class]} {obj.shape}."
 
 
 _SUB_QUESTION = {
@@ -105,7 +108,7 @@ def _one_step_fact(row: dict[str, Any], scene: Scene) -> str:
     found, answer = referents(row["question"]), row["answers"][0]
     phrase = found[0]
     if row["family"] == "attribute":
-        return _fact(row["subtype"], phrase, scene.object(row["object_ids"][0]), scene)
+        return _fact(row["subtype"], scene.object(row["object_ids"][0]), scene)
     if row["family"] == "existence":
         return f"Yes, I see {phrase}." if answer == "yes" else f"No, I see no {phrase.split(' ', 1)[1]}."
     if row["family"] == "counting":
@@ -178,8 +181,8 @@ def role_trace(image: Image.Image, row: dict[str, Any], scene: Scene) -> list[Ex
         kind = _two_step_kind(row)
         sub_questions = [_SUB_QUESTION[kind].format(phrase) for phrase in phrases]
         wisdom("dispatch", DISPATCH_PROMPT, {"expert": "vision", "sub_questions": sub_questions})
-        for sub_question, phrase, obj in zip(sub_questions, phrases, objs, strict=True):
-            look(sub_question, _fact(kind, phrase, obj, scene), [obj.box], 1)
+        for sub_question, obj in zip(sub_questions, objs, strict=True):
+            look(sub_question, _fact(kind, obj, scene), [obj.box], 1)
         reason = "Both objects are described, but not yet compared."
         wisdom("referee", REFEREE_PROMPT, {"verdict": "UNSOLVABLE", "reason": reason})
         wisdom("dispatch", DISPATCH_PROMPT, {"expert": "reasoning", "sub_questions": [question]})
@@ -210,7 +213,7 @@ def program(row: dict[str, Any], **_: Any) -> Example | None:
     return {"messages": messages, "scene": None, "evidence": []}
 
 
-def measure(n: int = 400, seed: int = 0, model: str | None = None) -> dict[str, list[int]]:
+def measure(n: int = 2000, seed: int = 1, model: str | None = None) -> dict[str, list[int]]:
     """Token counts (the demo processor, images included) of every role turn and program of ``n`` rows drawn
     from the demo mix's presets, keyed by role ("vision", "dispatch", …, "program")."""
     from foveate.policies.factory import DEMO_MODEL_DIR
@@ -251,6 +254,8 @@ def token_count(processor: Any, example: Example) -> int:
 
 
 if __name__ == "__main__":
+    print("role       examples  median  p99  max")
     for role, counts in sorted(measure().items()):
         counts.sort()
-        print(f"{role:10s} n={len(counts):4d} median={counts[len(counts) // 2]:4d} max={counts[-1]:4d}")
+        median, p99 = counts[len(counts) // 2], counts[int(len(counts) * 0.99)]
+        print(f"{role:10s} {len(counts):8d} {median:7d} {p99:4d} {counts[-1]:4d}")
