@@ -106,6 +106,8 @@ def build(
     of the programmer's prompt, for a programmer trained on the API (the demo model: `rl.sft_roles`)."""
     if k < 1 or (max_program_tokens is not None and max_program_tokens < 1) or timeout_s <= 0 or memory_mb < 32:
         raise FoveateError("vpd needs k >= 1, max_program_tokens >= 1, timeout_s > 0 and memory_mb >= 32")
+    if not isinstance(api_doc, bool):
+        raise FoveateError(f"vpd's api_doc is true or false, not {api_doc!r}")
 
     def intake_node(state: VPDState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
         return intake(state, resolve_context(runtime).store)

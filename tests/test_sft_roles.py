@@ -18,6 +18,8 @@ from foveate.agents import get_builder
 from foveate.agents.proreason_roles import VISION_SUFFIX, Dispatch, Reasoned, Summary, Verdict, parse_reply
 from foveate.agents.state import FoveateContext
 from foveate.agents.vpd import PROGRAM_PROMPT_TRAINED, extract_program
+from foveate.config import parse_options
+from foveate.errors import FoveateError
 from foveate.eval.metrics import score_answer
 from foveate.policies.base import ChatPolicy, ChatResult, Completion
 from foveate.rl.sft_data import BUILDERS, ROW_FORMATS, DataMix, example_stream
@@ -172,6 +174,9 @@ def test_the_vpd_agent_sends_the_trained_programmer_prompt(items, tiny_policy, t
     state = graph.invoke({"image": store.put(image), "question": row["question"]}, context=context)
     assert programmer.asked == [(False, example["messages"][0]["content"])]
     assert state["programs"] == [example["messages"][1]["content"]]
+    with pytest.raises(FoveateError, match="api_doc"):
+        get_builder("vpd", {"api_doc": "off"})()
+    assert get_builder("vpd", parse_options(["api_doc=false"]))  # the command line's -o api_doc=false is a bool
 
 
 def test_the_stream_draws_role_and_program_examples_under_the_collators_length() -> None:
