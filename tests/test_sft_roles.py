@@ -197,3 +197,22 @@ def test_the_stream_draws_role_and_program_examples_under_the_collators_length()
     processor = load_processor(DEMO_MODEL_DIR)
     lengths = [token_count(processor, example) for example in examples]
     assert max(lengths) < 512, max(lengths)  # rl.sft.TrainConfig.max_length: nothing of a target is cut
+
+
+def test_the_collator_trains_text_only_turns_beside_image_ones_with_the_vision_losses_on() -> None:
+    """A batch ending in text-only turns, through the real collator with both vision losses' targets: it builds,
+    nothing is truncated, and each row's labels are exactly its reply (the text-only rows label no image)."""
+    from foveate.policies.factory import DEMO_MODEL_DIR
+    from foveate.policies.loading import load_processor
+    from foveate.rl.sft import ChatCollator
+
+    stream = example_stream(4, DataMix(formats={"proreason": 1.0, "program": 1.0, "qa": 1.0}))
+    examples = [next(stream) for _ in range(12)]
+    examples.sort(key=lambda e: isinstance(e["messages"][0]["content"], str))  # image examples first, text last
+    assert isinstance(examples[-1]["messages"][0]["content"], str) and examples[-1]["scene"] is None
+    collator = ChatCollator(load_processor(DEMO_MODEL_DIR), max_length=512, aux_targets=True, attn_targets=True)
+    batch = collator(examples)
+    assert batch["input_ids"].shape[1] < 512 and "aux_color" in batch
+    for row, example in enumerate(examples):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert collator.tokenizer.decode(labelled) == example["messages"][-1]["content"] + "<|im_end|>"
