@@ -50,7 +50,6 @@ from foveate.agents.proreason_roles import (
     REASON_PROMPT,
     REFEREE_PROMPT,
     SUMMARY_PROMPT,
-    VISION_SUFFIX,
     Dispatch,
     Reasoned,
     RoleTurn,
@@ -58,6 +57,7 @@ from foveate.agents.proreason_roles import (
     Verdict,
     ask_role,
     memory_text,
+    vision_message,
 )
 from foveate.agents.state import (
     AgentState,
@@ -138,12 +138,11 @@ def build(checkpointer: Any = None, *, max_rounds: int = 8, role_max_new_tokens:
     def vision_node(task: dict[str, Any], runtime: Runtime[FoveateContext]) -> dict[str, Any]:
         """The eyesight: the VLM on the image, one sub-question (one Send branch)."""
         context = resolve_context(runtime)
-        text = task["sub_question"] + VISION_SUFFIX
-        content = [{"type": "image", "image": context.store.get(task["image"])}, {"type": "text", "text": text}]
-        result = context.policy.chat_one([{"role": "user", "content": content}], context.sampling())
+        message = vision_message(context.store.get(task["image"]), task["sub_question"])
+        result = context.policy.chat_one([message], context.sampling())
         answer = strip_thought(result.text) or result.text.strip()
         entry = {"round": task["round"], "expert": "vision", "question": task["sub_question"], "answer": answer}
-        prompt = prompt_for_trace([{"role": "user", "content": content}], [task["image"]])
+        prompt = prompt_for_trace([message], [task["image"]])
         steps = [
             model_call_step("vision", prompt, result, role="vision expert"),
             role_step("vision", "vision expert", entry),

@@ -84,6 +84,14 @@ VISION_SUFFIX = "\nAnswer step by step."
 RETRY_PROMPT = "Your reply was not valid: {error}\nReply again with only the JSON object."
 
 
+def vision_message(image: Any, sub_question: str) -> dict[str, Any]:
+    """The vision expert's user turn: the image, then the sub-question asked step by step."""
+    return {
+        "role": "user",
+        "content": [{"type": "image", "image": image}, {"type": "text", "text": sub_question + VISION_SUFFIX}],
+    }
+
+
 def memory_text(memory: Sequence[dict[str, Any]]) -> str:
     """The memory as numbered lines, for the wisdom prompts ("(nothing yet)" when empty)."""
     if not memory:

@@ -11,8 +11,9 @@ labels, this module is the program stage itself:
                                       └─ none ran → direct (one VLM answer on the image, marked as fallback) → END
 
 - Programmer: the wisdom policy (``--wisdom-model``/``--wisdom-endpoint`` or the config's), else the VLM itself,
-  prompted with `tools.program_api.API_DOC` and the question; code is taken from the first fenced block, or
-  from ``def execute_command`` on.
+  prompted with `tools.program_api.API_DOC` (left out with ``api_doc=False``, for a programmer trained on the API
+  such as the demo model after `rl.sft_roles`' ``program`` format) and the question; code is taken from the first
+  fenced block, or from ``def execute_command`` on.
 - Execution: `tools.program.run_program` (static check + resource-limited child interpreter, model calls served
   here): ``simple_query``/``verify_property``/``best_text_match`` by the VLM on the patch's crop, ``llm_query`` by
   the wisdom policy, ``ocr`` by PP-OCRv4 (rapidocr), ``find`` by the VLM's own attention when it is white-box
@@ -55,12 +56,24 @@ from foveate.tools.program_api import API_DOC
 from foveate.trace import answer_step, model_call_step, program_step
 
 PROGRAM_PROMPT = "{api}\n\nQuestion: {question}\nWrite execute_command for this question. Reply with only the code."
+# Without the API reference: for a programmer that was trained on the API (`build(api_doc=False)`).
+PROGRAM_PROMPT_TRAINED = (
+    "Question: {question}\nWrite execute_command(image_patch) for this question. Reply with only the code."
+)
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 class VPDState(AgentState, total=False):
     programs: list[str]  # the sampled programs' sources, in sampling order
     winner: int  # index of the program whose value is the answer (-1: none ran)
+
+
+def program_messages(question: str, api_doc: bool = True) -> list[dict[str, Any]]:
+    """The programmer's conversation (text only): the API reference (unless ``api_doc`` is off), the question, and
+    the request for code."""
+    if not api_doc:
+        return [{"role": "user", "content": PROGRAM_PROMPT_TRAINED.format(question=question)}]
+    return [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=question)}]
 
 
 def extract_program(text: str) -> str:
@@ -85,12 +98,16 @@ def build(
     max_program_tokens: int | None = None,
     timeout_s: float = 10.0,
     memory_mb: int = 256,
+    api_doc: bool = True,
 ):
     """The compiled VPD graph. ``k`` programs sampled at ``temperature`` (greedy when k = 1) with ``seed``, each
     up to ``max_program_tokens`` (None: the run's ``max_new_tokens``); each runs within ``timeout_s`` seconds
-    and ``memory_mb`` MiB."""
+    and ``memory_mb`` MiB. ``api_doc=False`` leaves the API reference (~1300 tokens under the demo tokenizer) out
+    of the programmer's prompt, for a programmer trained on the API (the demo model: `rl.sft_roles`)."""
     if k < 1 or (max_program_tokens is not None and max_program_tokens < 1) or timeout_s <= 0 or memory_mb < 32:
         raise FoveateError("vpd needs k >= 1, max_program_tokens >= 1, timeout_s > 0 and memory_mb >= 32")
+    if not isinstance(api_doc, bool):
+        raise FoveateError(f"vpd's api_doc is true or false, not {api_doc!r}")
 
     def intake_node(state: VPDState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
         return intake(state, resolve_context(runtime).store)
@@ -99,7 +116,7 @@ def build(
         """One batched call: the programmer samples k programs for the question."""
         context = resolve_context(runtime)
         programmer = wisdom_policy(context)
-        prompt = [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=state["question"])}]
+        prompt = program_messages(state["question"], api_doc)
         params = context.sampling(
             max_new_tokens=max_program_tokens or context.max_new_tokens,
             n=k,

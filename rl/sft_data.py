@@ -37,6 +37,7 @@ from typing import Any
 from PIL import Image
 
 from foveate import protocol
+from foveate.rl import sft_roles
 from foveate.tools.boxes import Box, to_thousand
 from foveate.tools.crop import crop
 from foveate.world import iter_scenes, render_scene, unique_reference
@@ -372,9 +373,11 @@ BUILDERS = {
     "deepeyes": deepeyes,
     "visrl": visrl,
     "copy": copy_thought,
+    "proreason": sft_roles.proreason,  # agents.proreason's role turns (rl.sft_roles)
+    "program": sft_roles.program,  # agents.vpd's programmer prompt -> the world's program (rl.sft_roles)
 }
 # Formats that need a question row; the others are built from the scene alone.
-ROW_FORMATS = {"qa", "qa_crop", "deepeyes", "visrl"}
+ROW_FORMATS = {"qa", "qa_crop", "deepeyes", "visrl", "proreason", "program"}
 # One scene image, one question, one short reply: the formats `chat_examples` merges into chats. A description
 # would state every answer of its scene, and crop formats carry images of their own.
 CHAT_FORMATS = {"qa", "ground"}
@@ -481,9 +484,10 @@ def scene_examples(
             example = BUILDERS[name](**kwargs)
             if example is not None:
                 example["format"] = name
-                example["scene"] = scene  # the ground truth of the example's first image (rl.vision_aux)
-                if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision)
-                    example["evidence"] = row["boxes"]
+                # The ground truth of the example's first image (rl.vision_aux); a text-only builder sets None.
+                example.setdefault("scene", scene)
+                if name in ROW_FORMATS:  # the question's evidence boxes (rl.attention_supervision), unless set
+                    example.setdefault("evidence", row["boxes"])
                 if "referents" in row:  # a reworded question's own referents (`leaks` cannot parse its text)
                     example["referents"] = row["referents"]
                 yield example
