@@ -50,6 +50,8 @@ from foveate.agents.state import (
     wisdom_policy,
 )
 from foveate.errors import FoveateError
+from foveate.policies.base import ChatPolicy, WhiteBoxPolicy
+from foveate.policies.look_first import trained_formats
 from foveate.tools.grounding import AttentionGrounder
 from foveate.tools.program import run_program
 from foveate.tools.program_api import API_DOC
@@ -76,6 +78,14 @@ def program_messages(question: str, api_doc: bool = True) -> list[dict[str, Any]
     return [{"role": "user", "content": PROGRAM_PROMPT.format(api=API_DOC, question=question)}]
 
 
+def sends_api_doc(programmer: ChatPolicy, api_doc: bool | str) -> bool:
+    """Whether the programmer's prompt carries the API reference (`build`'s ``api_doc``)."""
+    if isinstance(api_doc, bool):
+        return api_doc
+    trained = isinstance(programmer, WhiteBoxPolicy) and "program" in trained_formats(programmer.model_dir)
+    return not trained
+
+
 def extract_program(text: str) -> str:
     """The code of a programmer's reply: the first fenced block, else from ``def execute_command`` on, else all.
 
@@ -98,16 +108,18 @@ def build(
     max_program_tokens: int | None = None,
     timeout_s: float = 10.0,
     memory_mb: int = 256,
-    api_doc: bool = True,
+    api_doc: bool | str = "auto",
 ):
     """The compiled VPD graph. ``k`` programs sampled at ``temperature`` (greedy when k = 1) with ``seed``, each
     up to ``max_program_tokens`` (None: the run's ``max_new_tokens``); each runs within ``timeout_s`` seconds
     and ``memory_mb`` MiB. ``api_doc=False`` leaves the API reference (~1300 tokens under the demo tokenizer) out
-    of the programmer's prompt, for a programmer trained on the API (the demo model: `rl.sft_roles`)."""
+    of the programmer's prompt, for a programmer trained on the API (the demo model: `rl.sft_roles`); ``"auto"``
+    leaves it out exactly when the programmer is a white-box model whose saved recipe trained the ``program``
+    format (`policies.look_first.trained_formats`), and sends it to every other model."""
     if k < 1 or (max_program_tokens is not None and max_program_tokens < 1) or timeout_s <= 0 or memory_mb < 32:
         raise FoveateError("vpd needs k >= 1, max_program_tokens >= 1, timeout_s > 0 and memory_mb >= 32")
-    if not isinstance(api_doc, bool):
-        raise FoveateError(f"vpd's api_doc is true or false, not {api_doc!r}")
+    if not isinstance(api_doc, bool) and api_doc != "auto":
+        raise FoveateError(f"vpd's api_doc is true, false or auto, not {api_doc!r}")
 
     def intake_node(state: VPDState, runtime: Runtime[FoveateContext]) -> dict[str, Any]:
         return intake(state, resolve_context(runtime).store)
@@ -116,7 +128,7 @@ def build(
         """One batched call: the programmer samples k programs for the question."""
         context = resolve_context(runtime)
         programmer = wisdom_policy(context)
-        prompt = program_messages(state["question"], api_doc)
+        prompt = program_messages(state["question"], sends_api_doc(programmer, api_doc))
         params = context.sampling(
             max_new_tokens=max_program_tokens or context.max_new_tokens,
             n=k,

@@ -54,6 +54,15 @@ def saved_data_mix(directory: str | Path) -> dict[str, Any]:
     return {**recipe.get("data", {}), **((recipe.get("stages") or [{}])[-1].get("data") or {})}
 
 
+def trained_formats(directory: str | Path | None) -> set[str]:
+    """The example formats (`rl.sft_data.BUILDERS` names: "qa", "program", …) the last stage of the recipe saved
+    with a model trained with a weight above 0; empty for a model saved without one (any real checkpoint)."""
+    if not directory:
+        return set()
+    formats = saved_data_mix(directory).get("formats") or {}
+    return {name for name, weight in formats.items() if weight > 0}
+
+
 def answer_format(directory: str | Path) -> dict[str, Any]:
     """The `DataMix` fields that decide how the model in `directory` writes a short answer (``look_first``,
     ``existence_thought``, ``look_trim_object``)."""

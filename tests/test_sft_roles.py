@@ -216,3 +216,32 @@ def test_the_collator_trains_text_only_turns_beside_image_ones_with_the_vision_l
     for row, example in enumerate(examples):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         assert collator.tokenizer.decode(labelled) == example["messages"][-1]["content"] + "<|im_end|>"
+
+
+def test_vpd_sends_the_api_reference_unless_the_programmer_was_trained_on_programs(tiny_model_dir, tmp_path) -> None:
+    """``api_doc="auto"`` (the default) reads the recipe saved beside a white-box programmer's weights: trained on
+    the ``program`` format → the trained prompt; no recipe, another recipe, or a black-box policy → the reference."""
+    import json
+    import shutil
+
+    from foveate.agents.vpd import sends_api_doc
+    from foveate.policies.transformers_vlm import TransformersVLM
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, trained)
+    recipe = {"data": {"formats": {"qa": 1.0}}, "stages": [{"data": {"formats": {"qa": 1.0, "program": 2.0}}}]}
+    (trained / "foveate_recipe.json").write_text(json.dumps(recipe))
+
+    def auto(directory):
+        policy = TransformersVLM(directory)
+        try:
+            return sends_api_doc(policy, "auto"), sends_api_doc(policy, True), sends_api_doc(policy, False)
+        finally:
+            policy.close()
+
+    assert auto(trained) == (False, True, False)
+    recipe["stages"][0]["data"]["formats"]["program"] = 0.0
+    (trained / "foveate_recipe.json").write_text(json.dumps(recipe))
+    assert auto(trained) == (True, True, False)
+    assert auto(tiny_model_dir) == (True, True, False)  # no saved recipe: a real checkpoint
+    assert sends_api_doc(TraceReplay([]), "auto") is True
