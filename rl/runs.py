@@ -171,7 +171,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 # ---- model, processor, data --------------------------------------------------------------------------------------
 def save_processor_files(processor: Any, source_dir: str | Path, target: str | Path) -> None:
     """Save a processor as a model directory needs it: the tokenizer, plus the source's processor_config.json and
-    chat_template.jinja copied (RESEARCH.md §7: the torchvision-free processor's own ``save_pretrained`` crashes)."""
+    chat_template.jinja copied (RESEARCH.md §7: the torchvision-free processor's own ``save_pretrained`` crashes),
+    and foveate's notes on how the source model answers (``foveate_recipe.json``: look-first answers, read by
+    `policies.look_first`; ``foveate_vicrop.json``: ViCrop's layer), which a fine-tuned model keeps."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     processor.tokenizer.save_pretrained(target)
@@ -180,6 +182,8 @@ def save_processor_files(processor: Any, source_dir: str | Path, target: str | P
         "preprocessor_config.json",
         "chat_template.jinja",
         "video_preprocessor_config.json",
+        "foveate_recipe.json",
+        "foveate_vicrop.json",
     ):
         if (Path(source_dir) / name).is_file():
             shutil.copy2(Path(source_dir) / name, target / name)

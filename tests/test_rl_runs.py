@@ -111,3 +111,20 @@ def test_resume_takes_the_last_complete_checkpoint_and_drops_one_cut_by_a_kill(t
     (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"cut")  # killed before trainer_state.json
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")  # by step, not by name
     assert not (tmp_path / "checkpoint-10").exists() and (tmp_path / "checkpoint-1").is_dir()
+
+
+def test_a_saved_model_keeps_the_notes_on_how_its_source_answers(tmp_path):
+    """An RL run's model answers as its source did: the look-first recipe and ViCrop's layer come along."""
+    import shutil
+
+    from foveate.policies.factory import DEMO_MODEL_DIR
+    from foveate.policies.look_first import looks_first
+    from foveate.rl.runs import load_model_and_processor
+
+    source = tmp_path / "source"
+    shutil.copytree(DEMO_MODEL_DIR, source)
+    _model, processor = load_model_and_processor(str(source))
+    processor.save_pretrained(tmp_path / "saved")
+    for name in ("foveate_recipe.json", "foveate_vicrop.json", "chat_template.jinja"):
+        assert (tmp_path / "saved" / name).read_bytes() == (source / name).read_bytes()
+    assert looks_first(tmp_path / "saved")
