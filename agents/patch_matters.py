@@ -17,8 +17,9 @@ the facts implemented are in RESEARCH.md §5. Graph::
 - ``aggregate``: each patch's samples are cut into sentences (`tools.sentences.split_sentences`) and grouped with
   MiniLM embeddings (`patch_matters_parts.group_samples`): similar (≥ 2 samples agree, cosine ≥ 0.9) → kept once;
   contradictory (same topic, cosine ≥ 0.75) and unique → scored against the crop: on white-box backends the
-  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``answer_logprobs``
-  over the doubtful sentences of every patch that the merge could still add, in batches of 32 rows; with the
+  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``choice_logprobs``
+  over the doubtful sentences of every patch that the merge could still add, in batches of 32 sentences: yes and
+  no read from one forward row, each crop through the vision tower once per batch; with the
   deterministic merge a sentence naming no object or repeating the global caption is dropped there whatever it
   scores, so it is not scored; a look-first model is scored on its own
   ``<think>{sentence} yes</think>yes`` form); elsewhere embedding agreement (the sentence's best cosine with the
@@ -95,7 +96,7 @@ from foveate.trace import answer_step, crop_step, model_call_step, tool_call_ste
 GROUNDERS = ("auto", "attention", "vlm", "none")
 SCORERS = ("auto", "likelihood", "embedding")
 SCORE_QUESTION = "Is there {claim} in the image?"
-SCORE_BATCH = 32  # rows per answer_logprobs call (two rows per scored sentence)
+SCORE_BATCH = 32  # sentences per choice_logprobs call (one row each; two on a look-first model)
 MERGE_PATCH_PROMPT = (
     "These sentences describe overlapping parts of one image. Rewrite them as one description that keeps every "
     "detail once and repeats nothing.\n{sentences}"
@@ -257,19 +258,22 @@ def caption_patches_node(state: PatchMattersState, runtime: Runtime[FoveateConte
 
 
 def _likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], look_first: bool) -> list[float]:
-    """p(yes) / (p(yes) + p(no)) of "Is there {sentence} in the image?" on each (crop ref, sentence): one call."""
-    conversations, answers = [], []
+    """p(yes) / (p(yes) + p(no)) of "Is there {sentence} in the image?" on each (crop ref, sentence).
+
+    One ``choice_logprobs`` call per `SCORE_BATCH` sentences: yes and no are read from one row's next-token
+    distribution (a look-first model's two answers differ inside the think span: one row each) and each crop goes
+    through the vision tower once per call, however many of its sentences are scored."""
+    conversations, choices = [], []
     for ref, sentence in items:
         claim = sentence[0].lower() + sentence[1:] if sentence else sentence
-        turn = _user(store.get(ref), SCORE_QUESTION.format(claim=claim))
-        for word in ("yes", "no"):
-            conversations.append(turn)
-            answers.append(protocol.look_answer([claim], word) if look_first else word)
-    logprobs: list[float] = []
+        conversations.append(_user(store.get(ref), SCORE_QUESTION.format(claim=claim)))
+        words = ("yes", "no")
+        choices.append([protocol.look_answer([claim], w) for w in words] if look_first else list(words))
+    logprobs: list[list[float]] = []
     for start in range(0, len(conversations), SCORE_BATCH):  # bounded batches: a patch can have dozens of sentences
         end = start + SCORE_BATCH
-        logprobs += policy.answer_logprobs(conversations[start:end], answers[start:end])
-    return [1.0 / (1.0 + math.exp(min(700.0, logprobs[2 * i + 1] - logprobs[2 * i]))) for i in range(len(items))]
+        logprobs += policy.choice_logprobs(conversations[start:end], choices[start:end])
+    return [1.0 / (1.0 + math.exp(min(700.0, no - yes))) for yes, no in logprobs]
 
 
 def _embedding_scores(groupings: list[Grouping], samples: list[list[list[str]]], caption: str) -> list[list[float]]:

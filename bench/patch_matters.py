@@ -13,6 +13,9 @@ the reference implementation makes about 22 sequential model calls per image).
 
 Measured with the demo model, `python bench/patch_matters.py --n 3`, one run, 2 shared cores: direct 2.09 s for the
 3 images, patch-matters 59.28 s (28.35×), agreement-only 12.45 s (5.95×); see README for where the time goes.
+Since doubtful sentences are scored with `choice_logprobs` (one row per sentence, each crop encoded once per call),
+`--n 2` back to back before / after on a busy machine: patch-matters 76.5 s → 35.2 s (7.94× → 3.21×; agreement-only
+2.99× in the after-run) and 121.3 s → 52.3 s (6.84× → 5.19×); direct's time swung with the load.
 """
 
 from __future__ import annotations

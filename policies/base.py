@@ -351,6 +351,14 @@ class WhiteBoxPolicy(ChatPolicy, abc.ABC):
         """Sum of log p(answer tokens | conversation) for each pair."""
 
     @abc.abstractmethod
+    def choice_logprobs(
+        self, conversations: Sequence[Conversation], choices: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        """Per conversation, ``answer_logprobs`` of each of its candidate answers (e.g. ``["yes", "no"]``), with
+        the conversation's prompt shared by its candidates and each distinct image encoded once per call: the
+        same numbers as ``answer_logprobs`` row by row (within float tolerance), for a fraction of the work."""
+
+    @abc.abstractmethod
     def image_attention(
         self, conversations: Sequence[Conversation], layer: int | Sequence[int], position: int = -1
     ) -> list[list[ImageMap]]:

@@ -239,6 +239,12 @@ class WhiteBoxBatcher(MicroBatcher, WhiteBoxPolicy):
         with self._model_lock:
             return self.policy.answer_logprobs(conversations, answers)
 
+    def choice_logprobs(
+        self, conversations: Sequence[Conversation], choices: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
+        with self._model_lock:
+            return self.policy.choice_logprobs(conversations, choices)
+
     def image_attention(
         self, conversations: Sequence[Conversation], layer: int | Sequence[int], position: int = -1
     ) -> list[list[ImageMap]]:

@@ -16,6 +16,8 @@ Kept apart from generation so each file reads on its own; `TransformersVLM` mixe
   averaged over heads, ``v = log p(argmax first answer token)`` (see `_grad_attention_forward` for how the
   gradient reaches the attention probabilities under SDPA).
 - Sessions (`policies.sessions`, mixed in here): a probe's kept KV cache, reused by later calls.
+- Choices (`policies.choices`, mixed in here): several answers to one prompt scored with the prompt shared, and
+  every distinct image of a teacher-forced batch encoded once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from foveate.errors import PolicyError
 from foveate.policies.attention_capture import attention_row, capture_attention, capturing_sdpa_forward
 from foveate.policies.base import Conversation, ImageMap, ProbeResult  # noqa: F401 (ProbeResult: declared in base)
+from foveate.policies.choices import ChoicesMixin
 from foveate.policies.sessions import SessionsMixin, output_cache
 
 GRAD_ATTENTION_NAME = "foveate_sdpa_grad"  # the text decoder's attention while a grad-att probe runs
@@ -78,7 +81,7 @@ def _register_grad_attention() -> str:
     return GRAD_ATTENTION_NAME
 
 
-class WhiteBoxMixin(SessionsMixin):
+class WhiteBoxMixin(ChoicesMixin, SessionsMixin):
     """Needs the attributes listed in the module docstring."""
 
     def _check_layers(self, layer: int | Sequence[int]) -> list[int]:
@@ -91,11 +94,15 @@ class WhiteBoxMixin(SessionsMixin):
         return layers
 
     # ---- teacher forcing ------------------------------------------------------------------------------
-    def _append_answers(self, batch: dict[str, torch.Tensor], answers: Sequence[str | None]):
-        """Append answer tokens to each left-padded prompt row; return the new batch and answer positions."""
+    def _append_answers(self, batch: dict[str, torch.Tensor], answers: Sequence[str | list[int] | None]):
+        """Append answer tokens (a text, or token ids as they are) to each left-padded prompt row; return the new
+        batch and answer positions."""
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         type_ids = batch.get("mm_token_type_ids")
-        answer_ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for a in answers]
+        answer_ids = [
+            list(a) if isinstance(a, list) else self.tokenizer(a, add_special_tokens=False)["input_ids"] if a else []
+            for a in answers
+        ]
         rows = [ids[i][mask[i]].tolist() + answer_ids[i] for i in range(len(answers))]
         length = max(len(row) for row in rows)
         new_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=ids.dtype)
@@ -138,7 +145,7 @@ class WhiteBoxMixin(SessionsMixin):
         batch, _ = self.prepare(conversations)
         batch, positions = self._append_answers(batch, answers)
         with torch.inference_mode():
-            logits = self.model(**batch, use_cache=False).logits
+            logits = self._forward_shared_images(batch).logits
         return self._answer_scores(logits, batch["input_ids"], positions).tolist()
 
     def image_attention(

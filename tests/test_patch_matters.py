@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from scripted import twin
 
+from foveate.agents.patch_matters import SCORE_BATCH
 from foveate.agents.patch_matters_parts import (
     divide,
     group_samples,
@@ -151,8 +152,13 @@ def Counting(policy):  # noqa: N802 (reads as the class it builds)
             self.scored += len(conversations)
             return base.answer_logprobs(self, conversations, answers)
 
+        def choice_logprobs(self, conversations, choices):
+            self.scored += len(conversations)
+            self.score_calls.append(len(conversations))
+            return base.choice_logprobs(self, conversations, choices)
+
     counting = twin(CountingPolicy, policy)
-    counting.calls, counting.scored = [], 0
+    counting.calls, counting.scored, counting.score_calls = [], 0, []
     return counting
 
 
@@ -187,6 +193,8 @@ def test_the_strategy_on_the_tiny_model_batches_patches_and_traces_every_step(ti
     assert grounding["arguments"]["grounder"] == "AttentionGrounder"
     groups = [s for s in steps if s["kind"] == "tool_call" and s["name"] == "group_samples"]
     assert len(groups) == len(patches) and all(g["arguments"]["scorer"] == "likelihood" for g in groups)
+    # every scored sentence of every patch in as few calls as the batch bound allows (one row per sentence)
+    assert len(policy.score_calls) == -(-policy.scored // SCORE_BATCH)
     assert [s["name"] for s in steps if s["kind"] == "tool_call"][-2:] == ["merge_patches", "merge_global"]
     global_caption = steps[0]["outputs"][0]
     assert result.answer.startswith(global_caption.strip()[:10]) and steps[-1]["kind"] == "answer"
@@ -207,7 +215,7 @@ def test_agreement_only_scores_nothing_and_adds_only_agreed_sentences(tiny_polic
     result = _run(policy, keep=1.0)
     groups = [s for s in result.trace.steps if s.get("name") == "group_samples"]
     assert groups and all(g["arguments"]["scorer"] == "none" for g in groups)
-    assert getattr(policy, "scored", 0) == 0  # no answer_logprobs call at all
+    assert getattr(policy, "scored", 0) == 0  # no scoring call at all
     agreed = {d["sentences"][0] for g in groups for d in g["arguments"]["groups"] if d["kind"] == "similar"}
     added = next(s for s in result.trace.steps if s.get("name") == "merge_global")["arguments"]["added"]
     assert all(text in agreed for region in added for text, _ in region["sentences"])
