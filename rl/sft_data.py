@@ -103,6 +103,11 @@ class DataMix:
     # as TRL's GRPOTrainer does for its environment's tool: the warm start before DeepEyes GRPO
     # (configs/rl/deepeyes-warmstart.yaml) then trains on exactly the prompts GRPO samples from.
     deepeyes_tools: bool = False
+    # A qa example of a small-detail row (its target illegible at the model's input) is asked with its crop instead
+    # (qa_crop). Why: without the crop such an answer can only be guessed, and the model learns the guess. Measured
+    # (stage 7 with it off): on world:zoom's multiple-choice items, whose options are in the question, the oracle
+    # crop scored 27.0 (chance 25) against 51.3 on the open items: it had learned to pick an option from the text.
+    crop_small_details: bool = False
     # Probability that a question row is reworded from the "train" phrasing pool (`foveate.world.phrasings`: "does
     # the image contain a red star?", negations, "colour", "the red thing" …) instead of the world's one template
     # per family. Why: trained on the templates alone the demo model keys on them (issue 32); the "heldout" pool
@@ -479,6 +484,8 @@ def scene_examples(
         names = [first]
         if others and mix.second_format and not mix.one_per_scene:
             names.append(rng.choices([n for n, _ in others], [w for _, w in others])[0])
+        if mix.crop_small_details and row.get("split") == "small-detail":
+            names = list(dict.fromkeys("qa_crop" if name == "qa" else name for name in names))
         for name in names:
             kwargs = {"image": image, "row": row, "scene": scene, "rng": rng, "mix": mix, "foreign": foreign}
             example = BUILDERS[name](**kwargs)

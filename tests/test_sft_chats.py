@@ -227,3 +227,16 @@ def test_zoom_rows_train_look_first_answers_with_the_option_text_and_keep_their_
             options = [line[4:] for line in question.splitlines() if line.startswith("(")]
             assert answer in options and choice_match(answer, options, answer) == 1.0
     assert choices > 5
+
+
+def test_crop_small_details_asks_an_illegible_target_with_its_crop_only() -> None:
+    """With `DataMix.crop_small_details` a small-detail row never becomes a qa example without its crop (the
+    answer could only be guessed); other rows keep qa."""
+    base = {"formats": {"qa": 1.0, "qa_crop": 1.0}, "presets": {"zoom": 0.5, "large": 0.5}, "look_first": True}
+    for crop_small, expect_bare_small in ((False, True), (True, False)):
+        mix = DataMix(**base, crop_small_details=crop_small)
+        examples = list(itertools.islice(example_stream(5, mix), 120))
+        bare = [e for e in examples if e["format"] == "qa"]
+        small = [e for e in bare if e["scene"].width >= 1344]  # zoom canvases: 1344-2048 px, large ones 672
+        assert bool(small) == expect_bare_small
+        assert bare  # large rows keep their bare qa examples
