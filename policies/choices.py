@@ -27,7 +27,7 @@ import torch
 
 from foveate.errors import PolicyError
 from foveate.policies.base import Conversation
-from foveate.policies.sessions import _cache_layers, output_cache
+from foveate.policies.sessions import cache_layers, output_cache
 
 
 def common_prefix(token_lists: Sequence[list[int]]) -> int:
@@ -95,7 +95,7 @@ class ChoicesMixin:
 
         rows = torch.tensor([i for i, _, _ in tails])
         expanded = DynamicCache(config=self.model.config.get_text_config())
-        for layer, (keys, values) in enumerate(_cache_layers(cache)):
+        for layer, (keys, values) in enumerate(cache_layers(cache)):
             expanded.update(keys.index_select(0, rows), values.index_select(0, rows), layer)
         length = max(len(tail) for _, _, tail in tails)
         ids = torch.full((len(tails), length), self.tokenizer.pad_token_id, dtype=batch["input_ids"].dtype)

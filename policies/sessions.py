@@ -113,7 +113,7 @@ class SessionsMixin:
         grids = batch.get("image_grid_thw")
         mask = batch["attention_mask"].bool()
         pads = (~mask).sum(dim=1).tolist()
-        layers = _cache_layers(cache)
+        layers = cache_layers(cache)
         store, lock = self._session_store()
         kept, image_index = {}, 0
         for row, wanted in enumerate(keep):
@@ -359,7 +359,7 @@ def output_cache(output):
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
-def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer of a DynamicCache, each [batch, kv_heads, length, head_dim]."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]

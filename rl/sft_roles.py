@@ -26,7 +26,7 @@ question row and its scene without any model. Prompts come from the agents thems
   (1861 tokens, code is nearly character-level) `tools.program_api.API_DOC` alone is 1326 tokens, over the SFT
   collator's ``max_length`` of 512, which would cut every target away; the trained programmer knows the API.
 
-Token lengths (`python -m foveate.rl.sft_roles`: every turn of 2000 rows of the default mix's presets, seed 1, the
+Token lengths (`python bench/role_lengths.py`: every turn of 2000 rows of the default mix's presets, seed 1, the
 demo model's processor, images included; about 2.5 minutes):
 
     role       examples  median  p99  max   (vision: the image's tokens included; the others are text only)
@@ -213,33 +213,6 @@ def program(row: dict[str, Any], **_: Any) -> Example | None:
     return {"messages": messages, "scene": None, "evidence": []}
 
 
-def measure(n: int = 2000, seed: int = 1, model: str | None = None) -> dict[str, list[int]]:
-    """Token counts (the demo processor, images included) of every role turn and program of ``n`` rows drawn
-    from the demo mix's presets, keyed by role ("vision", "dispatch", …, "program")."""
-    from foveate.policies.factory import DEMO_MODEL_DIR
-    from foveate.policies.loading import load_processor
-    from foveate.rl.sft_data import DataMix, scene_rows
-    from foveate.world import iter_scenes, render_scene
-
-    processor = load_processor(model or DEMO_MODEL_DIR)
-    mix, rng = DataMix(), random.Random(seed)
-    streams = {name: iter_scenes(seed, name) for name in mix.presets}
-    lengths: dict[str, list[int]] = {}
-    rows_seen = 0
-    while rows_seen < n:
-        preset = rng.choices(list(mix.presets), list(mix.presets.values()))[0]
-        scene, rows = next(streams[preset])
-        rows = scene_rows(scene, rows, preset, rng, mix)
-        image = render_scene(scene)
-        for row in rows:
-            rows_seen += 1
-            examples = [(turn["role"], turn) for turn in role_trace(image, row, scene) or []]
-            examples += [("program", example)] if (example := program(row)) else []
-            for name, example in examples:
-                lengths.setdefault(name, []).append(token_count(processor, example))
-    return lengths
-
-
 def token_count(processor: Any, example: Example) -> int:
     """The example's length in tokens as the SFT collator renders it (chat template, image tokens expanded)."""
     text = processor.apply_chat_template(example["messages"], tokenize=False)
@@ -251,11 +224,3 @@ def token_count(processor: Any, example: Example) -> int:
         if part["type"] == "image"
     ]
     return int(processor(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1])
-
-
-if __name__ == "__main__":
-    print("role       examples  median  p99  max")
-    for role, counts in sorted(measure().items()):
-        counts.sort()
-        median, p99 = counts[len(counts) // 2], counts[int(len(counts) * 0.99)]
-        print(f"{role:10s} {len(counts):8d} {median:7d} {p99:4d} {counts[-1]:4d}")

@@ -110,7 +110,7 @@ def test_multiple_choice_rows_are_rewarded_by_the_choice_rules():
 
 def test_recipe_config_checks(tmp_path):
     recipe = load_config(GRPORecipe, "configs/rl/deepeyes.yaml", {"max_steps": 3})
-    assert recipe.max_steps == 3 and recipe.model.endswith("demo") and recipe.learning_rate == 1e-5
+    assert recipe.max_steps == 3 and recipe.model.endswith("demo") and recipe.learning_rate == 3e-5
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_stepz: 3\n")
     with pytest.raises(FoveateError, match="unknown setting"):

@@ -156,10 +156,11 @@ def test_a_retired_experiment_setting_loads_when_off_and_is_refused_when_on(tmp_
 
 def test_the_demo_recipe_pretrains_vision_then_widens_its_questions_stage_by_stage() -> None:
     """configs/demo.yaml as its header describes it: vision pretraining, colour on one object, every question on
-    one object, 1-4 objects with attention supervision, the full mix, then the focus stage."""
+    one object, 1-4 objects with attention supervision, the full mix, the focus stage, then zoom items, reworded
+    questions and the role / program formats."""
     stages = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml").all_stages()
-    assert len(stages) == 6
-    vision, colour, single, few, full, focus = stages
+    assert len(stages) == 7
+    vision, colour, single, few, full, focus, zoom = stages
     assert vision.train.vision_only and vision.train.aux_weight > 0 and vision.data.one_per_scene
     assert colour.data.questions == ("attribute/color",) and colour.data.presets == {"single": 1.0}
     assert single.data.questions == () and single.data.presets == {"single": 1.0}
@@ -168,6 +169,8 @@ def test_the_demo_recipe_pretrains_vision_then_widens_its_questions_stage_by_sta
     assert all(stage.data.look_first and stage.train.aux_shape == "both" for stage in stages)
     assert focus.data.family_weights["attribute"] > focus.data.family_weights["counting"]
     assert not focus.data.second_format and full.data.second_format
+    assert zoom.data.presets["zoom"] > 0 and zoom.data.phrasings > 0 and zoom.data.crop_small_details
+    assert {"proreason", "program", "qa_crop", "deepeyes", "visrl"} <= set(zoom.data.formats)
     # Each stage its own seed, so no two stages draw the same example stream.
     assert len({stage.train.seed for stage in stages}) == len(stages)
 

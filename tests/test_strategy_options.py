@@ -64,7 +64,7 @@ def test_config_max_turns_bounds_deepeyes_calls(tmp_path, image_path, monkeypatc
 
 
 def test_packaged_config_sets_deepeyes_turns() -> None:
-    assert load_config().options_for("deepeyes") == {"max_turns": 5}
+    assert load_config().options_for("deepeyes") == {"max_turns": 5, "tool_schema": False}
     with pytest.raises(FoveateError, match="mapping"):
         load_config().with_overrides(strategy_options={"deepeyes": 3}).options_for("deepeyes")
 

@@ -42,14 +42,14 @@ def placed(tiny_policy, where: Path | None) -> Placed:
 
 def test_the_demo_model_ships_its_calibrated_layer():
     recorded = json.loads((DEMO_MODEL_DIR / LAYER_FILE).read_text())
-    assert recorded["layer"] == 0  # where the look-first demo model looks its answer up (see the note in the file)
+    assert recorded["layer"] == 1  # calibrated for v20 (the note in the file has the per-layer measurements)
 
 
 def test_the_paper_rule_for_a_model_nobody_calibrated(tiny_policy, tmp_path):
     assert [paper_layer(n) for n in (32, 28, 3, 2, 1)] == [14, 12, 1, 1, 0]  # LLaVA-1.5-7B: 14 of 32
     unknown = placed(tiny_policy, tmp_path / "empty")
     assert calibrated_layer(unknown) is None
-    assert resolve_layer(None, unknown) == paper_layer(tiny_policy.num_layers)  # not the demo's layer 0
+    assert resolve_layer(None, unknown) == paper_layer(tiny_policy.num_layers)  # no recorded layer
 
 
 def test_a_layer_file_beside_the_weights_is_read_and_an_explicit_layer_wins(tiny_policy, tmp_path):
