@@ -244,6 +244,11 @@ def row_referents(row: dict[str, Any]) -> list[str]:
     return list(row["referents"]) if "referents" in row else world_referents(row["question"])
 
 
+# The noun a referent ends on that names no attribute: the template's "object" and its rewordings'
+# (foveate.world.phrasings).
+REFERENT_NOUNS = ("object", "thing", "item", "shape")
+
+
 def key_phrase(referent: str) -> str:
     """A look-first thought's referent ending on the word the lookup keys on: "the tiny red object" → "the tiny
     red"; a phrase that does not end with "object" (or is only "the object") is kept.
@@ -260,8 +265,7 @@ def key_phrase(referent: str) -> str:
     3 / 4 objects, `python bench/binding.py DIR --n 600`, ± 0.06). Counting thoughts keep "blue objects".
     """
     words = referent.split()
-    nouns = ("object", "thing", "item", "shape")  # the template's noun and its rewordings' (foveate.world.phrasings)
-    return " ".join(words[:-1]) if len(words) > 2 and words[-1] in nouns else referent
+    return " ".join(words[:-1]) if len(words) > 2 and words[-1] in REFERENT_NOUNS else referent
 
 
 def qa(image: Image.Image, row: dict[str, Any], mix: DataMix, scene: Scene | None = None, **_: Any) -> Example:
@@ -415,7 +419,7 @@ def leaks(chat: list[Example], example: Example) -> bool:
         return True
     if answer in ("yes", "no"):
         referents = example.get("referents") or world_referents(question)
-        nouns = {"object", "objects", "thing", "things", "item", "items", "shape", "shapes"}
+        nouns = {*REFERENT_NOUNS, *(noun + "s" for noun in REFERENT_NOUNS)}
         referent_words = _words(" ".join(referents)) - {"a", "an", "the", *nouns}
         return bool(referent_words) and referent_words <= said
     return False
