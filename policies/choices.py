@@ -11,7 +11,12 @@ re-runs the vision tower and the whole prompt ``k`` times; here:
   prefix); every choice's first own token is read from that row's logits. Choices with more tokens (e.g. a
   look-first model's ``<think>… yes</think>yes`` against ``… no</think>no``) continue from the row's KV cache in a
   second forward of just their remaining tokens (mrope positions continue the row's, as in `policies.sessions`),
-  so the prompt and the image are computed once per conversation, not once per choice.
+  so the prompt and the image are computed once per conversation, not once per choice;
+- when several conversations show the same images (equal pixels) after the same template text — Patch Matters
+  asks one crop about many sentences — that shared prefix (the image's tokens, most of a row) is prefilled once
+  (`_image_prefix_sessions`) and each conversation's question continues from its KV cache
+  (`SessionsMixin._prefill_with_prefix`), every choice then continued from the question's cache. A crop of ``T``
+  image tokens asked ``k`` questions of ``q`` tokens costs ``T + k·q`` prefill tokens instead of ``k·(T + q)``.
 
 The numbers equal `answer_logprobs` row by row within float tolerance (tests/test_choice_logprobs.py compares
 them on the tiny model). Models without prefix reuse (`supports_prefix_reuse`) score multi-token choices as one
@@ -20,6 +25,7 @@ row each, still sharing images.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Sequence
 
@@ -27,7 +33,7 @@ import torch
 
 from foveate.errors import PolicyError
 from foveate.policies.base import Conversation
-from foveate.policies.sessions import cache_layers, output_cache
+from foveate.policies.sessions import VISION_END, cache_layers, output_cache
 
 
 def common_prefix(token_lists: Sequence[list[int]]) -> int:
@@ -43,6 +49,11 @@ def common_prefix(token_lists: Sequence[list[int]]) -> int:
     while count < shortest - 1 and all(tokens[count] == token_lists[0][count] for tokens in token_lists):
         count += 1
     return count
+
+
+def _fingerprint(image) -> tuple:
+    """Equal for images of equal pixels (a loaded copy of a crop is the same crop)."""
+    return image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
 
 
 class ChoicesMixin:
@@ -62,6 +73,9 @@ class ChoicesMixin:
             rows = [(c, option) for c, options in zip(conversations, choices, strict=True) for option in options]
             flat = iter(self.answer_logprobs([c for c, _ in rows], [a for _, a in rows]))
             return [[next(flat) for _ in options] for options in choices]
+        sessions = self._image_prefix_sessions(conversations)
+        if sessions is not None:
+            return self._choices_after_image_prefix(conversations, sessions, tokens)
         shared = [common_prefix(ids) for ids in tokens]
         batch, _ = self.prepare(conversations)
         batch, positions = self._append_answers(batch, [ids[0][:n] for ids, n in zip(tokens, shared, strict=True)])
@@ -84,13 +98,57 @@ class ChoicesMixin:
             if len(ids) - n > 1
         ]
         if tails:
-            rest = self._tail_logprobs(batch, output_cache(output), tails)
+            rest = self._tail_logprobs(batch["attention_mask"], self._next_positions(batch), output_cache(output), tails)
             for (i, j, _), value in zip(tails, rest, strict=True):
                 scores[i][j] += value
         return scores
 
-    def _tail_logprobs(self, batch, cache, tails: list[tuple[int, int, list[int]]]) -> list[float]:
-        """Summed log p of each tail's tokens after its first, continuing row ``i`` of ``batch`` from ``cache``."""
+    def _image_prefix_sessions(self, conversations: Sequence[Conversation]) -> list | None:
+        """Per conversation, a `_Session` of its prompt through its last image, computed once for all rows that
+        show the same images (equal pixels) after the same template text; None when no such prefix repeats
+        (nothing to share) or the model has no prefix reuse."""
+        if not self.supports_prefix_reuse:
+            return None
+        rendered = [self.render(messages) for messages in conversations]
+        keys = []
+        for text, images in rendered:
+            end = text.rfind(VISION_END)  # the last image's end: typed control tokens are defused by render
+            pixels = tuple(_fingerprint(image) for image in images)
+            keys.append((pixels, text[: end + len(VISION_END)]) if images and end >= 0 else None)
+        with_images = [key for key in keys if key is not None]
+        distinct = list(dict.fromkeys(with_images))
+        if len(distinct) == len(with_images):
+            return None
+        texts = [text for _, text in distinct]
+        images_per_row = [rendered[keys.index(key)][1] for key in distinct]
+        batch = self.encode(texts, [image for images in images_per_row for image in images])
+        with torch.inference_mode():
+            output = self.model(**batch, use_cache=True, logits_to_keep=1)
+        made = self._make_sessions(
+            batch, texts, images_per_row, output.logits[:, -1].float(), output_cache(output), [True] * len(distinct)
+        )
+        by_key = {key: made[index] for index, key in enumerate(distinct)}
+        return [by_key[key] if key is not None else None for key in keys]
+
+    def _choices_after_image_prefix(self, conversations, sessions, tokens: list[list[list[int]]]) -> list[list[float]]:
+        """Each conversation continued from its image-prefix session (`SessionsMixin._prefill_with_prefix`: only
+        the question after the image is prefilled); every choice's first token read from the last logits, the
+        rest of it continued from the cache (one row per choice of more than one token)."""
+        with torch.inference_mode():
+            logits, (cache, attention, next_positions), _, _ = self._prefill_with_prefix(conversations, sessions)
+        first = torch.log_softmax(logits.float(), dim=-1)
+        scores = [[float(first[i, ids[0]]) for ids in options] for i, options in enumerate(tokens)]
+        tails = [(i, j, ids) for i, options in enumerate(tokens) for j, ids in enumerate(options) if len(ids) > 1]
+        if tails:
+            for (i, j, _), value in zip(tails, self._tail_logprobs(attention, next_positions, cache, tails), strict=True):
+                scores[i][j] += value
+        return scores
+
+    def _tail_logprobs(
+        self, attention_mask, next_positions, cache, tails: list[tuple[int, int, list[int]]]
+    ) -> list[float]:
+        """Summed log p of each tail's tokens after its first, continuing row ``i`` of ``cache`` (its
+        ``attention_mask`` and the mrope position after its last token, ``next_positions``)."""
         from transformers import DynamicCache
 
         rows = torch.tensor([i for i, _, _ in tails])
@@ -98,14 +156,15 @@ class ChoicesMixin:
         for layer, (keys, values) in enumerate(cache_layers(cache)):
             expanded.update(keys.index_select(0, rows), values.index_select(0, rows), layer)
         length = max(len(tail) for _, _, tail in tails)
-        ids = torch.full((len(tails), length), self.tokenizer.pad_token_id, dtype=batch["input_ids"].dtype)
-        mask = torch.zeros((len(tails), length), dtype=batch["attention_mask"].dtype)
+        device = attention_mask.device
+        ids = torch.full((len(tails), length), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(tails), length), dtype=attention_mask.dtype, device=device)
         for row, (_, _, tail) in enumerate(tails):
             ids[row, : len(tail)] = torch.tensor(tail)
             mask[row, : len(tail)] = 1  # right-padded: a pad position is never read
-        starts = self._next_positions(batch).index_select(0, rows)
-        positions = (starts[:, None] + torch.arange(length)[None]).unsqueeze(0).expand(3, -1, -1)
-        attention = torch.cat([batch["attention_mask"].index_select(0, rows), mask], dim=1)
+        starts = next_positions.index_select(0, rows.to(next_positions.device))
+        positions = (starts[:, None] + torch.arange(length, device=device)[None]).unsqueeze(0).expand(3, -1, -1)
+        attention = torch.cat([attention_mask.index_select(0, rows.to(device)), mask], dim=1)
         with torch.inference_mode():
             output = self.model(
                 input_ids=ids,

@@ -106,6 +106,22 @@ class SessionsMixin:
     ) -> dict[int, str]:
         """Keep the rows flagged in ``keep`` as sessions; ``next_positions`` (`_next_positions`) when the caller
         has them already."""
+        made = self._make_sessions(batch, texts, images_per_row, logits, cache, keep, next_positions)
+        store, lock = self._session_store()
+        kept = {}
+        for row, session in made.items():
+            name = uuid.uuid4().hex
+            with lock:
+                store[name] = session
+                while len(store) > MAX_SESSIONS:
+                    store.popitem(last=False)
+            kept[row] = name
+        return kept
+
+    def _make_sessions(
+        self, batch, texts, images_per_row, logits, cache, keep, next_positions: torch.Tensor | None = None
+    ) -> dict[int, _Session]:
+        """The rows flagged in ``keep`` as `_Session` objects (not stored: `_keep_sessions` stores them)."""
         if cache is None:
             return {}
         next_positions = self._next_positions(batch) if next_positions is None else next_positions
@@ -114,8 +130,7 @@ class SessionsMixin:
         mask = batch["attention_mask"].bool()
         pads = (~mask).sum(dim=1).tolist()
         layers = cache_layers(cache)
-        store, lock = self._session_store()
-        kept, image_index = {}, 0
+        made, image_index = {}, 0
         for row, wanted in enumerate(keep):
             first_image, image_index = image_index, image_index + len(images_per_row[row])
             if not wanted:
@@ -125,7 +140,7 @@ class SessionsMixin:
                 (start - pads[row], end - pads[row], image, grids[first_image + i])
                 for i, ((start, end, _grid), image) in enumerate(zip(spans[row], images_per_row[row], strict=True))
             ]
-            session = _Session(
+            made[row] = _Session(
                 text=texts[row],
                 ids=batch["input_ids"][row][where].clone(),
                 types=batch["mm_token_type_ids"][row][where].clone(),
@@ -135,13 +150,7 @@ class SessionsMixin:
                 next_position=int(next_positions[row]),
                 images=images,
             )
-            name = uuid.uuid4().hex
-            with lock:
-                store[name] = session
-                while len(store) > MAX_SESSIONS:
-                    store.popitem(last=False)
-            kept[row] = name
-        return kept
+        return made
 
     def continue_probe(self, sessions: Sequence[str], params: SamplingParams | None = None) -> list[ChatResult]:
         """Greedy answers to the probed conversations, decoded from their kept caches (no new prefill).
@@ -216,7 +225,7 @@ class SessionsMixin:
         return results
 
     def _prefill_with_prefix(self, conversations, sessions, starts: Sequence[str] | None = None):
-        """Prefill only what each row does not share with its session.
+        """Prefill only what each row does not share with its session (a kept session's id, or a `_Session`).
 
         Each conversation is rendered; the leading images it shares with its session (the same image object, or
         equal pixels) and the template text up to the last shared image's end token are taken from the session's
@@ -230,7 +239,7 @@ class SessionsMixin:
         for messages, session_id, start in zip(conversations, sessions, starts, strict=True):
             text, images = self.render(messages)
             text += start
-            session = self._get_session(session_id)
+            session = session_id if isinstance(session_id, _Session) else self._get_session(session_id)
             shared, cut = _shared_images(session, text, images)
             prefix = session.images[shared - 1][1] + 1 if shared else 0  # through the shared image's end token
             rows.append({"session": session, "shared": shared, "prefix": prefix, "images": images})

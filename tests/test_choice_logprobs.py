@@ -101,3 +101,21 @@ def test_common_prefix_leaves_every_choice_a_token() -> None:
     assert common_prefix([[7], [7, 8]]) == 0
     assert common_prefix([[1, 2], [1, 2]]) == 1
     assert common_prefix([[4, 5, 6]]) == 2
+
+
+def test_rows_sharing_an_image_prefill_it_once(tiny_policy) -> None:
+    """Rows showing the same crop (equal pixels) after the same template text reuse one prefill of it (one session
+    per crop); rows whose crops never repeat take the one-forward path instead, and both equal row-by-row
+    scoring (the tests above)."""
+    conversations, _ = _scored_sentences()
+    sessions = tiny_policy._image_prefix_sessions(conversations)
+    assert sessions is not None
+    assert sessions[0] is sessions[1] is sessions[2] and sessions[3] is sessions[4] is sessions[5]
+    assert sessions[6] is sessions[0] and sessions[3] is not sessions[0]  # a copy's pixels are the crop's
+    assert sessions[7] is not None and all(sessions[7] is not other for other in sessions[:7])
+    distinct = [_ask(_crop(colour, (100, 100)), "Is there a cat?") for colour in ("blue", "green")]
+    assert tiny_policy._image_prefix_sessions(distinct) is None
+    choices = [["yes", "no"]] * 2
+    np.testing.assert_allclose(
+        tiny_policy.choice_logprobs(distinct, choices), _rows_one_by_one(tiny_policy, distinct, choices), rtol=1e-5, atol=1e-4
+    )
