@@ -17,12 +17,13 @@ the facts implemented are in RESEARCH.md §5. Graph::
 - ``aggregate``: each patch's samples are cut into sentences (`tools.sentences.split_sentences`) and grouped with
   MiniLM embeddings (`patch_matters_parts.group_samples`): similar (≥ 2 samples agree, cosine ≥ 0.9) → kept once;
   contradictory (same topic, cosine ≥ 0.75) and unique → scored against the crop: on white-box backends the
-  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {sentence} in the image?" (``choice_logprobs``
-  over the doubtful sentences of every patch that the merge could still add, in batches of 32 sentences: yes and
-  no read from one forward row, each crop through the vision tower once per batch; with the
-  deterministic merge a sentence naming no object or repeating the global caption is dropped there whatever it
-  scores, so it is not scored; a look-first model is scored on its own
-  ``<think>{sentence} yes</think>yes`` form); elsewhere embedding agreement (the sentence's best cosine with the
+  VLM's yes-likelihood ``p(yes) / (p(yes) + p(no))`` for "Is there {claim} in the image?", the claim being the
+  object the sentence names ("a medium yellow star", without the crop-relative "in the bottom right":
+  `patch_matters_parts.claim`) (``choice_logprobs`` over the doubtful sentences of every patch that the merge
+  could still add, in batches of 32 questions: yes and no read from one forward row, each crop through the
+  vision tower once per batch; with the deterministic merge a sentence naming no object or repeating the global
+  caption is dropped there whatever it scores, so it is not scored; a look-first model is scored on its own
+  ``<think>{claim} yes</think>yes`` form); elsewhere embedding agreement (the sentence's best cosine with the
   other samples and the global caption). Kept: the best contradictory alternative and unique sentences scoring
   above 0.3 (the paper's threshold).
 - ``merge``: patches whose boxes overlap with IoU > 0.4 are merged, then the regions are merged into the global
@@ -66,6 +67,7 @@ from langgraph.runtime import Runtime
 from foveate import protocol
 from foveate.agents.patch_matters_parts import (
     Grouping,
+    claim,
     divide,
     group_samples,
     join_sentences,
@@ -258,22 +260,30 @@ def caption_patches_node(state: PatchMattersState, runtime: Runtime[FoveateConte
 
 
 def _likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], look_first: bool) -> list[float]:
-    """p(yes) / (p(yes) + p(no)) of "Is there {sentence} in the image?" on each (crop ref, sentence).
+    """p(yes) / (p(yes) + p(no)) of "Is there {claim} in the image?" on each (crop ref, sentence), where the claim
+    is the object the sentence names (`patch_matters_parts.claim`: "a medium yellow star", not "… in the bottom
+    right", a position relative to the crop).
 
-    One ``choice_logprobs`` call per `SCORE_BATCH` sentences: yes and no are read from one row's next-token
-    distribution (a look-first model's two answers differ inside the think span: one row each) and each crop goes
-    through the vision tower once per call, however many of its sentences are scored."""
+    Sentences of one crop that name the same object are asked once. One ``choice_logprobs`` call per
+    `SCORE_BATCH` questions: yes and no are read from one row's next-token distribution (a look-first model's
+    two answers differ inside the think span: one row each) and each crop goes through the vision tower once per
+    call, however many of its sentences are scored. Each crop is decoded from the store once."""
+    questions = list(dict.fromkeys((ref, claim(sentence)) for ref, sentence in items))
+    crops = {ref: store.get(ref) for ref in dict.fromkeys(ref for ref, _ in questions)}
     conversations, choices = [], []
-    for ref, sentence in items:
-        claim = sentence[0].lower() + sentence[1:] if sentence else sentence
-        conversations.append(_user(store.get(ref), SCORE_QUESTION.format(claim=claim)))
+    for ref, text in questions:
+        conversations.append(_user(crops[ref], SCORE_QUESTION.format(claim=text)))
         words = ("yes", "no")
-        choices.append([protocol.look_answer([claim], w) for w in words] if look_first else list(words))
+        choices.append([protocol.look_answer([text], w) for w in words] if look_first else list(words))
     logprobs: list[list[float]] = []
     for start in range(0, len(conversations), SCORE_BATCH):  # bounded batches: a patch can have dozens of sentences
         end = start + SCORE_BATCH
         logprobs += policy.choice_logprobs(conversations[start:end], choices[start:end])
-    return [1.0 / (1.0 + math.exp(min(700.0, no - yes))) for yes, no in logprobs]
+    by_question = {
+        question: 1.0 / (1.0 + math.exp(min(700.0, no - yes)))
+        for question, (yes, no) in zip(questions, logprobs, strict=True)
+    }
+    return [by_question[(ref, claim(sentence))] for ref, sentence in items]
 
 
 def _embedding_scores(groupings: list[Grouping], samples: list[list[list[str]]], caption: str) -> list[list[float]]:

@@ -119,6 +119,28 @@ def object_phrases(units: Sequence[str], limit: int = 12) -> list[str]:
     return found
 
 
+
+def claim(sentence: str) -> str:
+    """What a crop is asked about for one sentence: the object the sentence names, with its article and without
+    where it lies or what is written on it ("a medium yellow star in the bottom right" → "a medium yellow star");
+    a sentence naming no object is asked as it is (first letter lowered).
+
+    Why: a VLM is asked about objects ("Is there a red star in the image?"), and a sentence's position words are
+    relative to the crop they were written on. Measured on the demo model (patch sentences of 12 world:caption
+    scenes drawn with seed 7, 652 scored, 55 of them true; AUC of the yes-likelihood for true against hallucinated
+    sentences): the whole sentence 0.40 (worse than chance), its object 0.70.
+
+    >>> claim("A medium yellow star in the bottom right, with \"C\" written on it")
+    'a medium yellow star'
+    >>> claim("It shows 3 objects")
+    'it shows 3 objects'
+    """
+    phrases = object_phrases([sentence], limit=1)
+    if not phrases:
+        return sentence[:1].lower() + sentence[1:]
+    phrase = phrases[0]
+    return f"{'an' if phrase[0].lower() in 'aeiou' else 'a'} {phrase}"
+
 # ---- group the samples of one patch -------------------------------------------------------------------------
 @dataclass
 class Grouping:
