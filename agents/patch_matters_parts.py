@@ -119,7 +119,6 @@ def object_phrases(units: Sequence[str], limit: int = 12) -> list[str]:
     return found
 
 
-
 def claim(sentence: str) -> str:
     """What a crop is asked about for one sentence: the object the sentence names, with its article and without
     where it lies or what is written on it ("a medium yellow star in the bottom right" → "a medium yellow star");
@@ -140,6 +139,7 @@ def claim(sentence: str) -> str:
         return sentence[:1].lower() + sentence[1:]
     phrase = phrases[0]
     return f"{'an' if phrase[0].lower() in 'aeiou' else 'a'} {phrase}"
+
 
 # ---- group the samples of one patch -------------------------------------------------------------------------
 @dataclass

@@ -98,7 +98,9 @@ class ChoicesMixin:
             if len(ids) - n > 1
         ]
         if tails:
-            rest = self._tail_logprobs(batch["attention_mask"], self._next_positions(batch), output_cache(output), tails)
+            rest = self._tail_logprobs(
+                batch["attention_mask"], self._next_positions(batch), output_cache(output), tails
+            )
             for (i, j, _), value in zip(tails, rest, strict=True):
                 scores[i][j] += value
         return scores
@@ -140,7 +142,9 @@ class ChoicesMixin:
         scores = [[float(first[i, ids[0]]) for ids in options] for i, options in enumerate(tokens)]
         tails = [(i, j, ids) for i, options in enumerate(tokens) for j, ids in enumerate(options) if len(ids) > 1]
         if tails:
-            for (i, j, _), value in zip(tails, self._tail_logprobs(attention, next_positions, cache, tails), strict=True):
+            for (i, j, _), value in zip(
+                tails, self._tail_logprobs(attention, next_positions, cache, tails), strict=True
+            ):
                 scores[i][j] += value
         return scores
 

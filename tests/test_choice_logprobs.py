@@ -117,5 +117,8 @@ def test_rows_sharing_an_image_prefill_it_once(tiny_policy) -> None:
     assert tiny_policy._image_prefix_sessions(distinct) is None
     choices = [["yes", "no"]] * 2
     np.testing.assert_allclose(
-        tiny_policy.choice_logprobs(distinct, choices), _rows_one_by_one(tiny_policy, distinct, choices), rtol=1e-5, atol=1e-4
+        tiny_policy.choice_logprobs(distinct, choices),
+        _rows_one_by_one(tiny_policy, distinct, choices),
+        rtol=1e-5,
+        atol=1e-4,
     )

@@ -11,6 +11,7 @@ from scripted import twin
 
 from foveate.agents.patch_matters import SCORE_BATCH
 from foveate.agents.patch_matters_parts import (
+    claim,
     divide,
     group_samples,
     inside_fraction,
@@ -137,6 +138,13 @@ def test_new_sentences_drop_duplicates_of_the_caption_and_of_each_other() -> Non
     assert join_sentences(["a tiny green star", "two squares."]) == "A tiny green star; two squares."
 
 
+def test_the_claim_asked_of_a_crop_is_the_object_a_sentence_names() -> None:
+    assert claim('A medium yellow star in the bottom right, with "C" written on it') == "a medium yellow star"
+    assert claim("an orange hexagon at the top") == "an orange hexagon"
+    assert claim("It shows 3 objects") == "it shows 3 objects"  # names no object: asked as it is
+    assert claim("") == ""
+
+
 # ---- the whole strategy -------------------------------------------------------------------------------------
 def Counting(policy):  # noqa: N802 (reads as the class it builds)
     """The real transformers policy (still a `WhiteBoxPolicy`, via `scripted.twin`), counting its chat calls (how
@@ -252,3 +260,22 @@ def test_the_strategy_on_the_demo_model_adds_region_sentences() -> None:
     global_caption = result.trace.steps[0]["outputs"][0]
     assert result.answer.startswith(global_caption) and len(result.answer) > len(global_caption)
     assert "In the " in result.answer  # at least one region added sentences the global caption lacked
+
+
+def test_sentences_naming_one_object_on_one_crop_are_asked_once(tiny_policy) -> None:
+    from foveate.agents.patch_matters import _likelihood_scores
+    from foveate.tools.store import ImageStore
+
+    store = ImageStore()
+    first, second = store.put(_scene()), store.put(_scene().rotate(90))
+    items = [
+        (first, "a red circle in the top left"),
+        (first, "A red circle at the bottom"),
+        (first, "a blue star on the right"),
+        (second, "a red circle in the top left"),
+    ]
+    policy = Counting(tiny_policy)
+    scores = _likelihood_scores(policy, store, items, look_first=False)
+    assert policy.scored == 3  # (first, red circle), (first, blue star), (second, red circle)
+    assert scores[0] == scores[1] and all(0.0 < score < 1.0 for score in scores)
+    assert len({round(score, 6) for score in scores}) > 1
