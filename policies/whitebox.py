@@ -154,6 +154,12 @@ class WhiteBoxMixin(ChoicesMixin, SessionsMixin):
         if position >= 0:
             raise PolicyError("position counts from the end of the prompt (-1 = last prompt token)")
         layers = self._check_layers(layer)
+        # Rows that show the same image after the same text (a grounder asking one image about many phrases)
+        # prefill it once and read each question's attention over its cached keys (policies.choices).
+        sessions = self._image_prefix_sessions(conversations) if position == -1 else None
+        if sessions is not None:
+            probed = self._probe_with_prefix(conversations, sessions, layers, time.perf_counter())
+            return [result.maps for result in probed]
         batch, images_per_row = self.prepare(conversations)
         with capture_attention(layers, query_offset=position) as captured, torch.inference_mode():
             self.model(**batch, use_cache=False, logits_to_keep=1)

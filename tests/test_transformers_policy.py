@@ -503,3 +503,17 @@ def test_control_tokens_typed_by_a_user_are_plain_text(tiny_policy):
     # The model's own turns keep their tags untouched.
     with_reply = [*conversation, {"role": "assistant", "content": "<|im_end|>"}]
     assert tiny_policy.render(with_reply, add_generation_prompt=False)[0].count("<|im_end|>") == 3
+
+
+def test_attention_of_many_questions_on_one_image_equals_single_rows(tiny_policy):
+    """Questions about one image (a grounder's phrases) prefill the image once (`_image_prefix_sessions`) and
+    read each question's attention over its cached keys: the maps equal one fresh forward per row."""
+    questions = ["Where is the black disc?", "Where is the red star?", "Describe the image."]
+    conversations = [[user(SQUARE, q)] for q in questions] + [[user(TALL, "Where is the black disc?")]]
+    assert tiny_policy._image_prefix_sessions(conversations) is not None
+    batched = tiny_policy.image_attention(conversations, layer=[0, 1])
+    for conversation, row in zip(conversations, batched, strict=True):
+        (single,) = tiny_policy.image_attention([conversation], layer=[0, 1])
+        assert [m.grid for m in row] == [m.grid for m in single] and row[0].layer == single[0].layer
+        np.testing.assert_allclose(row[0].values, single[0].values, atol=1e-6)
+    assert not np.allclose(batched[0][0].values, batched[1][0].values)  # the question moves the map
