@@ -54,6 +54,7 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -153,11 +154,16 @@ class PatchMattersConfig:
                 raise FoveateError(f"patch-matters: {message}")
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """configs/patch_matters.yaml, read once per process (every node reads the options: 6 parses per image)."""
+    source = Path(str(resources.files("foveate.configs").joinpath("patch_matters.yaml")))
+    return yaml.safe_load(source.read_text()) or {}
+
+
 def load_config(**overrides: Any) -> PatchMattersConfig:
     """configs/patch_matters.yaml with ``overrides``; unknown or invalid options fail with the valid ones."""
-    source = Path(str(resources.files("foveate.configs").joinpath("patch_matters.yaml")))
-    data = yaml.safe_load(source.read_text()) or {}
-    merged = {**data, **overrides}
+    merged = {**_defaults(), **overrides}
     names = [f.name for f in fields(PatchMattersConfig)]
     unknown = sorted(set(merged) - set(names))
     if unknown:

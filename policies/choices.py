@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from foveate.errors import PolicyError
-from foveate.policies.base import Conversation
+from foveate.policies.base import Conversation, image_source, is_image_part, iter_parts
 from foveate.policies.sessions import VISION_END, cache_layers, output_cache
 
 
@@ -112,11 +112,16 @@ class ChoicesMixin:
         if not self.supports_prefix_reuse:
             return None
         rendered = [self.render(messages) for messages in conversations]
+        known: dict = {}  # fingerprint per image source object: an image shown in many rows is hashed once
         keys = []
-        for text, images in rendered:
+        for messages, (text, images) in zip(conversations, rendered, strict=True):
             end = text.rfind(VISION_END)  # the last image's end: typed control tokens are defused by render
-            pixels = tuple(_fingerprint(image) for image in images)
-            keys.append((pixels, text[: end + len(VISION_END)]) if images and end >= 0 else None)
+            sources = [image_source(p) for message in messages for p in iter_parts(message) if is_image_part(p)]
+            pixels = []
+            for source, image in zip(sources, images, strict=True):
+                handle = source if isinstance(source, str) else id(source)  # all alive for the whole call
+                pixels.append(known.get(handle) or known.setdefault(handle, _fingerprint(image)))
+            keys.append((tuple(pixels), text[: end + len(VISION_END)]) if images and end >= 0 else None)
         with_images = [key for key in keys if key is not None]
         distinct = list(dict.fromkeys(with_images))
         if len(distinct) == len(with_images):
