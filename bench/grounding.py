@@ -1,7 +1,7 @@
 """Grounding accuracy of each `foveate.tools.grounding` backend on `world:grounding` (held-out eval seed).
 
     python bench/grounding.py                    # demo model, 40 items
-    python bench/grounding.py --model DIR --n 200 --detector OWLV2_DIR
+    python bench/grounding.py --model DIR --n 200 --detector OWLV2_DIR --layer 1
 
 Each item is "Locate the {phrase}." with one gold box; every backend grounds the phrase (its best region is the
 prediction) and the table prints accuracy@0.5 (IoU ≥ 0.5) and mean IoU by target size, plus the wall time per
@@ -11,7 +11,8 @@ item. Backends: ``vlm`` (the model's own ``bbox_2d`` answer), ``attention-tight@
 Also printed: ``centre-prior``, a fixed square of the median gold side at the image centre: the floor any real
 grounder must beat.
 
-Measured with the demo model (v19), `python bench/grounding.py --n 60`, one run, 2 cores: see README.
+Measured with the demo model (v20), `python bench/grounding.py --n 40 [--layer 1]`, one run, 2 idle cores: see
+README.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="VLM directory (default: the demo model)")
     parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--layer", type=int, default=0, help="decoder layer the attention backends read")
     parser.add_argument("--detector", default=None, help="a local zero-shot detector directory (OWLv2, Grounding DINO)")
     args = parser.parse_args()
 
@@ -55,7 +57,7 @@ def main() -> None:
     if args.detector:
         backends["detector"] = DetectorGrounder(args.detector)
     # The attention variants share one map per item (the map is the cost; the box is numpy on it).
-    attention = AttentionGrounder(policy)
+    attention = AttentionGrounder(policy, args.layer)
     side = float(model_input_side(policy))
     variants = {
         "attention-tight@0.5": lambda heat, size: thresholded_box(heat, size, 0.5)[0],
