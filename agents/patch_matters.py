@@ -267,7 +267,7 @@ def caption_patches_node(state: PatchMattersState, runtime: Runtime[FoveateConte
     return {"samples": samples, "steps": steps}
 
 
-def _likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], look_first: bool) -> list[float]:
+def likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], look_first: bool) -> list[float]:
     """p(yes) / (p(yes) + p(no)) of "Is there {claim} in the image?" on each (crop ref, sentence), where the claim
     is the object the sentence names (`patch_matters_parts.claim`: "a medium yellow star", not "… in the bottom
     right", a position relative to the crop).
@@ -347,7 +347,7 @@ def aggregate_node(state: PatchMattersState, runtime: Runtime[FoveateContext], c
             and isinstance(context.policy, WhiteBoxPolicy)
             and looks_first(context.policy.model_dir)
         )
-        measured = _likelihood_scores(context.policy, context.store, [items[i] for i in wanted], look_first)
+        measured = likelihood_scores(context.policy, context.store, [items[i] for i in wanted], look_first)
         flat = [0.0] * len(items)  # a sentence that can never enter the caption is not scored (and not kept)
         for i, value in zip(wanted, measured, strict=True):
             flat[i] = value

@@ -263,7 +263,7 @@ def test_the_strategy_on_the_demo_model_adds_region_sentences() -> None:
 
 
 def test_sentences_naming_one_object_on_one_crop_are_asked_once(tiny_policy) -> None:
-    from foveate.agents.patch_matters import _likelihood_scores
+    from foveate.agents.patch_matters import likelihood_scores
     from foveate.tools.store import ImageStore
 
     store = ImageStore()
@@ -275,7 +275,7 @@ def test_sentences_naming_one_object_on_one_crop_are_asked_once(tiny_policy) -> 
         (second, "a red circle in the top left"),
     ]
     policy = Counting(tiny_policy)
-    scores = _likelihood_scores(policy, store, items, look_first=False)
+    scores = likelihood_scores(policy, store, items, look_first=False)
     assert policy.scored == 3  # (first, red circle), (first, blue star), (second, red circle)
     assert scores[0] == scores[1] and all(0.0 < score < 1.0 for score in scores)
     assert len({round(score, 6) for score in scores}) > 1
