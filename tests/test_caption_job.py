@@ -145,7 +145,7 @@ def test_local_job_error_rows_and_second_run(image_folder, tiny_model_dir, tmp_p
     rows = {row["id"]: row for row in read_jsonl(out)}
     assert sorted(rows) == sorted(source.ids)
     for key, row in rows.items():
-        assert row["strategy"] == "direct" and row["prompt"] == "Describe this image in detail."
+        assert row["strategy"] == "direct" and row["prompt"] == "Describe the image in detail."
         if key in bad:
             assert row["caption"] is None and bad[key] in row["error"]
             assert row["model_calls"] == 0

@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from foveate import protocol
 from foveate.config import FoveateConfig
 from foveate.errors import FoveateError
 from foveate.jobs.sinks import OUTPUT_SCHEMA
@@ -42,7 +43,8 @@ from foveate.jobs.sources import Source
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "Describe this image in detail."
+# The wording the world's captions (world:caption) are asked and the demo model was trained on.
+DEFAULT_PROMPT = protocol.DESCRIBE_PROMPT
 # How long the micro-batcher holds a model call for the rest of the batch's calls. A job cares for throughput,
 # not latency: 200 ms is small next to a CPU generation (seconds) and covers each image's decode and store
 # write, which the default 5 ms of an interactive server does not (the first image would then run alone).
