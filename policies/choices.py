@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +57,13 @@ def _fingerprint(image) -> tuple:
     return image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
 
 
+class ImagePrefix(NamedTuple):
+    """`ChoicesMixin._image_prefix_sessions`: per conversation its session (None: no image) and its rendering."""
+
+    sessions: list  # [_Session | None]
+    rendered: list  # [(chat text, images)], the images of a row with a session being that session's objects
+
+
 class ChoicesMixin:
     """Needs `WhiteBoxMixin`'s ``_append_answers`` / ``_answer_scores``, `SessionsMixin`'s ``_next_positions`` /
     ``_cache_argument`` / ``supports_prefix_reuse``, and `TransformersVLM`'s ``model``, ``tokenizer``, ``prepare``."""
@@ -73,9 +81,9 @@ class ChoicesMixin:
             rows = [(c, option) for c, options in zip(conversations, choices, strict=True) for option in options]
             flat = iter(self.answer_logprobs([c for c, _ in rows], [a for _, a in rows]))
             return [[next(flat) for _ in options] for options in choices]
-        sessions = self._image_prefix_sessions(conversations)
-        if sessions is not None:
-            return self._choices_after_image_prefix(conversations, sessions, tokens)
+        prefix = self._image_prefix_sessions(conversations)
+        if prefix is not None:
+            return self._choices_after_image_prefix(conversations, prefix, tokens)
         shared = [common_prefix(ids) for ids in tokens]
         batch, _ = self.prepare(conversations)
         batch, positions = self._append_answers(batch, [ids[0][:n] for ids, n in zip(tokens, shared, strict=True)])
@@ -105,10 +113,11 @@ class ChoicesMixin:
                 scores[i][j] += value
         return scores
 
-    def _image_prefix_sessions(self, conversations: Sequence[Conversation]) -> list | None:
+    def _image_prefix_sessions(self, conversations: Sequence[Conversation]) -> ImagePrefix | None:
         """Per conversation, a `_Session` of its prompt through its last image, computed once for all rows that
-        show the same images (equal pixels) after the same template text; None when no such prefix repeats
-        (nothing to share) or the model has no prefix reuse."""
+        show the same images (equal pixels) after the same template text, and each conversation rendered (rows
+        of one prefix given its session's image objects, so the prefill that follows neither renders nor compares
+        pixels again); None when no such prefix repeats (nothing to share) or the model has no prefix reuse."""
         if not self.supports_prefix_reuse:
             return None
         rendered = [self.render(messages) for messages in conversations]
@@ -120,7 +129,9 @@ class ChoicesMixin:
             pixels = []
             for source, image in zip(sources, images, strict=True):
                 handle = source if isinstance(source, str) else id(source)  # all alive for the whole call
-                pixels.append(known.get(handle) or known.setdefault(handle, _fingerprint(image)))
+                if handle not in known:
+                    known[handle] = _fingerprint(image)
+                pixels.append(known[handle])
             keys.append((tuple(pixels), text[: end + len(VISION_END)]) if images and end >= 0 else None)
         with_images = [key for key in keys if key is not None]
         distinct = list(dict.fromkeys(with_images))
@@ -135,14 +146,20 @@ class ChoicesMixin:
             batch, texts, images_per_row, output.logits[:, -1].float(), output_cache(output), [True] * len(distinct)
         )
         by_key = {key: made[index] for index, key in enumerate(distinct)}
-        return [by_key[key] if key is not None else None for key in keys]
+        sessions = [by_key[key] if key is not None else None for key in keys]
+        shown = []  # a row's images are its session's own objects: `_shared_images` then matches them by identity
+        for (text, images), session in zip(rendered, sessions, strict=True):
+            shown.append((text, [image for _, _, image, _ in session.images] if session is not None else images))
+        return ImagePrefix(sessions, shown)
 
-    def _choices_after_image_prefix(self, conversations, sessions, tokens: list[list[list[int]]]) -> list[list[float]]:
+    def _choices_after_image_prefix(self, conversations, prefix: ImagePrefix, tokens) -> list[list[float]]:
         """Each conversation continued from its image-prefix session (`SessionsMixin._prefill_with_prefix`: only
         the question after the image is prefilled); every choice's first token read from the last logits, the
         rest of it continued from the cache (one row per choice of more than one token)."""
         with torch.inference_mode():
-            logits, (cache, attention, next_positions), _, _ = self._prefill_with_prefix(conversations, sessions)
+            logits, (cache, attention, next_positions), _, _ = self._prefill_with_prefix(
+                conversations, prefix.sessions, rendered=prefix.rendered
+            )
         first = torch.log_softmax(logits.float(), dim=-1)
         scores = [[float(first[i, ids[0]]) for ids in options] for i, options in enumerate(tokens)]
         tails = [(i, j, ids) for i, options in enumerate(tokens) for j, ids in enumerate(options) if len(ids) > 1]

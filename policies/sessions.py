@@ -224,8 +224,9 @@ class SessionsMixin:
             results.append(ChatResult([completion], count, latency, self.name))
         return results
 
-    def _prefill_with_prefix(self, conversations, sessions, starts: Sequence[str] | None = None):
+    def _prefill_with_prefix(self, conversations, sessions, starts: Sequence[str] | None = None, rendered=None):
         """Prefill only what each row does not share with its session (a kept session's id, or a `_Session`).
+        ``rendered``: each conversation's `render` output when the caller has it already.
 
         Each conversation is rendered; the leading images it shares with its session (the same image object, or
         equal pixels) and the template text up to the last shared image's end token are taken from the session's
@@ -236,8 +237,8 @@ class SessionsMixin:
         """
         rows, suffix_texts, suffix_images = [], [], []
         starts = [""] * len(conversations) if starts is None else starts
-        for messages, session_id, start in zip(conversations, sessions, starts, strict=True):
-            text, images = self.render(messages)
+        rendered = [self.render(messages) for messages in conversations] if rendered is None else rendered
+        for (text, images), session_id, start in zip(rendered, sessions, starts, strict=True):
             text += start
             session = session_id if isinstance(session_id, _Session) else self._get_session(session_id)
             shared, cut = _shared_images(session, text, images)

@@ -156,9 +156,10 @@ class WhiteBoxMixin(ChoicesMixin, SessionsMixin):
         layers = self._check_layers(layer)
         # Rows that show the same image after the same text (a grounder asking one image about many phrases)
         # prefill it once and read each question's attention over its cached keys (policies.choices).
-        sessions = self._image_prefix_sessions(conversations) if position == -1 else None
-        if sessions is not None:
-            probed = self._probe_with_prefix(conversations, sessions, layers, time.perf_counter())
+        prefix = self._image_prefix_sessions(conversations) if position == -1 else None
+        if prefix is not None:
+            started = time.perf_counter()
+            probed = self._probe_with_prefix(conversations, prefix.sessions, layers, started, prefix.rendered)
             return [result.maps for result in probed]
         batch, images_per_row = self.prepare(conversations)
         with capture_attention(layers, query_offset=position) as captured, torch.inference_mode():
@@ -280,10 +281,15 @@ class WhiteBoxMixin(ChoicesMixin, SessionsMixin):
             )
         return results
 
-    def _probe_with_prefix(self, conversations, sessions, layers: list[int], started: float) -> list[ProbeResult]:
-        """Attention probe whose rows reuse their sessions' caches (see `attention_probe`)."""
+    def _probe_with_prefix(
+        self, conversations, sessions, layers: list[int], started: float, rendered=None
+    ) -> list[ProbeResult]:
+        """Attention probe whose rows reuse their sessions' caches (see `attention_probe`); ``rendered`` as in
+        `_prefill_with_prefix`."""
         with capture_attention(layers) as captured, torch.no_grad():
-            logits, _state, prompt_tokens, layout = self._prefill_with_prefix(conversations, sessions)
+            logits, _state, prompt_tokens, layout = self._prefill_with_prefix(
+                conversations, sessions, rendered=rendered
+            )
         rows = torch.stack([captured.rows[index] for index in layers]).mean(dim=(0, 2))
         latency = time.perf_counter() - started
         spans = [row_layout["spans"] for row_layout in layout]  # already in key (cache + suffix) coordinates

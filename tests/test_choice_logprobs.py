@@ -108,7 +108,7 @@ def test_rows_sharing_an_image_prefill_it_once(tiny_policy) -> None:
     per crop); rows whose crops never repeat take the one-forward path instead, and both equal row-by-row
     scoring (the tests above)."""
     conversations, _ = _scored_sentences()
-    sessions = tiny_policy._image_prefix_sessions(conversations)
+    sessions = tiny_policy._image_prefix_sessions(conversations).sessions
     assert sessions is not None
     assert sessions[0] is sessions[1] is sessions[2] and sessions[3] is sessions[4] is sessions[5]
     assert sessions[6] is sessions[0] and sessions[3] is not sessions[0]  # a copy's pixels are the crop's
