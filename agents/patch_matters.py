@@ -276,7 +276,8 @@ def likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], loo
     `SCORE_BATCH` questions: yes and no are read from one row's next-token distribution (a look-first model's
     two answers differ inside the think span: one row each) and each crop goes through the vision tower once per
     call, however many of its sentences are scored. Each crop is decoded from the store once."""
-    questions = list(dict.fromkeys((ref, claim(sentence)) for ref, sentence in items))
+    asked = [(ref, claim(sentence)) for ref, sentence in items]
+    questions = list(dict.fromkeys(asked))
     crops = {ref: store.get(ref) for ref in dict.fromkeys(ref for ref, _ in questions)}
     conversations, choices = [], []
     for ref, text in questions:
@@ -291,7 +292,7 @@ def likelihood_scores(policy: Any, store: Any, items: list[tuple[str, str]], loo
         question: 1.0 / (1.0 + math.exp(min(700.0, no - yes)))
         for question, (yes, no) in zip(questions, logprobs, strict=True)
     }
-    return [by_question[(ref, claim(sentence))] for ref, sentence in items]
+    return [by_question[question] for question in asked]
 
 
 def _embedding_scores(groupings: list[Grouping], samples: list[list[list[str]]], caption: str) -> list[list[float]]:

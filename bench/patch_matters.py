@@ -25,6 +25,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from foveate.trace import Trace
+
 
 def timed_run(graph, inputs: dict, context) -> tuple[float, dict[str, float], int]:
     """Wall seconds of one run, seconds per node (the nodes run one after another: each update's time since the
@@ -38,8 +40,8 @@ def timed_run(graph, inputs: dict, context) -> tuple[float, dict[str, float], in
             nodes[node] = nodes.get(node, 0.0) + now - last
             steps += (values or {}).get("steps", [])
         last = now
-    calls = sum(1 for step in steps if step.get("kind") == "model_call")
-    return time.perf_counter() - started, nodes, calls
+    trace = Trace(strategy="bench", question=inputs["question"], image=inputs["image"], answer="", steps=steps)
+    return time.perf_counter() - started, nodes, trace.model_calls
 
 
 def main() -> None:
